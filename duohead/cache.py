@@ -1,0 +1,213 @@
+"""DuoCache: a transformers `Cache` whose layers keep full KV for retrieval heads and sink + window for
+streaming heads.
+
+Shape letters: B batch, Hr retrieval KV heads, Hs streaming KV heads, Q new tokens, T tokens seen
+(slots, padding included), D head dim, S sink, W window.
+
+Weights are reordered by `duohead.enable` so that in every layer the retrieval KV heads come first:
+`keys[:, :Hr]` are retrieval, `keys[:, Hr:]` streaming. The cache only stores and counts; the
+attention (`duohead.attention`) decides what each query sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class RetrievalKV:
+    """Full KV of the retrieval heads, [B, Hr, T, D], grown by capacity doubling (amortised O(1) per token)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values  # [B, Hr, capacity, D]
+        self.length = 0
+
+    @classmethod
+    def empty(cls, like: torch.Tensor, capacity: int) -> RetrievalKV:
+        batch, heads, _, head_dim = like.shape
+        buf = like.new_empty(2, batch, heads, capacity, head_dim)
+        return cls(buf[0], buf[1])
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values [B, Hr, Q, D] after the stored ones; return views of all T tokens."""
+        end = self.length + keys.shape[2]
+        if end > self.keys.shape[2]:
+            grown = RetrievalKV.empty(self.keys, max(end, 2 * self.keys.shape[2]))
+            grown.keys[:, :, : self.length] = self.keys[:, :, : self.length]
+            grown.values[:, :, : self.length] = self.values[:, :, : self.length]
+            self.keys, self.values = grown.keys, grown.values
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class StreamingKV:
+    """Constant-size KV of the streaming heads: the first S real tokens and a ring of the last W.
+
+    sink_k/sink_v [B, Hs, S, D] with sink_pos [B, S]; ring_k/ring_v [B, Hs, W, D] with ring_pos [B, W].
+    Positions are real-token indices (padding excluded), -1 marks an empty slot. A token at position
+    p < S lives in the sink, one at p >= S in ring slot (p - S) % W.
+    """
+
+    def __init__(self, like: torch.Tensor, sink: int, window: int):
+        batch, heads, _, head_dim = like.shape
+        self.sink, self.window = sink, window
+        self.sink_k = like.new_zeros(batch, heads, sink, head_dim)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        self.ring_k = like.new_zeros(batch, heads, window, head_dim)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.sink_pos = torch.full((batch, sink), -1, dtype=torch.long, device=like.device)
+        self.ring_pos = torch.full((batch, window), -1, dtype=torch.long, device=like.device)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store new tokens' keys/values [B, Hs, Q, D] at real positions pos [B, Q] (-1 = padding, skipped)."""
+        is_sink = (pos >= 0) & (pos < self.sink)
+        rows, cols = is_sink.nonzero(as_tuple=True)
+        slots = pos[rows, cols]
+        self.sink_k[rows, :, slots] = keys[rows, :, cols]
+        self.sink_v[rows, :, slots] = values[rows, :, cols]
+        self.sink_pos[rows, slots] = slots
+        # Only the last W tokens of each row reach the ring, so no slot is written twice.
+        newest = pos.amax(dim=1, keepdim=True)
+        to_ring = (pos >= self.sink) & (pos > newest - self.window)
+        rows, cols = to_ring.nonzero(as_tuple=True)
+        positions = pos[rows, cols]
+        slots = (positions - self.sink) % self.window
+        self.ring_k[rows, :, slots] = keys[rows, :, cols]
+        self.ring_v[rows, :, slots] = values[rows, :, cols]
+        self.ring_pos[rows, slots] = positions
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.sink_k, self.sink_v, self.sink_pos, self.ring_k, self.ring_v, self.ring_pos]
+
+
+@dataclass
+class PendingKV:
+    """New keys/values of one layer, handed by `DuoCacheLayer.update` to the duohead attention, which
+    stores them once it knows which tokens are padding. keys, values [B, Hkv, Q, D]."""
+
+    layer: DuoCacheLayer
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class DuoCacheLayer(CacheLayerMixin):
+    """One decoder layer's cache: `RetrievalKV` for the first `num_retrieval_heads` KV heads,
+    `StreamingKV` for the rest. Filled by `duohead.attention`; `update` only defers."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_retrieval_heads: int, sink: int, window: int):
+        super().__init__()
+        self.num_retrieval_heads, self.sink, self.window = num_retrieval_heads, sink, window
+        self.retrieval: RetrievalKV | None = None
+        self.streaming: StreamingKV | None = None
+        self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row
+        self.seen = 0  # slots seen, padding included
+        self.head_dim = 0
+        self.dtype = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        batch, heads, q_len, self.head_dim = key_states.shape
+        hr = self.num_retrieval_heads
+        if hr > 0:
+            self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=max(q_len, 256))
+        if heads > hr:
+            self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window)
+        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[PendingKV, PendingKV]:
+        """Defer: the duohead attention stores the tokens (it knows the padding). Returns the pending tokens twice,
+        in the places of keys and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        pending = PendingKV(self, key_states, value_states)
+        return pending, pending
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of KV held: retrieval (T tokens), streaming (S + W tokens), and what full attention would hold."""
+        if not self.is_initialized:
+            return {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0, "reserved_bytes": 0}
+        batch = self.real_seen.shape[0]
+        hr = self.num_retrieval_heads
+        hs = self.streaming.sink_k.shape[1] if self.streaming else 0
+        per_token_head = 2 * batch * self.head_dim * self.dtype.itemsize  # keys + values
+        retrieval = per_token_head * hr * self.seen
+        streaming = per_token_head * hs * (self.sink + self.window)
+        reserved = streaming + (per_token_head * hr * self.retrieval.keys.shape[2] if self.retrieval else 0)
+        return {
+            "retrieval_bytes": retrieval,
+            "streaming_bytes": streaming,
+            "full_bytes": per_token_head * (hr + hs) * self.seen,
+            "reserved_bytes": reserved,
+        }
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-dimension operation (select, reorder, repeat) to every stored tensor."""
+        if not self.is_initialized:
+            return
+        if self.retrieval is not None:
+            length = self.retrieval.length
+            self.retrieval = RetrievalKV(fn(self.retrieval.keys), fn(self.retrieval.values))
+            self.retrieval.length = length
+        if self.streaming is not None:
+            s = self.streaming
+            s.sink_k, s.sink_v, s.sink_pos, s.ring_k, s.ring_v, s.ring_pos = map(fn, s.tensors())
+        self.real_seen = fn(self.real_seen)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("DuoCache cannot crop: streaming heads have already dropped old tokens")
+
+    def reset(self) -> None:
+        self.__init__(self.num_retrieval_heads, self.sink, self.window)
+
+
+class DuoCache(Cache):
+    """The KV cache of a duohead-enabled model: one `DuoCacheLayer` per decoder layer.
+
+    `DuoCache(model)` builds an empty cache for a model prepared with `duohead.enable`; pass it as
+    `past_key_values=` / `cache=` to `forward()` or `generate()` (generate creates one by itself).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from duohead.hook import layer_layouts  # the hook owns the layout; imported lazily to avoid a cycle
+
+        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window) for lay in layer_layouts(model)]
+        super().__init__(layers=layers)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held, summed over layers: `retrieval_bytes` (T tokens per retrieval head), `streaming_bytes`
+        (S + W tokens per streaming head), `full_bytes` (what full attention would hold for the same tokens),
+        `reserved_bytes` (allocated, including spare capacity), `total_bytes` (retrieval + streaming)."""
+        totals: dict[str, int] = {}
+        for layer in self.layers:
+            for key, value in layer.memory().items():
+                totals[key] = totals.get(key, 0) + value
+        totals["total_bytes"] = totals["retrieval_bytes"] + totals["streaming_bytes"]
+        return totals

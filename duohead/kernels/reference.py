@@ -1,0 +1,136 @@
+"""Pure-torch attention for retrieval and streaming heads (any device; the oracle for the kernels).
+
+Shape letters: B batch, Hq query heads, Hkv KV heads (Hq = G * Hkv), Q new tokens, T tokens in the
+retrieval cache (slots, padding included), D head dim, S sink size, W window size.
+
+Positions: every token has a *real position*, its index among the real (non-padding) tokens of its
+row, or -1 for padding and empty cache slots. The Λ rule is stated in `lambda_visible`, and every
+streaming path (this reference, the Triton kernels' block skipping, the tests' oracle) follows it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QUERY_BLOCK = 128  # query rows per block in `streaming_attention`; a memory bound, not a semantic one
+
+
+def lambda_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """The Λ rule: may a query at real position `q_pos` see a key at real position `k_pos`?
+
+    A streaming head sees key j from query i iff j is a real token, j <= i and (j < sink or i - j < window).
+    Broadcasts `q_pos` against `k_pos` (e.g. [B, Q, 1] with [B, 1, K] -> [B, Q, K]).
+    """
+    causal = (k_pos >= 0) & (k_pos <= q_pos)
+    return causal & ((k_pos < sink) | (q_pos - k_pos < window))
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention with an explicit mask; a query that sees no key outputs zeros.
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool (shared by all heads). -> [B, Hq, Q, D].
+    Computed in float32.
+    """
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    qg = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scaling  # [B, Hkv, G*Q, K]
+    scores = scores.view(batch, num_kv_heads, group, q_len, -1)
+    mask = visible[:, None, None]  # [B, 1, 1, Q, K]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)  # exp(-inf) = 0 for hidden keys
+    denom = probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.matmul((probs / denom).view(batch, num_kv_heads, group * q_len, -1), v.float())
+    return out.view(batch, num_q_heads, q_len, head_dim).to(q.dtype)
+
+
+def retrieval_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_is_real: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (the last Q slots are the queries' own keys);
+    key_is_real [B, T] bool or None (no padding). -> [B, Hq, Q, D].
+    Query slot i (= T - Q + row) sees key slot j iff j <= i and key j is real. A padding query sees
+    every key, so its (unused) output stays finite.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    if q.shape[1] == 0:
+        return q.new_empty(q.shape)
+    if key_is_real is None and q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=group > 1)
+    q_slot = torch.arange(kv_len - q_len, kv_len, device=q.device)
+    mask = torch.arange(kv_len, device=q.device)[None, :] <= q_slot[:, None]  # [Q, T]
+    if key_is_real is not None:
+        mask = mask[None] & key_is_real[:, None, :]  # [B, Q, T]
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=group > 1)
+
+
+def streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D] the new tokens' keys/values (not yet in the cache);
+    q_pos [B, Q] their real positions (-1 = padding), increasing along Q for real tokens, which are
+    contiguous within a row (left or right padding);
+    sink_k, sink_v [B, Hkv, S, D] with sink_pos [B, S]; ring_k, ring_v [B, Hkv, W, D] with
+    ring_pos [B, W]: the cache before this call (positions -1 = empty; sink holds positions < S,
+    the ring positions >= S). -> [B, Hq, Q, D].
+
+    Work and memory are O(Q * (S + W)): query blocks visit the cache, the new tokens that are sinks,
+    and the new tokens in their own window, never a Q x Q mask.
+    """
+    batch, num_kv_heads, q_len, head_dim = k.shape
+    if q.shape[1] == 0:
+        return q.new_empty(q.shape)
+    # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
+    n_sink = min(sink, q_len)
+    first_real = (q_pos >= 0).int().argmax(-1, keepdim=True)  # [B, 1]; 0 for a row without real tokens
+    idx = (first_real + torch.arange(n_sink, device=q.device)).clamp_max(q_len - 1)  # [B, S']
+    new_sink_pos = q_pos.gather(-1, idx)
+    new_sink_pos = torch.where(new_sink_pos < sink, new_sink_pos, torch.full_like(new_sink_pos, -1))
+    gather_idx = idx[:, None, :, None].expand(batch, num_kv_heads, n_sink, head_dim)
+    new_sink_k, new_sink_v = k.gather(2, gather_idx), v.gather(2, gather_idx)
+    # Keys every query block sees: old sinks, new sinks, the old ring. Positions -1 are hidden.
+    fixed_k = torch.cat([sink_k, new_sink_k, ring_k], dim=2)
+    fixed_v = torch.cat([sink_v, new_sink_v, ring_v], dim=2)
+    fixed_pos = torch.cat([sink_pos, new_sink_pos, ring_pos], dim=1)
+    # New tokens that are sinks are already in `fixed`; hide them in the windowed part.
+    win_pos = torch.where(q_pos >= sink, q_pos, torch.full_like(q_pos, -1))
+
+    out = q.new_empty(q.shape)
+    for q0 in range(0, q_len, QUERY_BLOCK):
+        q1 = min(q0 + QUERY_BLOCK, q_len)
+        k0 = max(0, q0 - window + 1)  # slot distance >= position distance for contiguous real tokens
+        keys = torch.cat([fixed_k, k[:, :, k0:q1]], dim=2)
+        values = torch.cat([fixed_v, v[:, :, k0:q1]], dim=2)
+        k_pos = torch.cat([fixed_pos, win_pos[:, k0:q1]], dim=1)
+        visible = lambda_visible(q_pos[:, q0:q1, None], k_pos[:, None, :], sink, window)
+        out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling)
+    return out

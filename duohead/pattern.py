@@ -1,0 +1,256 @@
+"""Head patterns: one gate per (layer, KV head), the sink/window sizes, and where they came from.
+
+A gate near 1 means the KV head retrieves (keeps the full KV cache); near 0 means it streams
+(keeps `sink` + `window` tokens). `binarize` turns gates into a layout for inference.
+
+File format (JSON, one file, human-readable)::
+
+    {"format": "duohead-pattern", "version": 1, "sink": 64, "window": 256,
+     "model": {"name": ..., "architecture": ..., "num_layers": 30, "num_kv_heads": 3},
+     "provenance": {...free-form: how the gates were made...},
+     "gates": [[1.0, 0.02, 0.9], ...]}          # num_layers rows of num_kv_heads floats
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "duohead-pattern"
+FORMAT_VERSION = 1
+DUO_TSV = "full_attention_heads.tsv"
+DUO_CONFIG = "config.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (or --force) to replace it")
+
+
+class HeadPattern:
+    """Gates [num_layers, num_kv_heads] in [0, 1] plus sink/window sizes and provenance.
+
+    Args:
+        gates: [L, Hkv] floats in [0, 1] (tensor or nested lists).
+        sink: attention-sink tokens a streaming head keeps (>= 0).
+        window: recent tokens a streaming head keeps (>= 1).
+        model: what the pattern was made for: name, architecture, num_layers, num_kv_heads.
+        provenance: free-form record of how the gates were made (method, steps, seed, ...).
+        source: the file it was read from, used in error messages.
+    """
+
+    def __init__(
+        self,
+        gates: torch.Tensor | list,
+        *,
+        sink: int = 64,
+        window: int = 256,
+        model: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+        source: str | None = None,
+    ):
+        self.source = source
+        where = f"{source}: " if source else ""
+        try:
+            gates = torch.as_tensor(gates, dtype=torch.float32).clone()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}field 'gates' must be a list of equal-length rows of numbers ({e})") from None
+        if gates.dim() != 2 or gates.numel() == 0:
+            raise ValueError(
+                f"{where}field 'gates' must be a non-empty 2-D table [num_layers][num_kv_heads]; got shape {list(gates.shape)}"
+            )
+        if not torch.isfinite(gates).all():
+            layer, head = (~torch.isfinite(gates)).nonzero()[0].tolist()
+            raise ValueError(f"{where}field 'gates' has a non-finite value {gates[layer, head].item()} at layer {layer}, KV head {head}")
+        if (gates < 0).any() or (gates > 1).any():
+            layer, head = ((gates < 0) | (gates > 1)).nonzero()[0].tolist()
+            raise ValueError(f"{where}field 'gates' must lie in [0, 1]; layer {layer}, KV head {head} is {gates[layer, head].item()}")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"{where}field 'sink' must be an integer >= 0; got {sink!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{where}field 'window' must be an integer >= 1; got {window!r}")
+        self.gates = gates
+        self.sink = sink
+        self.window = window
+        self.model = dict(model or {})
+        self.provenance = dict(provenance or {})
+
+    @property
+    def num_layers(self) -> int:
+        return self.gates.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.gates.shape[1]
+
+    def __repr__(self) -> str:
+        name = self.model.get("name", "?")
+        return f"HeadPattern(model={name!r}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, sink={self.sink}, window={self.window})"
+
+    # ------------------------------------------------------------------ layout
+
+    def binarize(self, sparsity: float | None = None, threshold: float | None = None) -> torch.Tensor:
+        """The layout: bool [L, Hkv], True = retrieval head.
+
+        `sparsity` = fraction of KV heads that stream: the round(sparsity * L * Hkv) lowest gates stream,
+        ties broken by (layer, head) order, so the cut is deterministic. `threshold`: a head streams iff its
+        gate < threshold. With neither, threshold 0.5. See `sparsity_of` for the achieved sparsity.
+        """
+        if sparsity is not None and threshold is not None:
+            raise ValueError("pass either sparsity= or threshold=, not both")
+        if sparsity is not None:
+            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+                raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads that stream); got {sparsity!r}")
+            flat = self.gates.flatten()
+            num_streaming = round(sparsity * flat.numel())
+            order = torch.sort(flat, stable=True).indices  # ascending gate, ties by flat (layer, head) index
+            retrieval = torch.ones_like(flat, dtype=torch.bool)
+            retrieval[order[:num_streaming]] = False
+            return retrieval.view_as(self.gates)
+        if threshold is None:
+            threshold = 0.5
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
+        return self.gates >= threshold
+
+    @staticmethod
+    def sparsity_of(layout: torch.Tensor) -> float:
+        """Fraction of KV heads that stream in a layout (bool [L, Hkv], True = retrieval)."""
+        return 1.0 - layout.float().mean().item()
+
+    def validate(self, model_config: Any) -> None:
+        """Raise ValueError unless this pattern fits a transformers config (layer and KV-head counts)."""
+        config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        layers = config.num_hidden_layers
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        where = f"pattern {self.source}" if self.source else "pattern"
+        made_for = self.model.get("name") or self.model.get("architecture") or "another model"
+        if (self.num_layers, self.num_kv_heads) != (layers, kv_heads):
+            raise ValueError(
+                f"{where} was made for {made_for} with {self.num_layers} layers x {self.num_kv_heads} KV heads; "
+                f"this model ({getattr(config, 'model_type', '?')}) has {layers} layers x {kv_heads} KV heads"
+            )
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict[str, Any]:
+        model = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, **self.model}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "sink": self.sink,
+            "window": self.window,
+            "model": model,
+            "provenance": self.provenance,
+            "gates": [[round(g, 6) for g in row] for row in self.gates.tolist()],
+        }
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the pattern as JSON, atomically. Refuses to replace an existing file unless `overwrite`."""
+        path = Path(path)
+        _refuse_overwrite(path, overwrite)
+        data = self.to_dict()
+        rows = ",\n    ".join(json.dumps(row) for row in data.pop("gates"))  # one line per layer
+        head = json.dumps(data, indent=2).removesuffix("\n}")
+        atomic_write_text(path, f'{head},\n  "gates": [\n    {rows}\n  ]\n}}\n')
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadPattern:
+        """Read a pattern file written by `save` (or a reference DuoAttention folder)."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / DUO_TSV).exists():
+                return cls.from_duo_attention(path)
+            raise FileNotFoundError(f"{path} is a folder without {DUO_TSV}; expected a duohead pattern .json file")
+        if not path.exists():
+            raise FileNotFoundError(f"pattern file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file; expected a duohead pattern (JSON)") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path}: field 'format' must be {FORMAT_NAME!r}; this is not a duohead pattern file")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: field 'version' is {data.get('version')!r}; this duohead reads version {FORMAT_VERSION} "
+                "(upgrade duohead to read newer files)"
+            )
+        for field in ("gates", "sink", "window"):
+            if field not in data:
+                raise ValueError(f"{path}: missing field {field!r}")
+        pattern = cls(
+            data["gates"],
+            sink=data["sink"],
+            window=data["window"],
+            model=data.get("model"),
+            provenance=data.get("provenance"),
+            source=str(path),
+        )
+        declared = (pattern.model.get("num_layers"), pattern.model.get("num_kv_heads"))
+        if declared != (None, None) and declared != (pattern.num_layers, pattern.num_kv_heads):
+            raise ValueError(
+                f"{path}: field 'gates' is {pattern.num_layers} x {pattern.num_kv_heads} but field 'model' declares "
+                f"{declared[0]} layers x {declared[1]} KV heads; the file is damaged"
+            )
+        return pattern
+
+    @classmethod
+    def from_duo_attention(cls, folder: str | os.PathLike) -> HeadPattern:
+        """Import the reference format: `full_attention_heads.tsv` (one row per layer, one float per KV head)
+        and `config.json` with `sink_size` and `recent_size`."""
+        folder = Path(folder)
+        tsv, config_path = folder / DUO_TSV, folder / DUO_CONFIG
+        if not tsv.exists():
+            raise FileNotFoundError(f"{tsv} does not exist (expected the reference's per-head gate table)")
+        rows = []
+        for n, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append([float(x) for x in line.strip().split("\t")])
+            except ValueError:
+                raise ValueError(f"{tsv}: line {n} must be tab-separated numbers; got {line[:60]!r}") from None
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(f"{tsv}: rows have different lengths {sorted({len(r) for r in rows})}; expected one float per KV head")
+        sink, window = 64, 256
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            sink, window = config.get("sink_size", sink), config.get("recent_size", window)
+        return cls(rows, sink=sink, window=window, provenance={"imported_from": str(folder)}, source=str(tsv))
+
+    def to_duo_attention(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the reference format (`full_attention_heads.tsv` + `config.json`) into `folder`."""
+        folder = Path(folder)
+        for name in (DUO_TSV, DUO_CONFIG):
+            _refuse_overwrite(folder / name, overwrite)
+        atomic_write_text(folder / DUO_TSV, "".join("\t".join(repr(g) for g in row) + "\n" for row in self.gates.tolist()))
+        atomic_write_text(folder / DUO_CONFIG, json.dumps({"sink_size": self.sink, "recent_size": self.window}, indent=2) + "\n")
+        return folder
