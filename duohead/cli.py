@@ -1,0 +1,42 @@
+"""The `duohead` command: each subcommand lives in its own module and parses its own arguments.
+
+    duohead calibrate ...   learn gates for a model        (duohead.calibrate.cli)
+    duohead generate ...    long-context generation        (duohead.generate)
+    duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
+    duohead inspect ...     summarise a pattern file       (duohead.inspect)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "calibrate": ("duohead.calibrate.cli", "learn one gate per (layer, KV head) and write a pattern"),
+    "generate": ("duohead.generate", "generate from a long prompt with a head pattern"),
+    "eval": ("duohead.evaluate", "passkey / needle-in-a-haystack accuracy grid"),
+    "inspect": ("duohead.inspect", "summarise a pattern file (gate histogram, layout, heat map)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: duohead <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "run `duohead <command> --help` for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"duohead: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
