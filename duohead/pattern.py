@@ -26,6 +26,19 @@ FORMAT_NAME = "duohead-pattern"
 FORMAT_VERSION = 1
 DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
+PATTERNS_DIR = Path(__file__).resolve().parent.parent / "patterns"  # patterns this project ships (a source checkout)
+
+
+def find_pattern(name_or_path: str | os.PathLike) -> Path:
+    """A pattern file path, or the name of a pattern shipped in `patterns/` (e.g. "smollm2-135m-instruct")."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = PATTERNS_DIR / str(name_or_path) / "pattern.json"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.parent.name for p in PATTERNS_DIR.glob("*/pattern.json"))
+    raise FileNotFoundError(f"pattern {name_or_path} is neither a file nor a shipped pattern name (shipped: {', '.join(names) or 'none'})")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -179,14 +192,12 @@ class HeadPattern:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadPattern:
-        """Read a pattern file written by `save` (or a reference DuoAttention folder)."""
-        path = Path(path)
+        """Read a pattern file written by `save`, a reference DuoAttention folder, or a shipped pattern name."""
+        path = find_pattern(path)
         if path.is_dir():
             if (path / DUO_TSV).exists():
                 return cls.from_duo_attention(path)
             raise FileNotFoundError(f"{path} is a folder without {DUO_TSV}; expected a duohead pattern .json file")
-        if not path.exists():
-            raise FileNotFoundError(f"pattern file {path} does not exist")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
