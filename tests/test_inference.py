@@ -1,0 +1,202 @@
+"""End-to-end behaviour of an enabled model on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duohead
+from duohead import DuoCache, HeadPattern
+from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
+
+SINK, WINDOW = 4, 8
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rel, f"max relative error {err:.3g} > {rel}"
+
+
+def greedy(model, ids, steps=16, **kwargs):
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_all_retrieval_equals_stock_transformers(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 97, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        stock_prefill = model(ids).logits
+    stock_tokens, stock_logits = greedy(model, ids)
+
+    duohead.enable(model, HeadPattern(torch.ones(3, 2), sink=SINK, window=WINDOW))
+    with torch.no_grad():
+        assert_close(model(ids).logits, stock_prefill)
+    tokens, logits = greedy(model, ids)
+    assert torch.equal(tokens, stock_tokens)
+    assert_close(logits, stock_logits)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("kind", ["mixed", "all_streaming"])
+def test_streaming_heads_follow_the_lambda_mask(arch, kind):
+    model = tiny_model(arch)
+    gates = mixed_gates(3, 2) if kind == "mixed" else torch.zeros(3, 2)
+    pattern = HeadPattern(gates, sink=SINK, window=WINDOW)
+    layout = pattern.binarize()
+    oracle = oracle_model(model, layout, SINK, WINDOW)
+    ids = torch.randint(1, 97, (2, 6 * (SINK + WINDOW)), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stock = model(ids).logits
+    duohead.enable(model, pattern)
+    with torch.no_grad():
+        expected = oracle(ids).logits
+        assert (expected - stock).abs().max() > 1e-2  # the Λ mask really changes the output
+        assert_close(model(ids).logits, expected)  # no cache
+        # with a cache: prefill part of the sequence, then decode the rest token by token
+        cache = DuoCache(model)
+        split = SINK + WINDOW + 3
+        got = [model(ids[:, :split], cache=cache).logits]
+        for t in range(split, ids.shape[1]):
+            got.append(model(ids[:, t : t + 1], cache=cache).logits)
+    assert_close(torch.cat(got, dim=1), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, WINDOW - 3, WINDOW + 5])
+def test_chunked_prefill_equals_one_shot(chunk):
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=3), sink=SINK, window=WINDOW))
+    ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        one_shot_cache = DuoCache(model)
+        one_shot = model(ids, cache=one_shot_cache).logits
+        cache = DuoCache(model)
+        chunked = torch.cat([model(ids[:, s : s + chunk], cache=cache).logits for s in range(0, ids.shape[1], chunk)], dim=1)
+        assert_close(chunked, one_shot)
+        step = torch.randint(1, 97, (2, 1), generator=torch.Generator().manual_seed(5))
+        assert_close(model(step, cache=cache).logits, model(step, cache=one_shot_cache).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_left_padded_batch_equals_each_prompt_alone(arch):
+    model = tiny_model(arch)
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=6), sink=SINK, window=WINDOW))
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 97, (n,), generator=gen) for n in (9, 30, 21)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    batch_tokens, batch_logits = greedy(model, ids, steps=12, attention_mask=mask)
+    for row, p in enumerate(prompts):
+        tokens, logits = greedy(model, p[None], steps=12)
+        assert torch.equal(batch_tokens[row, width:], tokens[0, len(p) :])
+        assert_close(batch_logits[row], logits[0], rel=1e-4)
+
+
+def test_padding_with_holes_is_rejected():
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+    ids = torch.randint(1, 97, (1, 10))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 4] = 0
+    with pytest.raises(ValueError, match="left or right padding"):
+        model(ids, attention_mask=mask)
+
+
+def test_kv_memory_streaming_constant_retrieval_linear():
+    model = tiny_model("llama", layers=2)
+    duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), sink=SINK, window=WINDOW))
+    cache = DuoCache(model)
+    seen, samples = 0, {}
+    with torch.no_grad():
+        for target in [SINK + WINDOW * k for k in (1, 2, 4, 8)] + [8 * (SINK + WINDOW)]:
+            ids = torch.randint(1, 97, (1, target - seen))
+            model(ids, cache=cache)
+            seen = target
+            samples[target] = cache.memory()
+    per_token = 2 * 1 * 16 * 4  # keys + values, batch 1, head_dim 16, fp32
+    for t, mem in samples.items():
+        assert mem["retrieval_bytes"] == 2 * per_token * t  # one retrieval KV head in each of 2 layers
+        assert mem["streaming_bytes"] == 2 * per_token * (SINK + WINDOW)
+        assert mem["full_bytes"] == 4 * per_token * t
+    assert cache.get_seq_length() == seen
+
+
+def test_retrieval_cache_grows_without_copying_every_step():
+    model = tiny_model("llama", layers=1)
+    duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0]]), sink=SINK, window=WINDOW))
+    cache = DuoCache(model)
+    buffers = set()
+    with torch.no_grad():
+        for _ in range(300):
+            model(torch.randint(1, 97, (1, 1)), cache=cache)
+            buffers.add(cache.layers[0].retrieval.keys.data_ptr())
+    assert len(buffers) <= 3  # capacity doubling: 256 -> 512; never a reallocation per token
+
+
+def test_disable_restores_the_model_exactly():
+    model = tiny_model("qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cls, impl = type(model), model.config._attn_implementation
+    duohead.enable(model, HeadPattern(torch.tensor([[0.0, 1.0], [0.2, 0.9], [1.0, 0.0]]), sink=SINK, window=WINDOW))
+    assert duohead.is_enabled(model) and type(model) is not cls
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # heads were reordered
+    duohead.disable(model)
+    assert type(model) is cls and model.config._attn_implementation == impl and not duohead.is_enabled(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_enable_twice_replaces_the_pattern():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (1, 40))
+    with torch.no_grad():
+        stock = model(ids).logits
+        duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+        duohead.enable(model, HeadPattern(torch.ones(3, 2), sink=SINK, window=WINDOW))
+        assert_close(model(ids).logits, stock)
+
+
+def test_sparsity_picks_the_lowest_gates():
+    model = tiny_model("llama")
+    gates = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+    duohead.enable(model, HeadPattern(gates, sink=SINK, window=WINDOW), sparsity=0.5)
+    layouts = [m.duohead_layout for m in duohead.hook.attention_modules(model)]
+    assert [lay.num_retrieval_heads for lay in layouts] == [1, 1, 1]
+    assert [lay.kv_order for lay in layouts] == [(0, 1), (1, 0), (1, 0)]
+    assert model._duohead.sparsity == 0.5
+
+
+def test_attn_implementation_duohead_without_pattern_says_what_to_do():
+    model = tiny_model("llama")
+    model.set_attn_implementation("duohead")
+    with pytest.raises(ValueError, match="duohead.enable"):
+        model(torch.randint(1, 97, (1, 5)))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="gpt2.*llama, mistral, qwen2, qwen3"):
+        duohead.enable(model, HeadPattern(torch.ones(2, 2)))
+
+
+def test_pattern_for_another_model_is_rejected():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"4 layers x 2 KV heads.*3 layers x 2 KV heads"):
+        duohead.enable(model, HeadPattern(torch.ones(4, 2), model={"name": "other"}))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"sink": -1}, "sink"), ({"window": 0}, "window"), ({"sparsity": 1.5}, "sparsity")])
+def test_bad_enable_arguments(kwargs, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        duohead.enable(model, HeadPattern(torch.ones(3, 2)), **kwargs)
+    assert not duohead.is_enabled(model)

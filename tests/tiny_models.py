@@ -1,0 +1,85 @@
+"""Tiny random-initialised causal LMs of every supported architecture, and an independent Λ oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+ARCHITECTURES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+
+
+def tiny_model(arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    """A seeded random model (fp32, eval, sdpa) small enough to run hundreds of forwards in seconds."""
+    torch.manual_seed(seed)
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    if arch == "qwen2":
+        extra["use_sliding_window"] = False
+    config = ARCHITECTURES[arch](
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=1024,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    if arch == "qwen2":  # random init leaves biases at zero; make the bias reordering matter
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.5)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def lambda_oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention over the whole sequence with an explicit per-head mask: retrieval KV heads causal,
+    streaming KV heads Λ (j <= i and (j < sink or i - j < window)). Heads in their original order.
+    Expects no cache and no padding. Independent of duohead's own code paths."""
+    retrieval, sink, window = module.oracle_layout  # retrieval: list[bool] per KV head
+    t = query.shape[2]
+    i = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    causal = j <= i
+    streaming = causal & ((j < sink) | (i - j < window))
+    group = query.shape[1] // key.shape[1]
+    masks = torch.stack([causal if retrieval[h // group] else streaming for h in range(query.shape[1])])
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    scores = (query @ k.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~masks[None], float("-inf"))
+    out = torch.softmax(scores.float(), dim=-1).to(query.dtype) @ v
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("lambda_oracle", lambda_oracle_attention)
+
+
+def oracle_model(model, layout: torch.Tensor, sink: int, window: int):
+    """A copy of an unmodified `model` that applies the explicit Λ mask of `layout` ([L, Hkv] bool, True = retrieval)."""
+    oracle = copy.deepcopy(model)
+    for layer, retrieval in zip(oracle.model.layers, layout.tolist()):
+        layer.self_attn.oracle_layout = (retrieval, sink, window)
+    oracle.set_attn_implementation("lambda_oracle")
+    return oracle
+
+
+def mixed_gates(layers: int, kv_heads: int, seed: int = 0) -> torch.Tensor:
+    """Gates with both kinds of head in most layers (and at least one layer of each pure kind when possible)."""
+    g = torch.Generator().manual_seed(seed)
+    gates = torch.rand(layers, kv_heads, generator=g)
+    gates[0] = 1.0
+    if layers > 1:
+        gates[-1] = 0.0
+    return gates
