@@ -54,7 +54,7 @@ def test_streaming_heads_follow_the_lambda_mask(arch, kind):
     duohead.enable(model, pattern)
     with torch.no_grad():
         expected = oracle(ids).logits
-        assert (expected - stock).abs().max() > 1e-2  # the Λ mask really changes the output
+        assert (expected - stock).abs().max() > 20 * 1e-4 * expected.abs().max()  # the Λ mask changes the output
         assert_close(model(ids).logits, expected)  # no cache
         # with a cache: prefill part of the sequence, then decode the rest token by token
         cache = DuoCache(model)
