@@ -1,0 +1,41 @@
+"""The real SmolLM2-135M-Instruct (installed from PyPI): duohead with every head retrieving is stock transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import duohead
+from duohead import DuoCache, HeadPattern
+from duohead.loading import load_model
+
+pytestmark = pytest.mark.slow
+
+FILLER = (
+    "The harbour town wakes early. Fishing boats leave before dawn, gulls circle the market, and the baker "
+    "opens his shutters while the streets are still wet from the night rain. "
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model()
+
+
+def test_all_retrieval_generates_the_same_tokens_as_stock(smollm2):
+    model, tokenizer = smollm2
+    text = FILLER * 22 + "The secret number is 48213. " + FILLER * 8 + "What is the secret number?"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert 900 <= ids.shape[1] <= 1300
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        stock = model.generate(ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        duohead.enable(model, HeadPattern(torch.ones(30, 3), sink=64, window=256))
+        try:
+            ours = model.generate(ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_logits=True)
+            assert isinstance(ours.cache if hasattr(ours, "cache") else ours.past_key_values, DuoCache)
+        finally:
+            duohead.disable(model)
+    assert torch.equal(ours.sequences, stock.sequences)
+    for a, b in zip(ours.logits, stock.logits):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
