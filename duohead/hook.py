@@ -136,6 +136,9 @@ def enable(
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an integer >= 1; got {window!r}")
     layout = pattern.binarize(sparsity=sparsity, threshold=threshold)
+    sliding = getattr(model.config, "sliding_window", None)
+    if sliding is not None and getattr(model.config, "use_sliding_window", True):
+        logger.warning("duohead: retrieval heads attend to the whole context, ignoring the model's sliding window of %d", sliding)
     if is_enabled(model):
         disable(model)
 

@@ -65,6 +65,18 @@ def test_streaming_heads_follow_the_lambda_mask(arch, kind):
     assert_close(torch.cat(got, dim=1), expected)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (4, 1)])
+def test_lambda_mask_across_gqa_ratios(heads, kv_heads):
+    model = tiny_model("llama", heads=heads, kv_heads=kv_heads)
+    gates = torch.rand(3, kv_heads, generator=torch.Generator().manual_seed(heads))
+    pattern = HeadPattern(gates, sink=SINK, window=WINDOW)
+    oracle = oracle_model(model, pattern.binarize(sparsity=0.5), SINK, WINDOW)
+    ids = torch.randint(1, 97, (1, 50), generator=torch.Generator().manual_seed(9))
+    duohead.enable(model, pattern, sparsity=0.5)
+    with torch.no_grad():
+        assert_close(model(ids).logits, oracle(ids).logits)
+
+
 @pytest.mark.parametrize("chunk", [1, WINDOW - 3, WINDOW + 5])
 def test_chunked_prefill_equals_one_shot(chunk):
     model = tiny_model("llama")
@@ -200,3 +212,19 @@ def test_bad_enable_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         duohead.enable(model, HeadPattern(torch.ones(3, 2)), **kwargs)
     assert not duohead.is_enabled(model)
+
+
+def test_from_pretrained_and_attn_implementation_name(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("mistral").save_pretrained(tmp_path / "model")
+    pattern_path = HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW).save(tmp_path / "pattern.json")
+    ids = torch.randint(1, 97, (1, 30))
+    loaded = duohead.from_pretrained(tmp_path / "model", pattern_path)
+    by_name = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="duohead")
+    assert by_name.config._attn_implementation == "duohead"
+    duohead.enable(by_name, pattern_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, by_name(ids).logits)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        duohead.from_pretrained(tmp_path / "missing", pattern_path)
