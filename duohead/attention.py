@@ -85,6 +85,11 @@ def duohead_attention(
         raise ValueError("duohead attention takes a 2-D padding mask (attention_mask [B, T]); got a prepared mask")
     if isinstance(key, PendingKV):
         layer, new_k, new_v = key.layer, key.keys, key.values
+    elif key.shape[2] != query.shape[2]:
+        raise ValueError(
+            "duohead attention got keys from a cache other than DuoCache; pass cache=duohead.DuoCache(model) "
+            "(or let generate() create one)"
+        )
     else:  # no cache: a throw-away layer holds this forward's tokens
         layer = DuoCacheLayer(layout.num_retrieval_heads, layout.sink, layout.window)
         layer.lazy_initialization(key, value)

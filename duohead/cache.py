@@ -11,11 +11,17 @@ attention (`duohead.attention`) decides what each query sees.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which `model.forward` takes a cache: "cache" (transformers >= 5.24) or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class RetrievalKV:

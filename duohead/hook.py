@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from duohead.attention import ATTENTION_NAME
-from duohead.cache import DuoCache
+from duohead.cache import DuoCache, cache_argument
 from duohead.pattern import HeadPattern
 
 logger = logging.getLogger("duohead")
@@ -99,7 +98,7 @@ class _DuoGenerationMixin:
     """Mixed into an enabled model's class: `generate()` gets a `DuoCache` unless the caller passed a cache."""
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        name = "cache" if "cache" in inspect.signature(self.forward).parameters else "past_key_values"
+        name = cache_argument(self)
         wants_default = generation_config.use_cache is not False and generation_config.cache_implementation in (None, "dynamic")
         if model_kwargs.get(name) is None and wants_default:
             model_kwargs[name] = DuoCache(self)

@@ -7,6 +7,7 @@ import torch
 
 import duohead
 from duohead import DuoCache, HeadPattern
+from duohead.cache import cache_argument
 from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
 
 SINK, WINDOW = 4, 8
@@ -59,9 +60,9 @@ def test_streaming_heads_follow_the_lambda_mask(arch, kind):
         # with a cache: prefill part of the sequence, then decode the rest token by token
         cache = DuoCache(model)
         split = SINK + WINDOW + 3
-        got = [model(ids[:, :split], cache=cache).logits]
+        got = [model(ids[:, :split], **{cache_argument(model): cache}).logits]
         for t in range(split, ids.shape[1]):
-            got.append(model(ids[:, t : t + 1], cache=cache).logits)
+            got.append(model(ids[:, t : t + 1], **{cache_argument(model): cache}).logits)
     assert_close(torch.cat(got, dim=1), expected)
 
 
@@ -84,12 +85,12 @@ def test_chunked_prefill_equals_one_shot(chunk):
     ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         one_shot_cache = DuoCache(model)
-        one_shot = model(ids, cache=one_shot_cache).logits
+        one_shot = model(ids, **{cache_argument(model): one_shot_cache}).logits
         cache = DuoCache(model)
-        chunked = torch.cat([model(ids[:, s : s + chunk], cache=cache).logits for s in range(0, ids.shape[1], chunk)], dim=1)
+        chunked = torch.cat([model(ids[:, s : s + chunk], **{cache_argument(model): cache}).logits for s in range(0, ids.shape[1], chunk)], dim=1)
         assert_close(chunked, one_shot)
         step = torch.randint(1, 97, (2, 1), generator=torch.Generator().manual_seed(5))
-        assert_close(model(step, cache=cache).logits, model(step, cache=one_shot_cache).logits)
+        assert_close(model(step, **{cache_argument(model): cache}).logits, model(step, **{cache_argument(model): one_shot_cache}).logits)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -111,6 +112,19 @@ def test_left_padded_batch_equals_each_prompt_alone(arch):
         assert_close(batch_logits[row], logits[0], rel=1e-4)
 
 
+def test_generate_with_transformers_chunked_prefill_and_a_foreign_cache():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=3), sink=SINK, window=WINDOW))
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(8))
+    one_shot, _ = greedy(model, ids, steps=8)
+    chunked, _ = greedy(model, ids, steps=8, prefill_chunk_size=7)
+    assert torch.equal(one_shot, chunked)
+    with pytest.raises(ValueError, match="DuoCache"):
+        greedy(model, ids, steps=2, **{cache_argument(model): DynamicCache()})
+
+
 def test_padding_with_holes_is_rejected():
     model = tiny_model("llama")
     duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
@@ -129,7 +143,7 @@ def test_kv_memory_streaming_constant_retrieval_linear():
     with torch.no_grad():
         for target in [SINK + WINDOW * k for k in (1, 2, 4, 8)] + [8 * (SINK + WINDOW)]:
             ids = torch.randint(1, 97, (1, target - seen))
-            model(ids, cache=cache)
+            model(ids, **{cache_argument(model): cache})
             seen = target
             samples[target] = cache.memory()
     per_token = 2 * 1 * 16 * 4  # keys + values, batch 1, head_dim 16, fp32
@@ -147,7 +161,7 @@ def test_retrieval_cache_grows_without_copying_every_step():
     buffers = set()
     with torch.no_grad():
         for _ in range(300):
-            model(torch.randint(1, 97, (1, 1)), cache=cache)
+            model(torch.randint(1, 97, (1, 1)), **{cache_argument(model): cache})
             buffers.add(cache.layers[0].retrieval.keys.data_ptr())
     assert len(buffers) <= 3  # capacity doubling: 256 -> 512; never a reallocation per token
 
