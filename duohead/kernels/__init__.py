@@ -1,9 +1,184 @@
-"""Attention kernels for retrieval and streaming heads, chosen by device and availability.
+"""Attention kernels for retrieval and streaming heads, chosen by backend, device and availability.
 
 `retrieval_attention` and `streaming_attention` have the signatures of their twins in
-`duohead.kernels.reference`, which is the oracle and the CPU path.
+`duohead.kernels.reference`, the oracle and the CPU path. Backends:
+
+    torch       the reference everywhere (SDPA for retrieval heads, blocked torch for streaming heads)
+    triton      streaming heads: Triton (CUDA, or the CPU interpreter when TRITON_INTERPRET=1);
+                retrieval heads: SDPA
+    flashinfer  retrieval heads: FlashInfer (CUDA only; inputs it cannot take, e.g. padding or fp32, use SDPA);
+                streaming heads: Triton
+    auto        (default) on CUDA: FlashInfer if installed, else SDPA, and Triton if installed; elsewhere torch
+
+Choose with the environment variable DUOHEAD_BACKEND, or in code:
+
+    duohead.kernels.set_backend("triton")      # None returns to the environment / "auto"
+    with duohead.kernels.use_backend("torch"):
+        model.generate(...)
+
+A forced backend that cannot run on the inputs' device raises RuntimeError when called.
 """
 
-from duohead.kernels.reference import lambda_visible, retrieval_attention, streaming_attention
+from __future__ import annotations
 
-__all__ = ["lambda_visible", "retrieval_attention", "streaming_attention"]
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+from duohead.kernels import reference
+from duohead.kernels.reference import lambda_visible
+
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
+ENV_VAR = "DUOHEAD_BACKEND"
+
+logger = logging.getLogger("duohead")
+_chosen: str | None = None
+_flashinfer_failure: str | None = None  # why FlashInfer failed under "auto"; it is not tried again
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown duohead backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the one set in code, else $DUOHEAD_BACKEND, else "auto"."""
+    if _chosen is not None:
+        return _chosen
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", f"${ENV_VAR}")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every later call (None: back to $DUOHEAD_BACKEND / "auto")."""
+    global _chosen
+    _chosen = None if name is None else _check_name(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a `with` block; the previous choice is restored on exit."""
+    global _chosen
+    previous = _chosen
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _chosen = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, or on the CPU in interpreter mode (TRITON_INTERPRET=1 before triton is imported)."""
+    if not _has("triton"):
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that run on `device` ("auto" and "torch" always do)."""
+    device = torch.device(device)
+    names = ["auto", "torch"]
+    if _triton_runs_on(device):
+        names.append("triton")
+    if device.type == "cuda" and _has("flashinfer") and _has("triton"):
+        names.append("flashinfer")
+    return names
+
+
+def _require(backend: str, device: torch.device) -> None:
+    if backend not in available_backends(device):
+        if backend == "triton":
+            hint = "install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported"
+        else:
+            hint = "it needs a CUDA device, the flashinfer-python package and triton"
+        raise RuntimeError(f"duohead backend {backend!r} is not available for tensors on {device}: {hint}")
+
+
+def retrieval_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_is_real: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D].
+    See `duohead.kernels.reference.retrieval_attention`.
+    """
+    global _flashinfer_failure
+    backend = get_backend()
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return reference.retrieval_attention(q, k, v, key_is_real, scaling)
+    _require(backend, q.device)
+    if not q.is_cuda:  # "triton" on the CPU interpreter: no retrieval kernel there
+        return reference.retrieval_attention(q, k, v, key_is_real, scaling)
+    from duohead.kernels import flashinfer_retrieval, sdpa_retrieval
+
+    use_flashinfer = backend == "flashinfer" or (
+        backend == "auto" and _flashinfer_failure is None and flashinfer_retrieval.available()
+    )
+    if use_flashinfer and flashinfer_retrieval.supports(q, k, v, key_is_real):
+        if backend == "flashinfer":
+            return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+        try:
+            return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+        except Exception as e:  # e.g. its kernels fail to compile (no nvcc): "auto" falls back to SDPA for good
+            _flashinfer_failure = f"{type(e).__name__}: {e}"
+            logger.warning("duohead: FlashInfer failed (%s); retrieval heads use SDPA from now on", _flashinfer_failure)
+    return sdpa_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+
+
+def streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D], sink_pos [B, S];
+    ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]. -> [B, Hq, Q, D].
+    See `duohead.kernels.reference.streaming_attention`.
+    """
+    args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling)
+    backend = get_backend()
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _has("triton") else "torch"
+    if backend == "torch":
+        return reference.streaming_attention(*args)
+    _require(backend, q.device)
+    from duohead.kernels import triton_streaming
+
+    return triton_streaming.streaming_attention(*args)
+
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "get_backend",
+    "lambda_visible",
+    "retrieval_attention",
+    "set_backend",
+    "streaming_attention",
+    "use_backend",
+]

@@ -1,0 +1,183 @@
+"""FlashInfer for retrieval heads: causal GQA prefill and decode over the retrieval KV, read in place as a paged cache.
+
+Shape letters: B batch, Hq query heads, Hkv KV heads (Hq = G * Hkv), Q new tokens, T tokens in the cache,
+D head dim, C cache capacity, P page size.
+
+`RetrievalKV` stores keys and values as [B, Hkv, C, D] buffers and hands out views k, v [B, Hkv, T, D]
+with strides (Hkv*C*D, C*D, D, 1). FlashInfer's HND paged cache is [pages, Hkv, P, D] with any strides,
+so the same memory is viewed, without a copy, as pages of P tokens: page (b, p) starts at element
+b*Hkv*C*D + p*P*D, i.e. page index b*(Hkv*C/P) + p, with strides (P*D, C*D, D, 1). Row b uses pages
+b*(Hkv*C/P) + [0, ceil(T/P)), the last one holding T - (ceil(T/P) - 1) * P tokens. P is the largest of
+64, 32, ..., 1 that divides C, so long rows split into many pages and FlashInfer's split-KV scheduler
+keeps the whole GPU busy in decode.
+
+One plan serves every layer of a step: wrappers are cached by the static problem (kind, B, Q, Hq, Hkv, D,
+dtype, scale) and re-planned only when T or the page geometry changes. Written against the keyword APIs
+that flashinfer 0.6.x and 0.7.x share (`plan(indptr, indices, last_page_len, ...)`, `run(q, (k, v), out=)`).
+Inputs FlashInfer cannot take (padding, fp32, other head dims, CPU) are the caller's to route elsewhere:
+see `supports`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PAGE_SIZES = (64, 32, 16, 8, 4, 2, 1)
+HEAD_DIMS = (64, 128, 256)
+WORKSPACE_BYTES = 128 << 20
+_UINT32_MAX = (1 << 32) - 1
+
+
+def available() -> bool:
+    """Whether the flashinfer package is installed (it imports on CPU too; running needs CUDA)."""
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+@dataclass(frozen=True)
+class PagedView:
+    """The retrieval KV as FlashInfer pages: keys, values [N, Hkv, P, D]; row b uses pages
+    b * row_pages + [0, used), the last one holding last_len tokens."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    page_size: int
+    row_pages: int
+    used: int
+    last_len: int
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int]:
+        return self.page_size, self.row_pages, self.used, self.last_len
+
+    def plan_tensors(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """indptr [B + 1], indices [B * used], last_page_len [B], int32 on the CPU (FlashInfer's `plan` copies them)."""
+        pages = torch.arange(self.used, dtype=torch.int32)
+        indices = (torch.arange(batch, dtype=torch.int32)[:, None] * self.row_pages + pages).flatten()
+        indptr = torch.arange(batch + 1, dtype=torch.int32) * self.used
+        return indptr, indices, torch.full((batch,), self.last_len, dtype=torch.int32)
+
+
+def _page_size(k: torch.Tensor) -> int | None:
+    """The largest page size P such that k [B, Hkv, T, D] splits into whole pages of strides (P*D, k.stride(1), D, 1)."""
+    _, _, _, head_dim = k.shape
+    row_stride, head_stride = k.stride(0), k.stride(1)
+    if k.stride(3) != 1 or k.stride(2) != head_dim or head_stride > _UINT32_MAX:
+        return None
+    for page in PAGE_SIZES:
+        if row_stride % (page * head_dim) == 0 and head_stride % (page * head_dim) == 0:
+            return page
+    return None
+
+
+def paged_view(k: torch.Tensor, v: torch.Tensor) -> PagedView | None:
+    """View k, v [B, Hkv, T, D] (see the module docstring) as FlashInfer HND pages; None if their strides do not allow it."""
+    page = _page_size(k)
+    if page is None or k.stride() != v.stride():
+        return None
+    batch, num_kv_heads, kv_len, head_dim = k.shape
+    row_pages = k.stride(0) // (page * head_dim)
+    used = -(-kv_len // page)
+    size = ((batch - 1) * row_pages + used, num_kv_heads, page, head_dim)
+    stride = (page * head_dim, k.stride(1), head_dim, 1)
+    return PagedView(
+        keys=torch.as_strided(k, size, stride, k.storage_offset()),
+        values=torch.as_strided(v, size, stride, v.storage_offset()),
+        page_size=page,
+        row_pages=row_pages,
+        used=used,
+        last_len=kv_len - (used - 1) * page,
+    )
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_is_real: torch.Tensor | None) -> bool:
+    """Whether `retrieval_attention` below can take these inputs (else use SDPA): CUDA, fp16/bf16, D in 64/128/256,
+    no padding, and strides that form pages."""
+    return (
+        q.is_cuda
+        and key_is_real is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and k.dtype == q.dtype == v.dtype
+        and k.stride() == v.stride()
+        and q.shape[-1] in HEAD_DIMS
+        and q.shape[1] % k.shape[1] == 0
+        and _page_size(k) is not None
+    )
+
+
+@dataclass
+class _Planned:
+    wrapper: Any
+    geometry: tuple[int, int, int] | None = None
+
+
+_workspaces: dict[torch.device, torch.Tensor] = {}
+_wrappers: dict[tuple, _Planned] = {}
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    if device not in _workspaces:
+        _workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return _workspaces[device]
+
+
+def _planned(q: torch.Tensor, k: torch.Tensor, pages: PagedView, scaling: float) -> Any:
+    """A wrapper planned for this problem; layers with the same heads share one plan per step."""
+    import flashinfer
+
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    decode = q_len == 1
+    key = (decode, q.device, batch, q_len, num_q_heads, num_kv_heads, head_dim, q.dtype, float(scaling))
+    entry = _wrappers.get(key)
+    if entry is None:
+        workspace = _workspace(q.device)
+        if decode:
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "HND", use_tensor_cores=num_q_heads // num_kv_heads >= 4
+            )
+        else:
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND")
+        entry = _wrappers[key] = _Planned(wrapper)
+    if entry.geometry != pages.geometry:
+        indptr, indices, last_page_len = pages.plan_tensors(batch)
+        common = dict(sm_scale=float(scaling), q_data_type=q.dtype, kv_data_type=k.dtype)
+        if decode:
+            entry.wrapper.plan(
+                indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, pages.page_size, **common,
+            )
+        else:
+            qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len
+            entry.wrapper.plan(
+                qo_indptr, indptr, indices, last_page_len,
+                num_q_heads, num_kv_heads, head_dim, pages.page_size, causal=True, **common,
+            )
+        entry.geometry = pages.geometry
+    return entry.wrapper
+
+
+def retrieval_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_is_real: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Causal attention of the Q newest tokens over all T cached tokens, with FlashInfer.
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (the last Q slots are the queries' own keys); key_is_real must be None
+    (padding is not supported here; check `supports` first). -> [B, Hq, Q, D], a view of a [B, Q, Hq, D] buffer.
+    Query slot T - Q + i sees key slots <= T - Q + i (FlashInfer's bottom-right causal alignment).
+    """
+    if not supports(q, k, v, key_is_real):
+        raise ValueError("flashinfer retrieval_attention: unsupported input (needs CUDA, fp16/bf16, D in 64/128/256, no padding)")
+    batch, num_q_heads, q_len, head_dim = q.shape
+    pages = paged_view(k, v)
+    wrapper = _planned(q, k, pages, scaling)
+    q_flat = q.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim).contiguous()  # [B*Q, Hq, D]
+    out = torch.empty_like(q_flat)
+    wrapper.run(q_flat, (pages.keys, pages.values), out=out)
+    return out.view(batch, q_len, num_q_heads, head_dim).transpose(1, 2)

@@ -1,0 +1,239 @@
+"""Triton Λ-attention for streaming heads: prefill, chunked prefill and decode in one kernel.
+
+Shape letters: B batch, Hq query heads, Hkv KV heads (Hq = G * Hkv), Q new tokens, D head dim,
+S sink slots, W ring slots. Same contract as `duohead.kernels.reference.streaming_attention`.
+
+Tensors (last dim contiguous; every other stride is passed to the kernel):
+    q, out            [B, Hq, Q, D]    strides (b, h, t); out is written in full (padding rows get 0)
+    k, v              [B, Hkv, Q, D]   the new tokens' keys/values, not yet in the cache
+    q_pos             [B, Q] int64     real positions of the new tokens, -1 = padding
+    sink_k, sink_v    [B, Hkv, S, D]   cached tokens at positions < sink; sink_pos [B, S] int64
+    ring_k, ring_v    [B, Hkv, W, D]   cached tokens at positions >= sink; ring_pos [B, W] int64
+
+Grid: (ceil(Q / BLOCK_Q), B * Hkv). One program owns BLOCK_Q new tokens of one KV head and all G query
+heads that share it: its BLOCK_M = G_PAD * BLOCK_Q rows are (query head g, token t), so every key tile
+is loaded once for the whole group. Per program, keys come from four ranges, visited in tiles of BLOCK_N
+with an online softmax and the Λ rule applied inside each tile:
+    1. the sink cache (S slots);
+    2. the ring (W slots), skipped when the window of the block's earliest query starts inside this call;
+    3. the new tokens that are sinks (real positions < sink);
+    4. the new tokens in the window of the block's queries: slots [first query - window + 1, last query].
+Ranges 3 and 4 are cut so they never overlap. Real tokens of a row are contiguous, so a new token's
+position is its slot minus one per-row offset; the ranges follow from that offset. New tokens outside
+sink ∪ window are never loaded: the work is O(Q * (S + W)).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_FAR = 1 << 40  # larger than any slot or position
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, q_pos,
+    k_base, v_base, pos_base, stride_kt, stride_vt, stride_pt,
+    start, end, sink, window, qk_scale,
+    offs_d, d_mask,
+    BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2)."""
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        k_pos = tl.load(pos_base + offs_n * stride_pt, mask=n_mask, other=-1)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * qk_scale
+        qp = q_pos[:, None]
+        kp = k_pos[None, :]
+        visible = (kp >= 0) & (kp <= qp) & ((kp < sink) | (qp - kp < window))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _streaming_attention_kernel(
+    Q, K, V, QPos, SinkK, SinkV, SinkPos, RingK, RingV, RingPos, Out,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_pb, stride_pt,
+    stride_skb, stride_skh, stride_skt,
+    stride_svb, stride_svh, stride_svt,
+    stride_spb, stride_spt,
+    stride_rkb, stride_rkh, stride_rkt,
+    stride_rvb, stride_rvh, stride_rvt,
+    stride_rpb, stride_rpt,
+    stride_ob, stride_oh, stride_ot,
+    num_kv_heads, q_len, sink_slots, ring_slots, sink, window, qk_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+    BLOCK_M: tl.constexpr = GROUP_PAD * BLOCK_Q
+
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // BLOCK_Q
+    t = pid_q * BLOCK_Q + rows % BLOCK_Q
+    row_ok = (g < GROUP) & (t < q_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_head = h * GROUP + g
+
+    q_pos = tl.load(QPos + b * stride_pb + t * stride_pt, mask=row_ok, other=-1)
+    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+
+    # Per-row geometry of this block: real queries share offset = slot - position.
+    real = row_ok & (q_pos >= 0)
+    has_real = tl.max(real.to(tl.int32), 0) > 0
+    offset = tl.max(tl.where(real, t - q_pos, -_FAR), 0)
+    first = tl.min(tl.where(real, t, q_len), 0)  # slot of the block's earliest real query
+    last = tl.max(tl.where(real, t, -1), 0)
+    # Is the earliest query's window inside this call's tokens? Then the ring is too old for every row.
+    win_slot = first - window + 1
+    win_pos = tl.load(QPos + b * stride_pb + win_slot * stride_pt, mask=has_real & (win_slot >= 0), other=-1)
+    sink_end = tl.where(has_real, sink_slots, 0)
+    ring_end = tl.where(has_real & (win_pos < 0), ring_slots, 0)
+    new_sink_start = tl.maximum(offset, 0)
+    new_sink_end = tl.where(has_real, tl.minimum(offset + sink, last + 1), 0)
+    new_win_start = tl.maximum(tl.maximum(win_slot, 0), tl.maximum(new_sink_end, 0))
+    new_win_end = tl.where(has_real, last + 1, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos,
+        SinkK + b * stride_skb + h * stride_skh, SinkV + b * stride_svb + h * stride_svh, SinkPos + b * stride_spb,
+        stride_skt, stride_svt, stride_spt, 0, sink_end.to(tl.int32), sink, window, qk_scale,
+        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+    )
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos,
+        RingK + b * stride_rkb + h * stride_rkh, RingV + b * stride_rvb + h * stride_rvh, RingPos + b * stride_rpb,
+        stride_rkt, stride_rvt, stride_rpt, 0, ring_end.to(tl.int32), sink, window, qk_scale,
+        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+    )
+    new_k = K + b * stride_kb + h * stride_kh
+    new_v = V + b * stride_vb + h * stride_vh
+    new_pos = QPos + b * stride_pb
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos, new_k, new_v, new_pos, stride_kt, stride_vt, stride_pt,
+        new_sink_start.to(tl.int32), new_sink_end.to(tl.int32), sink, window, qk_scale,
+        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+    )
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos, new_k, new_v, new_pos, stride_kt, stride_vt, stride_pt,
+        new_win_start.to(tl.int32), new_win_end.to(tl.int32), sink, window, qk_scale,
+        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+    )
+
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a row that saw nothing has acc = 0
+    o_ptrs = Out + b * stride_ob + q_head[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
+    """Tile sizes for a launch: G query heads per KV head, Q new tokens, D head dim.
+
+    BLOCK_M = G_PAD * BLOCK_Q rows per program (at least 16, the smallest `tl.dot`); decode packs the group's
+    heads into those rows, prefill takes 64 (interpreter: 32) rows.
+    """
+    group_pad = triton.next_power_of_2(group)
+    rows = 32 if _interpreted() else 64
+    if q_len * group_pad <= 16:
+        block_q = max(triton.next_power_of_2(q_len), 16 // group_pad, 1)
+    else:
+        block_q = max(rows // group_pad, 1)
+    block_n = 16 if _interpreted() else 64
+    num_warps = 4 if group_pad * block_q <= 64 else 8
+    return {"GROUP_PAD": group_pad, "BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "num_warps": num_warps}
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D], sink_pos [B, S];
+    ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]; out [B, Hq, Q, D] or None (allocated).
+    -> [B, Hq, Q, D]. Semantics of `duohead.kernels.reference.streaming_attention`; one launch.
+    """
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if out is None:
+        out = q.new_empty(q.shape)
+    if num_q_heads == 0 or q_len == 0 or batch == 0:
+        return out
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
+    q, k, v, sink_k, sink_v, ring_k, ring_v = map(_last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
+    group = num_q_heads // num_kv_heads
+    cfg = launch_config(group, q_len, head_dim)
+    grid = (triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * num_kv_heads)
+    _streaming_attention_kernel[grid](
+        q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        q_pos.stride(0), q_pos.stride(1),
+        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
+        sink_v.stride(0), sink_v.stride(1), sink_v.stride(2),
+        sink_pos.stride(0), sink_pos.stride(1),
+        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        ring_v.stride(0), ring_v.stride(1), ring_v.stride(2),
+        ring_pos.stride(0), ring_pos.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2], sink, window, scaling * 1.4426950408889634,
+        GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=2,
+    )
+    return out

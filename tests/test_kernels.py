@@ -1,0 +1,193 @@
+"""Triton streaming kernel vs the torch reference (TRITON_INTERPRET=1 on CPU, set by conftest), and backend dispatch.
+
+Cache states are built the way `DuoCache` builds them: earlier chunks go through `StreamingKV.append`, so
+rings have wrapped and rows of different lengths (left padding, q_pos = -1) share one batch.
+
+The oracle is the Λ rule applied densely (`lambda_visible` + `masked_attention` over cache and new tokens);
+`reference.streaming_attention` is checked too on chunks without padding (with padding it counts a short row's
+last token twice when the row has fewer real tokens than min(sink, Q); reported to the lead).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duohead import kernels
+from duohead.cache import StreamingKV
+from duohead.kernels import reference
+
+triton_streaming = pytest.importorskip("duohead.kernels.triton_streaming")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_positions(chunk: int, pads: list[int], seen: list[int], right: bool = False) -> torch.Tensor:
+    """q_pos [B, Q] for one chunk: row b has `pads[b]` padding slots (left, or right if `right`), then continues
+    from `seen[b]` real tokens; `seen` is advanced in place."""
+    pos = torch.full((len(pads), chunk), -1, dtype=torch.long)
+    for b, pad in enumerate(pads):
+        n = chunk - pad
+        cols = slice(0, n) if right else slice(pad, chunk)
+        pos[b, cols] = torch.arange(seen[b], seen[b] + n)
+        seen[b] += n
+    return pos
+
+
+def dense_oracle(q, k, v, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling):
+    """The Λ rule over every cached and new key at once: O(Q * (S + W + Q)), fine for test sizes."""
+    keys = torch.cat([sink_k, ring_k, k], dim=2)
+    values = torch.cat([sink_v, ring_v, v], dim=2)
+    k_pos = torch.cat([sink_pos, ring_pos, pos], dim=1)
+    visible = reference.lambda_visible(pos[:, :, None], k_pos[:, None, :], sink, window)
+    return reference.masked_attention(q, keys, values, visible, scaling)
+
+
+def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=False, seed=0):
+    """Feed `chunks` new-token counts through both implementations; yield (kernel, reference, q_pos) per chunk.
+    `pads` gives the first chunk's padding per row (later chunks are unpadded)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, num_kv_heads = len(pads), 2
+    cache, seen = None, [0] * batch
+    for i, q_len in enumerate(chunks):
+        shape = (batch, num_kv_heads, q_len, head_dim)
+        q = torch.randn(batch, num_kv_heads * group, q_len, head_dim, generator=gen).to(DEVICE, dtype)
+        k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+        pos = make_positions(q_len, pads if i == 0 else [0] * batch, seen, right).to(DEVICE)
+        if cache is None:
+            cache = StreamingKV(k, sink, window)
+        args = (q, k, v, pos, *cache.tensors()[:3], *cache.tensors()[3:], sink, window, head_dim**-0.5)
+        expected = dense_oracle(*args)
+        if bool((pos >= 0).all()):
+            torch.testing.assert_close(reference.streaming_attention(*args).float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+        got = triton_streaming.streaming_attention(*args, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        yield got, expected, pos
+        cache.append(k, v, pos)
+
+
+# (group, head_dim, sink, window, chunks, first-chunk padding per row, dtype): a sample of the grid
+# GQA 1/2/4/8 x D 64/128 x sink 0/1/4 x window 1/16/64 x T below sink / below sink + window / far above.
+CASES = [
+    (1, 64, 4, 16, [3], [0, 1], torch.float32),  # T below sink
+    (2, 128, 4, 16, [9, 2], [0, 5], torch.float16),  # T below sink + window
+    (4, 64, 0, 16, [40, 1, 1], [0, 7], torch.float32),  # far above, ring wrapped, no sink
+    (8, 64, 1, 1, [21, 1, 2], [3, 0], torch.float16),  # window 1: each query sees itself (+ sink)
+    (2, 64, 1, 64, [70, 40, 1], [0, 9], torch.float32),  # far above with the large window, ring wrapped
+    (1, 128, 0, 1, [5, 1], [2, 0], torch.float16),
+    (4, 128, 4, 64, [50, 3], [0, 20], torch.float16),  # below sink + window
+    (8, 128, 4, 16, [2, 33, 1], [0, 1], torch.float32),  # sinks split over two chunks
+    (2, 64, 0, 64, [130, 1], [0, 0], torch.float16),  # several query blocks, skipped middle
+    (1, 64, 1, 16, [36, 36, 1], [4, 0], torch.float32),  # chunked prefill longer than the window
+]
+
+
+@pytest.mark.parametrize("group,head_dim,sink,window,chunks,pads,dtype", CASES)
+def test_triton_streaming_matches_reference(group, head_dim, sink, window, chunks, pads, dtype):
+    for got, expected, _ in run_chunks(group, head_dim, sink, window, chunks, pads, dtype):
+        torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_right_padding_and_empty_rows_give_zeros():
+    """Right padding, and a row that is all padding in one chunk: padding queries output exactly 0."""
+    runs = list(run_chunks(2, 64, 1, 16, [12], [4, 12, 0], torch.float32, right=True))
+    got, expected, pos = runs[0]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    padding = (pos < 0)[:, None, :, None].expand_as(got)
+    assert bool((got[padding] == 0).all())
+
+
+def test_keys_outside_sink_and_window_are_never_loaded():
+    """Block skipping by construction: NaN in every key/value that the last query block cannot see (the middle
+    of the new tokens and the whole ring) leaves that block's output finite and exact."""
+    group, head_dim, sink, window = 1, 64, 2, 4
+    cfg = triton_streaming.launch_config(group, 64, head_dim)
+    q_len = 2 * cfg["BLOCK_Q"]  # two query blocks; the second one's window lies inside this chunk
+    gen = torch.Generator().manual_seed(1)
+    shape = (1, 1, q_len, head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(3))
+    cache = StreamingKV(torch.randn(1, 1, 20, head_dim).to(DEVICE), sink, window)
+    cache.append(*(torch.randn(1, 1, 20, head_dim, generator=gen).to(DEVICE) for _ in range(2)), torch.arange(20, device=DEVICE)[None])
+    pos = torch.arange(20, 20 + q_len, device=DEVICE)[None]
+    args = (q, k, v, pos, *cache.tensors(), sink, window, head_dim**-0.5)
+    expected = reference.streaming_attention(*args)
+
+    first_query = cfg["BLOCK_Q"]
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, : first_query - window + 1] = float("nan")  # positions 20.. are no sinks (sink = 2)
+    v_bad[:, :, : first_query - window + 1] = float("nan")
+    cache.ring_k.fill_(float("nan"))
+    cache.ring_v.fill_(float("nan"))
+    got = triton_streaming.streaming_attention(q, k_bad, v_bad, pos, *cache.tensors(), sink, window, head_dim**-0.5)
+    last_block = got[:, :, first_query:]
+    assert bool(torch.isfinite(last_block).all())
+    torch.testing.assert_close(last_block, expected[:, :, first_query:], atol=2e-5, rtol=2e-5)
+    assert not bool(torch.isfinite(got[:, :, :first_query]).all())  # the first block does read the ring
+
+
+def test_decode_output_is_a_fresh_tensor_with_q_shape():
+    runs = list(run_chunks(4, 64, 4, 16, [30, 1], [0, 0], torch.float32))
+    got, expected, _ = runs[-1]
+    assert got.shape == expected.shape == (2, 8, 1, 64)
+
+
+# ---- dispatch ----
+
+
+def streaming_args(dtype=torch.float32, device=DEVICE):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 6, 16, generator=gen).to(device, dtype)
+    k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(device, dtype) for _ in range(2))
+    cache = StreamingKV(k, 2, 8)
+    return (q, k, v, torch.arange(6, device=device)[None], *cache.tensors(), 2, 8, 0.25)
+
+
+def test_backend_names_env_and_context(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.get_backend() == "auto"
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    assert kernels.get_backend() == "torch"
+    with kernels.use_backend("triton"):
+        assert kernels.get_backend() == "triton"
+        with kernels.use_backend("flashinfer"):
+            assert kernels.get_backend() == "flashinfer"
+        assert kernels.get_backend() == "triton"
+    assert kernels.get_backend() == "torch"
+    kernels.set_backend("triton")
+    try:
+        assert kernels.get_backend() == "triton"
+    finally:
+        kernels.set_backend(None)
+    monkeypatch.setenv(kernels.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="DUOHEAD_BACKEND.*choose one of"):
+        kernels.get_backend()
+    with pytest.raises(ValueError, match="unknown duohead backend"):
+        kernels.set_backend("xformers")
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU refusal")
+def test_forced_backends_unavailable_on_cpu_raise(monkeypatch):
+    args = streaming_args()
+    with kernels.use_backend("flashinfer"):
+        with pytest.raises(RuntimeError, match="'flashinfer' is not available.*CUDA"):
+            kernels.streaming_attention(*args)
+        with pytest.raises(RuntimeError, match="'flashinfer' is not available"):
+            kernels.retrieval_attention(args[0], args[1], args[2], None, 0.25)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.streaming_attention(*args)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU routing")
+def test_cpu_routing(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    args = streaming_args()
+    expected = reference.streaming_attention(*args)
+    assert torch.equal(kernels.streaming_attention(*args), expected)  # auto on CPU = the reference, bit for bit
+    with kernels.use_backend("triton"):  # the interpreter
+        torch.testing.assert_close(kernels.streaming_attention(*args), expected, atol=2e-5, rtol=2e-5)
+        q, k, v = args[:3]
+        assert torch.equal(kernels.retrieval_attention(q, k, v, None, 0.25), reference.retrieval_attention(q, k, v, None, 0.25))
