@@ -1,0 +1,81 @@
+"""Retrieval-head paths vs the torch reference: the paged view FlashInfer reads (checked on CPU), the SDPA path,
+and FlashInfer itself (CUDA only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duohead.cache import RetrievalKV
+from duohead.kernels import flashinfer_retrieval, reference, sdpa_retrieval
+
+ON_GPU = torch.cuda.is_available()
+
+
+def retrieval_cache(batch, num_kv_heads, head_dim, chunks, dtype=torch.float32, device="cpu", seed=0):
+    """Fill a `RetrievalKV` chunk by chunk (capacity grows as in a DuoCache); return the final k, v views."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = None
+    for q_len in chunks:
+        k, v = (torch.randn(batch, num_kv_heads, q_len, head_dim, generator=gen).to(device, dtype) for _ in range(2))
+        if cache is None:
+            cache = RetrievalKV.empty(k, capacity=max(q_len, 256))
+        keys, values = cache.append(k, v)
+    return keys, values
+
+
+@pytest.mark.parametrize("batch,chunks", [(1, [5]), (3, [300, 2]), (2, [100, 1, 1]), (2, [257])])
+def test_paged_view_reads_the_cache_in_place(batch, chunks):
+    """Gathering each row's pages in order gives back exactly its T keys/values, and the pages alias the cache."""
+    k, v = retrieval_cache(batch, 3, 16, chunks)
+    pages = flashinfer_retrieval.paged_view(k, v)
+    assert pages is not None and pages.keys.data_ptr() == k.data_ptr()
+    indptr, indices, last_page_len = pages.plan_tensors(batch)
+    kv_len = k.shape[2]
+    for b in range(batch):
+        rows = indices[indptr[b] : indptr[b + 1]].long()
+        for paged, dense in ((pages.keys, k), (pages.values, v)):
+            gathered = paged[rows].transpose(0, 1).reshape(3, -1, 16)  # [Hkv, used * P, D]
+            assert torch.equal(gathered[:, :kv_len], dense[b])
+        assert int(last_page_len[b]) == kv_len - (len(rows) - 1) * pages.page_size
+    capacity = k.stride(1) // 16
+    assert pages.page_size == max(p for p in flashinfer_retrieval.PAGE_SIZES if capacity % p == 0)
+
+
+def test_paged_view_refuses_strides_it_cannot_page():
+    k = torch.randn(2, 3, 7, 16).transpose(2, 3)  # not [.., T, D] with D contiguous
+    assert flashinfer_retrieval.paged_view(k, k) is None
+
+
+@pytest.mark.parametrize("group,q_len,padded", [(1, 1, False), (4, 1, False), (2, 3, False), (4, 1, True)])
+def test_sdpa_retrieval_matches_reference(group, q_len, padded):
+    k, v = retrieval_cache(2, 2, 16, [20, q_len])
+    q = torch.randn(2, 2 * group, q_len, 16)
+    key_is_real = None
+    if padded:
+        key_is_real = torch.ones(2, k.shape[2], dtype=torch.bool)
+        key_is_real[1, :4] = False
+    expected = reference.retrieval_attention(q, k, v, key_is_real, 0.25)
+    torch.testing.assert_close(sdpa_retrieval.retrieval_attention(q, k, v, key_is_real, 0.25), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flashinfer_refuses_what_it_cannot_take():
+    k, v = retrieval_cache(1, 2, 64, [8])
+    q = torch.randn(1, 4, 1, 64)
+    assert not flashinfer_retrieval.supports(q, k, v, None)  # CPU, fp32
+    with pytest.raises(ValueError, match="unsupported input"):
+        flashinfer_retrieval.retrieval_attention(q, k, v, None, 0.125)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="FlashInfer runs only on CUDA; this machine has none")
+@pytest.mark.skipif(not flashinfer_retrieval.available(), reason="flashinfer is not installed")
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (2, 128), (4, 128), (8, 64)])
+@pytest.mark.parametrize("chunks", [[77], [300, 1], [200, 9], [130, 1, 1]])
+def test_flashinfer_matches_reference(group, head_dim, chunks):
+    dtype = torch.bfloat16
+    k, v = retrieval_cache(2, 2, head_dim, chunks, dtype, "cuda")
+    q = torch.randn(2, 2 * group, chunks[-1], head_dim, device="cuda", dtype=dtype)
+    assert flashinfer_retrieval.supports(q, k, v, None)
+    got = flashinfer_retrieval.retrieval_attention(q, k, v, None, head_dim**-0.5)
+    expected = reference.retrieval_attention(q, k, v, None, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
