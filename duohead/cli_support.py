@@ -1,0 +1,122 @@
+"""What `duohead generate` and `duohead eval` share besides argument parsing (each CLI parses its own):
+turning user errors into one line, checking inputs before the slow model load, and loading model + pattern.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from duohead.hook import SUPPORTED_ARCHITECTURES
+from duohead.loading import load_model, resolve_model_path
+from duohead.pattern import HeadPattern, find_pattern
+
+DEFAULT_PATTERN = "smollm2-135m-instruct"  # shipped pattern of the default model (patterns/<name>/pattern.json)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run_cli(command: str, body: Callable[[], int]) -> int:
+    """Run a CLI body; a user error (ValueError, FileNotFoundError) becomes one line on stderr and exit code 2."""
+    try:
+        return body()
+    except USER_ERRORS as e:
+        print(f"duohead {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"duohead {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def check_fraction(name: str, value: float | None) -> None:
+    """Raise ValueError unless value is None or a number in [0, 1]."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (fraction of KV heads that stream); got {value}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1"), or CUDA when available, else CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` field of a GGUF file (read from its header, no tensors loaded)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({e}); pass a GGUF model file or a transformers folder") from None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def check_model_source(model: str | None, gguf_file: str | None) -> None:
+    """Fail fast on a missing path or a GGUF file of an architecture duohead does not support."""
+    if model is None:
+        if gguf_file is not None:
+            raise ValueError("--gguf-file needs --model FOLDER (the folder that holds the GGUF file)")
+        return
+    path = Path(model)
+    gguf = path if path.suffix == ".gguf" else (path / gguf_file if gguf_file else None)
+    if gguf is None:
+        resolve_model_path(path)  # FileNotFoundError for a missing folder or one without config.json
+        return
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    arch = gguf_architecture(gguf)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{gguf} holds a {arch!r} model; duohead supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))} "
+            "(convert another model of one of those architectures)"
+        )
+
+
+def load_model_for_cli(model: str | None, gguf_file: str | None, dtype: str, device: torch.device):
+    """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None, after `check_model_source`."""
+    check_model_source(model, gguf_file)
+    return load_model(model, gguf_file, dtype=DTYPES[dtype], device=device)
+
+
+def pattern_exists(name_or_path: str | os.PathLike) -> bool:
+    """Whether `find_pattern` would find a pattern file or shipped name."""
+    try:
+        find_pattern(name_or_path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def load_pattern_for_cli(pattern: str | None, model_given: bool) -> HeadPattern:
+    """The pattern a CLI asked for: a file or shipped name; without one, the default model's shipped pattern."""
+    if pattern is None:
+        if model_given:
+            raise ValueError("pass --pattern FILE|NAME: a head pattern made for this model (e.g. by `duohead calibrate`)")
+        if not pattern_exists(DEFAULT_PATTERN):
+            raise FileNotFoundError(
+                f"the default model's pattern {DEFAULT_PATTERN!r} is not shipped in this checkout yet; "
+                "pass --pattern FILE (e.g. one written by `duohead calibrate`)"
+            )
+        pattern = DEFAULT_PATTERN
+    return HeadPattern.load(pattern)
+
+
+def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, config) -> None:
+    """Raise ValueError if the prompt is empty or prompt + new tokens exceed the model's positions (never truncate)."""
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, but this model has "
+            f"{limit} positions; truncate the prompt to at most {limit - max_new_tokens} tokens or split the document "
+            "into chunks and ask about each (duohead never truncates silently)"
+        )

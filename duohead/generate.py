@@ -1,0 +1,230 @@
+"""`duohead generate`: long-context generation with a head pattern, and a closing report of what it cost.
+
+    duohead generate --pattern smollm2-135m-instruct --prompt-file doc.txt --chat --compare-full
+    cat doc.txt | duohead generate --model ./my-llama --pattern my-llama.json --sparsity 0.5
+    duohead generate --demo
+
+The prompt is prefilled chunk by chunk into a `DuoCache` (a progress bar on stderr), then decoded greedily
+with the new text streamed to stdout. The report gives prompt tokens, prefill time, decode tokens/s, KV
+bytes (duohead's and what full attention would hold, from `DuoCache.memory()`) and peak memory (RSS on
+CPU, max allocated on CUDA). `--compare-full` reruns the prompt with full attention (the unmodified model,
+via `duohead.disable`) and prints both side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import duohead
+from duohead import prompts
+from duohead.cli_support import (
+    DEFAULT_PATTERN,
+    DTYPES,
+    check_fraction,
+    check_model_source,
+    check_prompt_fits,
+    load_model_for_cli,
+    load_pattern_for_cli,
+    pattern_exists,
+    resolve_device,
+    run_cli,
+)
+from duohead.hook import layer_layouts
+from duohead.pattern import atomic_write_text
+from duohead.runner import RunResult, run_prompt
+
+DEMO_SPARSITY = 0.5  # --demo without --sparsity/--threshold streams half of the KV heads
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duohead generate", description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("model and pattern")
+    src.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    src.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
+    src.add_argument("--pattern", help="pattern file, or the name of a shipped pattern (default model: %s)" % DEFAULT_PATTERN)
+    src.add_argument("--sparsity", type=float, help="fraction of KV heads that stream, in [0, 1]")
+    src.add_argument("--threshold", type=float, help="a KV head streams iff its gate < threshold (default 0.5)")
+    src.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's)")
+    src.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's)")
+    src.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    src.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    run = p.add_argument_group("prompt and generation")
+    run.add_argument("--prompt-file", help="read the prompt from this file (default: stdin)")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    run.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens to generate (default 128)")
+    run.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward; 0 = all at once")
+    run.add_argument("--compare-full", action="store_true", help="also run with full attention and compare")
+    run.add_argument("--report-json", help="also write the report as JSON to this file")
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"built-in ~{prompts.DEMO_TOKENS}-token document with a buried fact, default model and pattern, "
+        f"chat template, sparsity {DEMO_SPARSITY} unless given",
+    )
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject bad numbers before anything slow happens."""
+    check_fraction("--sparsity", args.sparsity)
+    if args.sparsity is not None and args.threshold is not None:
+        raise ValueError("pass either --sparsity or --threshold, not both")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0 (0 = all at once); got {args.prefill_chunk}")
+    if args.demo and (args.model or args.gguf_file or args.prompt_file):
+        raise ValueError("--demo uses the default model and its built-in prompt; drop --model/--gguf-file/--prompt-file")
+
+
+def placeholder_pattern() -> duohead.HeadPattern:
+    """The demo's stand-in until the calibrated SmolLM2 pattern ships: every other KV head (in layer, head order)
+    streams, i.e. 45 of 90 at threshold 0.5. Not calibrated; expect worse answers than a calibrated pattern."""
+    gates = (torch.arange(30 * 3).view(30, 3) % 2 == 0).float()
+    return duohead.HeadPattern(gates, sink=64, window=256, provenance={"method": "placeholder: alternating heads"})
+
+
+def _pattern(args: argparse.Namespace) -> duohead.HeadPattern:
+    if args.demo and args.pattern is None and not pattern_exists(DEFAULT_PATTERN):
+        print(
+            f"note: the calibrated pattern {DEFAULT_PATTERN!r} is not shipped yet; the demo uses a placeholder "
+            "(every other KV head streams), so the answer may be worse than with a calibrated pattern",
+            file=sys.stderr,
+        )
+        return placeholder_pattern()
+    return load_pattern_for_cli(args.pattern, model_given=args.model is not None)
+
+
+def _read_prompt_text(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+    if sys.stdin.isatty():
+        raise ValueError("no prompt: pass --prompt-file FILE, pipe text on stdin, or use --demo")
+    return sys.stdin.read()
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
+    """Token ids [1, T] of the prompt, wrapped as a chat user message when `chat`."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; drop --chat and pass plain text")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class TokenPrinter:
+    """Streams decoded text to stdout as tokens arrive (decodes the whole suffix, so multi-token characters print whole)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed) :])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace) -> RunResult:
+    print(f"--- {label} ---", flush=True)
+    result = run_prompt(
+        model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=True,
+        stop_ids=stop_token_ids(model, tokenizer), on_token=TokenPrinter(tokenizer),
+    )
+    print(flush=True)
+    return result
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def format_report(runs: dict[str, RunResult]) -> str:
+    """The closing report: one column per run (duohead, and full attention with --compare-full)."""
+    cols = list(runs)
+    rows: list[tuple[str, list[str]]] = [
+        ("prompt tokens", [str(r.prompt_tokens) for r in runs.values()]),
+        ("new tokens", [str(len(r.tokens)) for r in runs.values()]),
+        ("prefill", [f"{r.prefill_seconds:.2f} s" for r in runs.values()]),
+        ("decode", ["-" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.2f} tok/s" for r in runs.values()]),
+        ("KV cache held", [_mb(r.memory["total_bytes"]) for r in runs.values()]),
+        ("  retrieval heads", [_mb(r.memory["retrieval_bytes"]) for r in runs.values()]),
+        ("  streaming heads", [_mb(r.memory["streaming_bytes"]) for r in runs.values()]),
+        ("KV with full attention", [_mb(r.memory["full_bytes"]) for r in runs.values()]),
+        ("peak memory (" + next(iter(runs.values())).peak_memory_kind + ")", [_mb(r.peak_memory_bytes) for r in runs.values()]),
+    ]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = ["".ljust(width) + "".join(c.ljust(18) for c in cols)]
+    lines += [name.ljust(width) + "".join(v.ljust(18) for v in values) for name, values in rows]
+    duo = runs["duohead"]
+    if duo.memory["total_bytes"]:
+        lines.append(f"duohead holds {duo.memory['full_bytes'] / duo.memory['total_bytes']:.2f}x less KV than full attention would")
+    return "\n".join(lines)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    _check_args(args)
+    if args.demo:
+        args.chat = True
+        if args.sparsity is None and args.threshold is None:
+            args.sparsity = DEMO_SPARSITY
+    check_model_source(args.model, args.gguf_file)
+    pattern = _pattern(args)
+    text = None if args.demo else _read_prompt_text(args)
+    if text is not None and not text.strip():
+        raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device)
+    if args.demo:
+        text, expected = prompts.demo_document(tokenizer)
+        print(f"demo: a {prompts.DEMO_TOKENS}-token document hides the code {expected}; the model is asked for it", file=sys.stderr)
+    input_ids = encode_prompt(tokenizer, text, args.chat)
+    check_prompt_fits(input_ids.shape[1], args.max_new_tokens, model.config)
+
+    duohead.enable(model, pattern, sparsity=args.sparsity, threshold=args.threshold, sink=args.sink, window=args.window)
+    layouts = layer_layouts(model)
+    heads = sum(len(lay.kv_order) for lay in layouts)
+    streaming = heads - sum(lay.num_retrieval_heads for lay in layouts)
+    label = f"duohead ({streaming}/{heads} KV heads streaming, sink {layouts[0].sink}, window {layouts[0].window})"
+    runs = {"duohead": _generate_one(label, model, tokenizer, input_ids, args)}
+    if args.compare_full:
+        duohead.disable(model)
+        runs["full attention"] = _generate_one("full attention", model, tokenizer, input_ids, args)
+    print(format_report(runs))
+    if args.report_json:
+        report = {
+            "sparsity": streaming / heads,
+            "sink": layouts[0].sink,
+            "window": layouts[0].window,
+            "runs": {name: {**r.report(), "text": tokenizer.decode(r.tokens, skip_special_tokens=True)} for name, r in runs.items()},
+        }
+        atomic_write_text(args.report_json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `duohead generate`; returns the exit code (2 for a user error, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    return run_cli("generate", lambda: _generate(args))

@@ -1,0 +1,233 @@
+"""Run one prompt through a causal LM: chunked prefill, greedy decode, and the measurements around them.
+
+Shared by `duohead generate`, `duohead eval` and the benchmarks. Works for a duohead-enabled model
+(the cache is a `DuoCache`) and for an unmodified one (a transformers `DynamicCache`, i.e. stock full
+attention), so both sides of a comparison go through the same code.
+
+Shape letters: B batch (always 1 here), T prompt tokens, Q tokens per forward, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from duohead.cache import DuoCache
+from duohead.hook import is_enabled
+
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+# ------------------------------------------------------------------ memory
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory interval: CUDA's max-allocated counter, or (Linux) the process's RSS high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _PROC_CLEAR_REFS.exists():
+        try:
+            _PROC_CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            pass  # not permitted: the peak then covers the whole process lifetime
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak since `reset_peak_memory`: bytes allocated by torch on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if _PROC_STATUS.exists():
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # non-Linux fallback: lifetime peak (kilobytes on Linux, bytes on macOS)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set size now (0 where /proc is missing)."""
+    if _PROC_STATUS.exists():
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def kv_memory(cache) -> dict[str, int]:
+    """KV bytes held by a cache. A `DuoCache` reports its own `memory()`; for a transformers cache (full
+    attention) every stored key/value tensor is counted and reported as both `full_bytes` and `total_bytes`."""
+    if isinstance(cache, DuoCache):
+        return cache.memory()
+    held = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                held += tensor.numel() * tensor.element_size()
+    return {"retrieval_bytes": held, "streaming_bytes": 0, "full_bytes": held, "reserved_bytes": held, "total_bytes": held}
+
+
+# ------------------------------------------------------------------ prefill and decode
+
+
+def new_cache(model: torch.nn.Module):
+    """An empty cache for `model`: a `DuoCache` if duohead is enabled, else a `DynamicCache` (stock full attention)."""
+    return DuoCache(model) if is_enabled(model) else DynamicCache(config=model.config)
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, **kwargs):
+    """One forward with a cache, under the cache argument's name in this transformers release
+    (`cache` since 5.24, `past_key_values` before)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(input_ids=input_ids, use_cache=True, **{name: cache}, **kwargs)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    cache,
+    *,
+    chunk: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Feed the prompt input_ids [1, T] into `cache`, `chunk` tokens per forward (None or 0: all at once).
+
+    Returns the logits of the last prompt token, [1, V]. `progress` shows a tqdm bar (stderr) over tokens.
+    """
+    total = input_ids.shape[1]
+    step = total if not chunk else chunk
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+    logits = None
+    for start in range(0, total, step):
+        piece = input_ids[:, start : start + step]
+        logits = _forward(model, piece, cache, logits_to_keep=1).logits[:, -1]
+        if bar is not None:
+            bar.update(piece.shape[1])
+    if bar is not None:
+        bar.close()
+    return logits
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    cache,
+    first_logits: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding from the prompt's last logits [1, V]; stops after `max_new_tokens` or at a stop id.
+
+    Returns (new token ids, seconds of each forward step). The first token comes from `first_logits`
+    (no forward), so there are len(tokens) - 1 steps, or len(tokens) when the last token was a stop id.
+    """
+    device = first_logits.device
+    tokens: list[int] = []
+    step_seconds: list[float] = []
+    logits = first_logits
+    while len(tokens) < max_new_tokens:
+        token = int(logits.argmax(dim=-1).item())
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids or len(tokens) == max_new_tokens:
+            break
+        _sync(device)
+        start = time.perf_counter()
+        logits = _forward(model, torch.tensor([[token]], device=device), cache).logits[:, -1]
+        _sync(device)
+        step_seconds.append(time.perf_counter() - start)
+    return tokens, step_seconds
+
+
+@dataclass
+class RunResult:
+    """One prompt's run: what was generated and what it cost."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_step_seconds: list[float]
+    memory: dict[str, int]  # kv_memory() after the run
+    peak_memory_bytes: int
+    peak_memory_kind: str  # "rss" (CPU) or "cuda_allocated"
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Generated tokens per second of decode forwards (None without a timed step)."""
+        total = sum(self.decode_step_seconds)
+        return len(self.decode_step_seconds) / total if total > 0 else None
+
+    def report(self) -> dict:
+        """A JSON-ready summary (the closing report of `duohead generate`)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.tokens),
+            "prefill_seconds": self.prefill_seconds,
+            "decode_steps": len(self.decode_step_seconds),
+            "decode_tokens_per_second": self.decode_tokens_per_second,
+            "kv_memory": dict(self.memory),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_kind": self.peak_memory_kind,
+        }
+
+
+def run_prompt(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    chunk: int | None = None,
+    progress: bool = False,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    on_token: Callable[[int], None] | None = None,
+    cache=None,
+) -> RunResult:
+    """Prefill input_ids [1, T] (chunked), decode greedily, and measure time, KV bytes and peak memory.
+
+    `cache` defaults to `new_cache(model)`; pass one to inspect it afterwards.
+    """
+    device = _device_of(model)
+    input_ids = input_ids.to(device)
+    cache = new_cache(model) if cache is None else cache
+    reset_peak_memory(device)
+    _sync(device)
+    start = time.perf_counter()
+    logits = prefill(model, input_ids, cache, chunk=chunk, progress=progress)
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+    tokens, steps = decode(model, cache, logits, max_new_tokens, stop_ids=stop_ids, on_token=on_token)
+    return RunResult(
+        tokens=tokens,
+        prompt_tokens=input_ids.shape[1],
+        prefill_seconds=prefill_seconds,
+        decode_step_seconds=steps,
+        memory=kv_memory(cache),
+        peak_memory_bytes=peak_memory_bytes(device),
+        peak_memory_kind="cuda_allocated" if device.type == "cuda" else "rss",
+    )
