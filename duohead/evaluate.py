@@ -1,0 +1,270 @@
+"""`duohead eval`: passkey and needle-in-a-haystack accuracy over a grid of context lengths x depths.
+
+    duohead eval --pattern smollm2-135m-instruct --lengths 1024,2048,4096 --sparsities 0.5,0.75
+    duohead eval --model ./tiny --methods full,streaming,random --limit 4 --out /tmp/eval
+
+Methods: `full` (the unmodified model), `pattern` (the head pattern at each --sparsities value),
+`streaming` (every KV head streams), `random` (seeded random gates at each --sparsities value: the
+baseline a calibrated pattern must beat). Every method sees the same prompts (`duohead.prompts`, a haystack
+unlike the calibration one); each prompt is prefilled once and decoded greedily for a few tokens; the score is
+1 when the answer appears in the output, else 0. Writes `results.json` and one heat map per method to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import duohead
+from duohead import prompts
+from duohead.cli_support import (
+    DEFAULT_PATTERN,
+    DTYPES,
+    check_fraction,
+    check_model_source,
+    check_prompt_fits,
+    load_model_for_cli,
+    load_pattern_for_cli,
+    resolve_device,
+    run_cli,
+)
+from duohead.heatmap import have_matplotlib, save_heatmap
+from duohead.pattern import atomic_write_text
+from duohead.runner import run_prompt
+
+METHOD_KINDS = ("full", "pattern", "streaming", "random")
+RESULTS_FORMAT = "duohead-eval"
+RESULTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of running the model: `pattern` None = full attention (the model unmodified)."""
+
+    name: str
+    kind: str
+    sparsity: float
+    pattern: duohead.HeadPattern | None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized sample, shared by all methods."""
+
+    sample: prompts.Sample
+    index: int  # which sample of its (task, length, depth) cell
+    input_ids: torch.Tensor  # [1, T]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duohead eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
+    p.add_argument("--pattern", help=f"pattern file or shipped name (default model: {DEFAULT_PATTERN}); needed by method 'pattern'")
+    p.add_argument("--methods", type=_name_list, default=list(METHOD_KINDS), help="comma-separated subset of: " + ",".join(METHOD_KINDS))
+    p.add_argument("--sparsities", type=_float_list, default=[0.5, 0.75], help="for 'pattern' and 'random' (default 0.5,0.75)")
+    p.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's, else 64)")
+    p.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's, else 256)")
+    p.add_argument("--tasks", type=_name_list, default=list(prompts.SAMPLERS), help="passkey,needle (default both)")
+    p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="context lengths in tokens (default 1024,2048,4096)")
+    p.add_argument("--depths", type=_float_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="fact depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=1, help="prompts per (task, length, depth) cell (default 1)")
+    p.add_argument("--limit", type=int, help="run at most this many prompts per task, spread over the grid")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the random pattern (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per prompt (default 8)")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill forward; 0 = all at once")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--out", default="eval-results", help="folder for results.json and heat maps (default eval-results)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in args.methods:
+        if name not in METHOD_KINDS:
+            raise ValueError(f"unknown method {name!r} in --methods; choose from {', '.join(METHOD_KINDS)}")
+    for task in args.tasks:
+        if task not in prompts.SAMPLERS:
+            raise ValueError(f"unknown task {task!r} in --tasks; choose from {', '.join(prompts.SAMPLERS)}")
+    for s in args.sparsities:
+        check_fraction("--sparsities", s)
+    for d in args.depths:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"--depths must lie in [0, 1]; got {d}")
+    for name in ("samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.prefill_chunk < 0:
+        raise ValueError("--prefill-chunk must be >= 0 (0 = all at once)")
+
+
+def build_methods(args: argparse.Namespace, pattern: duohead.HeadPattern | None, config) -> list[Method]:
+    """The methods asked for, in --methods order; random gates come from --seed."""
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    sink = args.sink if args.sink is not None else (pattern.sink if pattern else 64)
+    window = args.window if args.window is not None else (pattern.window if pattern else 256)
+    methods: list[Method] = []
+    for kind in args.methods:
+        if kind == "full":
+            methods.append(Method("full", kind, 0.0, None))
+        elif kind == "pattern":
+            methods += [Method(f"pattern@{s:g}", kind, s, pattern) for s in args.sparsities]
+        elif kind == "streaming":
+            methods.append(Method("streaming", kind, 1.0, duohead.HeadPattern(torch.zeros(layers, kv_heads), sink=sink, window=window)))
+        else:
+            gates = torch.rand(layers, kv_heads, generator=torch.Generator().manual_seed(args.seed))
+            random_pattern = duohead.HeadPattern(gates, sink=sink, window=window, provenance={"method": "random", "seed": args.seed})
+            methods += [Method(f"random@{s:g}", kind, s, random_pattern) for s in args.sparsities]
+    return methods
+
+
+def select_cells(cells: list, limit: int | None) -> list:
+    """At most `limit` cells, evenly spread over the list (all of them without a limit)."""
+    if limit is None or limit >= len(cells):
+        return cells
+    if limit == 1:
+        return [cells[len(cells) // 2]]
+    return [cells[round(i * (len(cells) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def build_prompts(args: argparse.Namespace, tokenizer, config) -> list[Prompt]:
+    """Every prompt of the run, tokenized once. Each sample's seed derives from --seed and its cell."""
+    out: list[Prompt] = []
+    for task in args.tasks:
+        cells = [(n, d, k) for n in args.lengths for d in args.depths for k in range(args.samples)]
+        for length, depth, k in select_cells(cells, args.limit):
+            seed = random.Random(f"{args.seed}/{task}/{length}/{depth}/{k}").randrange(2**31)
+            sample = prompts.SAMPLERS[task](tokenizer, length, depth, seed)
+            ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+            check_prompt_fits(ids.shape[1], args.max_new_tokens, config)
+            out.append(Prompt(sample, k, ids))
+    return out
+
+
+def evaluate_method(model, tokenizer, method: Method, items: list[Prompt], args: argparse.Namespace) -> list[dict]:
+    """Run every prompt under one method; one result row per prompt."""
+    if method.pattern is not None:
+        duohead.enable(model, method.pattern, sparsity=method.sparsity, sink=args.sink, window=args.window)
+    try:
+        rows = []
+        for item in items:
+            result = run_prompt(model, item.input_ids, args.max_new_tokens, chunk=args.prefill_chunk)
+            output = tokenizer.decode(result.tokens, skip_special_tokens=True)
+            s = item.sample
+            rows.append({
+                "task": s.task, "length": s.length, "depth": s.depth, "sample": item.index,
+                "prompt_tokens": result.prompt_tokens, "answer": s.answer, "output": output,
+                "score": float(s.answer.lower() in output.lower()), "prefill_seconds": result.prefill_seconds,
+            })
+            print(f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  score {rows[-1]['score']:.0f}  "
+                  f"answer {s.answer!r} output {output.strip()[:40]!r}", file=sys.stderr, flush=True)
+        return rows
+    finally:
+        if method.pattern is not None:
+            duohead.disable(model)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict], tasks: list[str], lengths: list[int], depths: list[float]) -> dict:
+    """Means per task, and per task the grid [depth][length] of mean scores (None where nothing ran)."""
+    per_task = {}
+    for task in tasks:
+        mine = [r for r in rows if r["task"] == task]
+        grid = [[_mean([r["score"] for r in mine if r["length"] == n and r["depth"] == d]) for n in lengths] for d in depths]
+        per_task[task] = {
+            "mean": _mean([r["score"] for r in mine]),
+            "by_length": {str(n): _mean([r["score"] for r in mine if r["length"] == n]) for n in lengths},
+            "grid": grid,
+        }
+    return {"mean": _mean([r["score"] for r in rows]), "tasks": per_task}
+
+
+def format_table(report: dict) -> str:
+    """Methods as rows; per task the mean score at each length, then the overall mean."""
+    cols = [(t, n) for t in report["tasks"] for n in report["lengths"]]
+    head = f"{'method':<14} {'sparsity':>8} " + " ".join(f"{t[:7]}@{n}".rjust(13) for t, n in cols) + f" {'mean':>6}"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for m in report["methods"]:
+        cells = " ".join(fmt(m["summary"]["tasks"][t]["by_length"][str(n)]).rjust(13) for t, n in cols)
+        lines.append(f"{m['name']:<14} {m['sparsity']:>8.2f} {cells} {fmt(m['summary']['mean']):>6}")
+    return "\n".join(lines)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    _check_args(args)
+    check_model_source(args.model, args.gguf_file)
+    pattern = load_pattern_for_cli(args.pattern, model_given=args.model is not None) if "pattern" in args.methods else None
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device)
+    if pattern is not None:
+        pattern.validate(model.config)
+    methods = build_methods(args, pattern, model.config)
+    items = build_prompts(args, tokenizer, model.config)
+    print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)
+
+    report = {
+        "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
+        "model": args.model or "SmolLM2-135M-Instruct", "pattern": pattern.source if pattern else None,
+        "seed": args.seed, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
+        "max_new_tokens": args.max_new_tokens, "methods": [],
+    }
+    for method in methods:
+        rows = evaluate_method(model, tokenizer, method, items, args)
+        report["methods"].append({
+            "name": method.name, "kind": method.kind, "sparsity": method.sparsity,
+            "summary": summarize(rows, args.tasks, args.lengths, args.depths), "results": rows,
+        })
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
+    print(format_table(report))
+    if have_matplotlib():
+        for m in report["methods"]:
+            grids = {t: m["summary"]["tasks"][t]["grid"] for t in args.tasks}
+            save_heatmap(out / f"heatmap_{m['name'].replace('@', '_')}.png", f"{m['name']} (sparsity {m['sparsity']:.2f})", args.lengths, args.depths, grids)
+        print(f"wrote {out / 'results.json'} and one heat map per method", file=sys.stderr)
+    else:
+        print(f"wrote {out / 'results.json'}; install matplotlib for the heat maps", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `duohead eval`; returns the exit code (2 for a user error, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    return run_cli("eval", lambda: _evaluate(args))
