@@ -29,6 +29,7 @@ import torch
 PAGE_SIZES = (64, 32, 16, 8, 4, 2, 1)
 HEAD_DIMS = (64, 128, 256)
 WORKSPACE_BYTES = 128 << 20
+PREFILL_BACKEND = "auto"  # FlashInfer's choice (FA3 on Hopper); "fa2" shares one compiled module with tensor-core decode
 _UINT32_MAX = (1 << 32) - 1
 
 
@@ -140,7 +141,7 @@ def _planned(q: torch.Tensor, k: torch.Tensor, pages: PagedView, scaling: float)
                 workspace, "HND", use_tensor_cores=num_q_heads // num_kv_heads >= 4
             )
         else:
-            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND")
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND", backend=PREFILL_BACKEND)
         entry = _wrappers[key] = _Planned(wrapper)
     if entry.geometry != pages.geometry:
         indptr, indices, last_page_len = pages.plan_tensors(batch)
@@ -165,11 +166,13 @@ def retrieval_attention(
     v: torch.Tensor,
     key_is_real: torch.Tensor | None,
     scaling: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens, with FlashInfer.
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (the last Q slots are the queries' own keys); key_is_real must be None
-    (padding is not supported here; check `supports` first). -> [B, Hq, Q, D], a view of a [B, Q, Hq, D] buffer.
+    (padding is not supported here; check `supports` first); out: a contiguous [B, Q, Hq, D] buffer or None.
+    -> [B, Hq, Q, D], a view of that [B, Q, Hq, D] buffer.
     Query slot T - Q + i sees key slots <= T - Q + i (FlashInfer's bottom-right causal alignment).
     """
     if not supports(q, k, v, key_is_real):
@@ -178,6 +181,9 @@ def retrieval_attention(
     pages = paged_view(k, v)
     wrapper = _planned(q, k, pages, scaling)
     q_flat = q.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim).contiguous()  # [B*Q, Hq, D]
-    out = torch.empty_like(q_flat)
-    wrapper.run(q_flat, (pages.keys, pages.values), out=out)
+    if out is None:
+        out = torch.empty_like(q_flat)
+    elif out.shape != (batch, q_len, num_q_heads, head_dim) or not out.is_contiguous() or out.dtype != q.dtype:
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {[batch, q_len, num_q_heads, head_dim]}")
+    wrapper.run(q_flat, (pages.keys, pages.values), out=out.view(batch * q_len, num_q_heads, head_dim))
     return out.view(batch, q_len, num_q_heads, head_dim).transpose(1, 2)
