@@ -80,10 +80,20 @@ def check_model_source(model: str | None, gguf_file: str | None) -> None:
         )
 
 
-def load_model_for_cli(model: str | None, gguf_file: str | None, dtype: str, device: torch.device):
-    """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None, after `check_model_source`."""
+def load_model_for_cli(
+    model: str | None, gguf_file: str | None, dtype: str, device: torch.device, pattern: HeadPattern | None = None
+):
+    """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None. Checks the source and validates
+    `pattern` against the model's config before the weights are loaded; no progress bars from transformers."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
     check_model_source(model, gguf_file)
-    return load_model(model, gguf_file, dtype=DTYPES[dtype], device=device)
+    folder = resolve_model_path(model, gguf_file)
+    if pattern is not None:
+        pattern.validate(AutoConfig.from_pretrained(folder))
+    hf_logging.disable_progress_bar()
+    return load_model(folder, dtype=DTYPES[dtype], device=device)
 
 
 def pattern_exists(name_or_path: str | os.PathLike) -> bool:

@@ -233,9 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     pattern = load_pattern_for_cli(args.pattern, model_given=args.model is not None) if "pattern" in args.methods else None
     out = Path(args.out)
     device = resolve_device(args.device)
-    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device)
-    if pattern is not None:
-        pattern.validate(model.config)
+    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern)
     methods = build_methods(args, pattern, model.config)
     items = build_prompts(args, tokenizer, model.config)
     print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)

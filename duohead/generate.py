@@ -196,7 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
     if text is not None and not text.strip():
         raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
     device = resolve_device(args.device)
-    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device)
+    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern)
     if args.demo:
         text, expected = prompts.demo_document(tokenizer)
         print(f"demo: a {prompts.DEMO_TOKENS}-token document hides the code {expected}; the model is asked for it", file=sys.stderr)
@@ -218,7 +218,10 @@ def _generate(args: argparse.Namespace) -> int:
             "sparsity": streaming / heads,
             "sink": layouts[0].sink,
             "window": layouts[0].window,
-            "runs": {name: {**r.report(), "text": tokenizer.decode(r.tokens, skip_special_tokens=True)} for name, r in runs.items()},
+            "runs": {
+                name: {**r.report(), "tokens": r.tokens, "text": tokenizer.decode(r.tokens, skip_special_tokens=True)}
+                for name, r in runs.items()
+            },
         }
         atomic_write_text(args.report_json, json.dumps(report, indent=2) + "\n")
     return 0

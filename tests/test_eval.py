@@ -1,0 +1,156 @@
+"""`duohead eval` on a tiny random Llama (results schema, shared prompts, baselines) and the built-in prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+
+import pytest
+import torch
+from cli_fixtures import KV_HEADS, LAYERS, tiny_model_dir, tiny_pattern_file  # noqa: F401
+from transformers import AutoTokenizer
+
+from duohead import evaluate, prompts
+from duohead.calibrate import haystack as calibration_haystack
+from duohead.heatmap import have_matplotlib
+
+ROW_KEYS = {"task", "length", "depth", "sample", "prompt_tokens", "answer", "output", "score", "prefill_seconds"}
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_model_dir, tiny_pattern_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--lengths", "128,256",
+            "--depths", "0.25,0.75", "--sparsities", "0.5", "--limit", "3", "--max-new-tokens", "3", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_results_schema_and_summaries(eval_run):
+    report, out = eval_run
+    assert (report["format"], report["version"]) == ("duohead-eval", 1)
+    assert [m["name"] for m in report["methods"]] == ["full", "pattern@0.5", "streaming", "random@0.5"]
+    assert [m["sparsity"] for m in report["methods"]] == [0.0, 0.5, 1.0, 0.5]
+    for method in report["methods"]:
+        rows = method["results"]
+        assert len(rows) == 3 * len(report["tasks"])  # --limit 3 per task
+        for row in rows:
+            assert set(row) == ROW_KEYS
+            assert row["score"] == float(row["answer"].lower() in row["output"].lower())
+        summary = method["summary"]
+        assert summary["mean"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
+        for task, per_task in summary["tasks"].items():
+            grid = per_task["grid"]
+            assert len(grid) == len(report["depths"]) and all(len(row) == len(report["lengths"]) for row in grid)
+            ran = {(r["depth"], r["length"]) for r in rows if r["task"] == task}
+            for i, depth in enumerate(report["depths"]):
+                for j, length in enumerate(report["lengths"]):
+                    assert (grid[i][j] is None) == ((depth, length) not in ran)
+        if have_matplotlib():
+            assert (out / f"heatmap_{method['name'].replace('@', '_')}.png").stat().st_size > 0
+
+
+def test_every_method_sees_the_same_prompts(eval_run):
+    report, _ = eval_run
+    key = lambda r: (r["task"], r["length"], r["depth"], r["prompt_tokens"], r["answer"])  # noqa: E731
+    first = [key(r) for r in report["methods"][0]["results"]]
+    assert all([key(r) for r in m["results"]] == first for m in report["methods"][1:])
+    for r in report["methods"][0]["results"]:
+        assert r["length"] - 100 <= r["prompt_tokens"] <= r["length"]
+
+
+def test_all_retrieval_pattern_scores_like_full(tiny_model_dir, tiny_pattern_file, tmp_path):
+    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--methods", "full,pattern",
+            "--sparsities", "0", "--lengths", "200", "--depths", "0.5", "--tasks", "needle", "--max-new-tokens", "4",
+            "--out", str(tmp_path)]
+    assert evaluate.main(argv) == 0
+    full, pattern = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert [r["output"] for r in full["results"]] == [r["output"] for r in pattern["results"]]
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(methods=["random", "streaming"], sparsities=[0.25, 0.75], seed=0, sink=None, window=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_random_baseline_is_seeded_and_hits_the_sparsity(tiny_model_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    methods = evaluate.build_methods(_args(), None, config)
+    assert [m.name for m in methods] == ["random@0.25", "random@0.75", "streaming"]
+    for m in methods:
+        layout = m.pattern.binarize(sparsity=m.sparsity)
+        assert int((~layout).sum()) == round(m.sparsity * LAYERS * KV_HEADS)
+        assert (m.pattern.sink, m.pattern.window) == (64, 256)
+    again = evaluate.build_methods(_args(), None, config)[0].pattern.gates
+    other = evaluate.build_methods(_args(seed=1), None, config)[0].pattern.gates
+    assert torch.equal(methods[0].pattern.gates, again) and not torch.equal(methods[0].pattern.gates, other)
+
+
+def test_limit_spreads_over_the_grid():
+    cells = list(range(10))
+    assert evaluate.select_cells(cells, None) == cells
+    assert evaluate.select_cells(cells, 3) == [0, 4, 9] or evaluate.select_cells(cells, 3) == [0, 5, 9]
+    assert evaluate.select_cells(cells, 1) == [5]
+    assert len(set(evaluate.select_cells(cells, 7))) == 7
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("task", sorted(prompts.SAMPLERS))
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_samples_hide_the_answer_once_at_its_depth(tokenizer, task, depth):
+    sample = prompts.SAMPLERS[task](tokenizer, 1000, depth, seed=7)
+    assert sample == prompts.SAMPLERS[task](tokenizer, 1000, depth, seed=7)  # deterministic
+    assert sample.prompt.count(sample.answer) == (2 if task == "passkey" else 1)  # the passkey line says it twice
+    where = sample.prompt.index(sample.answer) / len(sample.prompt)
+    assert abs(where - depth) < 0.15
+    assert 900 <= len(tokenizer(sample.prompt).input_ids) <= 1000
+
+
+def test_passkeys_differ_by_seed(tokenizer):
+    keys = {prompts.passkey_sample(tokenizer, 300, 0.5, seed).answer for seed in range(20)}
+    assert len(keys) > 15 and all(re.fullmatch(r"\d{5}", k) for k in keys)
+
+
+def test_eval_haystack_is_not_the_calibration_haystack():
+    """No run of eight words of the evaluation prose occurs in the calibration haystack."""
+    calibration = " ".join(calibration_haystack.generate(random.Random(seed), 3000) for seed in range(5)).lower()
+    calibration = re.sub(r"[^a-z' ]+", " ", calibration)
+    calibration = " ".join(calibration.split())
+    for essay in prompts.ESSAYS:
+        words = re.sub(r"[^a-z' ]+", " ", essay.lower()).split()
+        for i in range(len(words) - 7):
+            assert " ".join(words[i : i + 8]) not in calibration
+    assert not re.search(r"\d", " ".join(prompts.ESSAYS))  # no digits to compete with a passkey
+
+
+BAD_INPUTS = {
+    "sparsity above 1": (["--sparsities", "0.5,1.5"], "[0, 1]"),
+    "unknown method": (["--methods", "full,oracle"], "unknown method"),
+    "unknown task": (["--tasks", "quiz"], "unknown task"),
+    "depth outside [0, 1]": (["--depths", "1.2"], "--depths"),
+    "longer than the positions": (["--lengths", "2000"], "positions"),
+    "missing pattern": (["--pattern", "/nonexistent/p.json"], "neither a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_error(case, tiny_model_dir, tiny_pattern_file, tmp_path, capsys):
+    extra, needle = BAD_INPUTS[case]
+    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--out", str(tmp_path), *extra]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("duohead eval: error:") and needle in err[0]
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_model(tmp_path, capsys):
+    assert evaluate.main(["--model", str(tmp_path / "nope"), "--methods", "full"]) == 2
+    assert "does not exist" in capsys.readouterr().err
