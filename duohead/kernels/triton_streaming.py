@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FAR = 1 << 40  # larger than any slot or position
+_FAR = tl.constexpr(1 << 40)  # larger than any slot or position
 
 
 @triton.jit
@@ -93,9 +93,7 @@ def _streaming_attention_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = (pid_bh % num_kv_heads).to(tl.int64)
-    BLOCK_M: tl.constexpr = GROUP_PAD * BLOCK_Q
-
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, GROUP_PAD * BLOCK_Q)  # BLOCK_M rows: (query head g, token t)
     g = rows // BLOCK_Q
     t = pid_q * BLOCK_Q + rows % BLOCK_Q
     row_ok = (g < GROUP) & (t < q_len)
@@ -123,9 +121,9 @@ def _streaming_attention_kernel(
     new_win_start = tl.maximum(tl.maximum(win_slot, 0), tl.maximum(new_sink_end, 0))
     new_win_end = tl.where(has_real, last + 1, 0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD * BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD * BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD * BLOCK_Q, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, q_pos,
         SinkK + b * stride_skb + h * stride_skh, SinkV + b * stride_svb + h * stride_svh, SinkPos + b * stride_spb,
@@ -234,6 +232,6 @@ def streaming_attention(
         num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2], sink, window, scaling * 1.4426950408889634,
         GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=1 if q.dtype == torch.float32 else 2,
     )
     return out
