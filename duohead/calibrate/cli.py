@@ -18,6 +18,7 @@ import torch
 from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
+from duohead.hook import SUPPORTED_ARCHITECTURES
 from duohead.inspect import gate_report, histogram_lines, plot_gates
 from duohead.pattern import HeadPattern, atomic_write_text
 
@@ -87,6 +88,7 @@ def _write_log(path: Path, lines: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+    from transformers import AutoConfig
 
     from duohead.loading import load_model, resolve_model_path
 
@@ -97,9 +99,15 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     folder = resolve_model_path(args.model, args.gguf_file)
+    model_config = AutoConfig.from_pretrained(folder)
+    if model_config.model_type not in SUPPORTED_ARCHITECTURES:  # before the (slow) weight load
+        raise ValueError(
+            f"calibration does not support architecture {model_config.model_type!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    ctx_min, ctx_max = _context_range(args, model_config)
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
     gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=not args.no_gradient_checkpointing)
-    ctx_min, ctx_max = _context_range(args, model.config)
     config = TrainConfig(
         steps=args.steps, lr=args.lr, reg=args.reg,
         target_sparsity=args.target_sparsity if args.target_sparsity is not None and args.target_sparsity >= 0 else None,

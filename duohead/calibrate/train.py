@@ -86,9 +86,9 @@ def target_lambda(grad: torch.Tensor, num_streaming: int) -> float:
     pull = (-grad.flatten().double()).sort().values
     n = pull.numel()
     if num_streaming <= 0:
-        threshold = pull[0].item() - 1e-12
+        threshold = pull[0].item() - 1e-6 - 1e-3 * abs(pull[0].item())
     elif num_streaming >= n:
-        threshold = pull[-1].item() + 1e-12
+        threshold = pull[-1].item() + 1e-6 + 1e-3 * abs(pull[-1].item())
     else:
         threshold = (pull[num_streaming - 1].item() + pull[num_streaming].item()) / 2
     return threshold * n

@@ -1,0 +1,310 @@
+"""Calibration: passkey data, the gated student, the training loop, `duohead calibrate` and `duohead inspect`.
+
+Everything runs on tiny random models built here, with a word-level tokenizer built from the haystack's
+own vocabulary (no download, no real model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+
+from duohead.calibrate import haystack
+from duohead.calibrate.cli import main as calibrate_main
+from duohead.calibrate.data import NATO, FileHaystack, PasskeyDataset, PasskeySpec
+from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, streaming_attention
+from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda
+from duohead.inspect import gate_report
+from duohead.inspect import main as inspect_main
+from duohead.kernels.reference import lambda_visible, masked_attention
+from duohead.pattern import HeadPattern
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    words = set(NATO) | {str(i) for i in range(100)}
+    for name in dir(haystack):
+        value = getattr(haystack, name)
+        if name.isupper() and isinstance(value, tuple):
+            for text in value:
+                words |= set(re.findall(r"\w+|[^\w\s]", text))
+    words |= set(re.findall(r"\w+|[^\w\s]", "The secret passphrase number is: Remember it. Question: what is? Answer:"))
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(words))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def tiny_model(arch: str, vocab_size: int, max_positions: int = 2048) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](**kwargs), attn_implementation="sdpa")
+    if arch == "qwen2":  # random biases, so a wrong bias order would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model.eval()
+
+
+def small_spec(ctx_min: int = 120, ctx_max: int = 200) -> PasskeySpec:
+    return PasskeySpec(ctx_min, ctx_max, num_passkeys=3, passkey_words=4)
+
+
+def train_config(**overrides) -> TrainConfig:
+    values = dict(steps=6, lr=0.1, reg=0.05, target_sparsity=0.5, sink=4, window=16, ctx_min=120, ctx_max=200,
+                  num_passkeys=3, passkey_words=4, seed=0)
+    return TrainConfig(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def test_samples_have_exact_lengths_tail_labels_and_spread_depths(tokenizer):
+    spec = small_spec()
+    dataset = PasskeyDataset(tokenizer, spec, seed=3)
+    lengths = set()
+    for i in range(8):
+        sample = dataset[i]
+        length = sample.input_ids.numel()
+        lengths.add(length)
+        assert spec.ctx_min <= length <= spec.ctx_max and sample.supervised.numel() == length
+        tail = sample.supervised.nonzero().flatten()
+        assert tail[-1] == length - 1 and tail.numel() == tail[-1] - tail[0] + 1  # one contiguous block at the end
+        tail_text = tokenizer.decode(sample.input_ids[sample.supervised])
+        assert tail_text.count("Question") == spec.num_passkeys and "Remember" not in tail_text
+        assert sample.depths[0] == pytest.approx(0.05) and sample.depths[-1] == pytest.approx(0.95)
+        context = sample.input_ids[~sample.supervised].tolist()
+        number_id = tokenizer.convert_tokens_to_ids("passphrase")
+        positions = [j for j, t in enumerate(context) if t == number_id]
+        assert len(positions) == spec.num_passkeys
+        assert positions[0] < 0.3 * len(context) and positions[-1] > 0.7 * len(context)
+        for phrase in sample.passkeys:
+            assert tail_text.count(phrase) == 1
+    assert len(lengths) > 1
+
+
+def test_samples_are_deterministic_by_seed_and_index(tokenizer):
+    a, b = PasskeyDataset(tokenizer, small_spec(), seed=1), PasskeyDataset(tokenizer, small_spec(), seed=1)
+    assert torch.equal(a[5].input_ids, b[5].input_ids) and torch.equal(a[5].supervised, b[5].supervised)
+    assert not torch.equal(a[5].input_ids[:100], a[6].input_ids[:100])
+    c = PasskeyDataset(tokenizer, small_spec(), seed=2)
+    assert not torch.equal(a[5].input_ids[:100], c[5].input_ids[:100])
+
+
+def test_context_too_short_for_passkeys_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="--ctx-min"):
+        PasskeyDataset(tokenizer, PasskeySpec(40, 60, num_passkeys=3, passkey_words=4))
+
+
+def test_file_haystack_is_used_and_too_short_file_is_refused(tokenizer, tmp_path):
+    text = tmp_path / "hay.txt"
+    text.write_text("\n\n".join(f"Ada walked to the mill number {i} ." for i in range(60)), encoding="utf-8")
+    dataset = PasskeyDataset(tokenizer, small_spec(), haystack=FileHaystack(tokenizer, [text]), seed=0)
+    assert tokenizer.convert_tokens_to_ids("mill") in dataset[0].input_ids.tolist()
+    short = tmp_path / "short.txt"
+    short.write_text("Ada walked to the mill.", encoding="utf-8")
+    with pytest.raises(ValueError, match="hold .* tokens"):
+        PasskeyDataset(tokenizer, small_spec(), haystack=FileHaystack(tokenizer, [short]), seed=0)[0]
+
+
+# ---------------------------------------------------------------------------------------------------- gates
+
+
+@pytest.mark.parametrize("length,sink,window", [(37, 4, 8), (100, 0, 16), (5, 8, 16), (64, 3, 1), (50, 60, 7)])
+def test_streaming_branch_follows_the_lambda_rule(length, sink, window):
+    torch.manual_seed(length)
+    q, k, v = torch.randn(2, 6, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
+    pos = torch.arange(length)[None].expand(2, length)
+    oracle = masked_attention(q, k, v, lambda_visible(pos[:, :, None], pos[:, None, :], sink, window), 0.25)
+    torch.testing.assert_close(streaming_attention(q, k, v, sink, window, 0.25), oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocked_streaming_attention(q, k, v, sink, window, 0.25), oracle, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_all_gates_one_is_the_teacher(arch, tokenizer):
+    model = tiny_model(arch, len(tokenizer))
+    gated = GatedModel(model, sink=4, window=16)
+    sample = PasskeyDataset(tokenizer, small_spec(), seed=0)[0]
+    ids = sample.input_ids[None]
+    target = gated.teacher_states(ids, sample.supervised)
+    assert gated.distill_backward(ids, sample.supervised, target) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        gated.gates.fill_(0.0)
+    gated.gates.grad = None
+    assert gated.distill_backward(ids, sample.supervised, target) > 1e-6  # streaming everywhere differs
+    assert gated.gates.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_only_the_gates_learn(arch, tokenizer):
+    model = tiny_model(arch, len(tokenizer))
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    gated = GatedModel(model, sink=4, window=16)
+    calibrator = Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+    for _ in range(3):
+        calibrator.step()
+    assert not torch.equal(calibrator.gates, torch.ones_like(calibrator.gates))
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_distillation_loss_decreases(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    gated = GatedModel(model, sink=2, window=8, gradient_checkpointing=False)
+    dataset = PasskeyDataset(tokenizer, small_spec(), seed=0)
+    probe = dataset[100]
+
+    def probe_loss() -> float:
+        target = gated.teacher_states(probe.input_ids[None], probe.supervised)
+        loss = gated.distill_backward(probe.input_ids[None], probe.supervised, target)
+        gated.gates.grad = None
+        return loss
+
+    with torch.no_grad():
+        gated.gates.fill_(0.0)
+    start = probe_loss()
+    calibrator = Calibrator(gated, dataset, train_config(steps=8, reg=0.0, target_sparsity=None, sink=2, window=8))
+    for _ in range(8):
+        calibrator.step()
+    assert probe_loss() < 0.5 * start
+
+
+def test_target_lambda_pushes_exactly_that_many_gates_down():
+    grad = -torch.tensor([[0.3, 0.1, 0.0], [0.5, 0.2, 0.05]])
+    for k in range(7):
+        lam = target_lambda(grad, k)
+        assert int(((grad + lam / grad.numel()) > 0).sum()) == k
+
+
+def test_schedule_warms_up_and_decays():
+    factors = [lr_factor(s, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[50] == 1.0 and factors[-1] == pytest.approx(0.1)
+    assert all(a <= b for a, b in zip(factors[:20], factors[1:21])) and all(a >= b for a, b in zip(factors[80:], factors[81:]))
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_gives_the_same_gates_as_an_uninterrupted_run(tokenizer, tmp_path):
+    def calibrator() -> Calibrator:
+        gated = GatedModel(tiny_model("qwen3", len(tokenizer)), sink=4, window=16)
+        return Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+
+    straight = calibrator()
+    records = [straight.step() for _ in range(6)]
+    first = calibrator()
+    for _ in range(2):
+        first.step()
+    first.save(tmp_path / CHECKPOINT)
+    resumed = calibrator()
+    resumed.load(tmp_path / CHECKPOINT)
+    resumed_records = [resumed.step() for _ in range(4)]
+    assert torch.equal(resumed.gates, straight.gates)
+    assert [r["loss"] for r in resumed_records] == [r["loss"] for r in records[2:]]
+    other = Calibrator(resumed.gated, resumed.dataset, train_config(lr=0.2))
+    with pytest.raises(ValueError, match="lr 0.1"):
+        other.load(tmp_path / CHECKPOINT)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", len(tokenizer), max_positions=512).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CLI_ARGS = ["--steps", "4", "--ctx-min", "120", "--ctx-max", "200", "--num-passkeys", "3", "--passkey-words", "4",
+            "--sink", "4", "--window", "16", "--checkpoint-every", "2"]
+
+
+def test_cli_end_to_end_writes_pattern_log_heatmap_and_refuses_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 0
+    pattern = HeadPattern.load(out / "pattern.json")
+    assert pattern.gates.shape == (2, 2) and (pattern.sink, pattern.window) == (4, 16)
+    assert pattern.provenance["steps"] == 4 and pattern.model["architecture"] == "llama"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and {"loss", "distill", "reg", "lambda"} <= set(log[0])
+    assert (out / "gates.png").stat().st_size > 0
+    capsys.readouterr()
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS, "--force"]) == 0
+    assert torch.equal(HeadPattern.load(out / "pattern.json").gates, pattern.gates)  # deterministic
+
+
+def test_cli_ctrl_c_saves_and_resume_matches(model_dir, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    assert calibrate_main(["--model", str(model_dir), "--out", str(straight), *CLI_ARGS]) == 0
+    step = Calibrator.step
+
+    def interrupt_at_third(self):
+        if self.step_index == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Calibrator, "step", interrupt_at_third)
+    out = tmp_path / "resumed"
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 130
+    assert "--resume" in capsys.readouterr().err and not (out / "pattern.json").exists()
+    monkeypatch.setattr(Calibrator, "step", step)
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS, "--resume"]) == 0
+    assert torch.equal(HeadPattern.load(out / "pattern.json").gates, HeadPattern.load(straight / "pattern.json").gates)
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_cli_user_errors_are_one_line(model_dir, tokenizer, tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    short = tmp_path / "short.txt"
+    short.write_text("Ada walked to the mill.", encoding="utf-8")
+    cases = [
+        (["--model", str(gpt2)], "architecture 'gpt2'"),
+        (["--model", str(model_dir), "--ctx-max", "4096"], "longer than the model allows"),
+        (["--model", str(model_dir), "--haystack", str(short)], "hold"),
+        (["--model", str(tmp_path / "missing")], "does not exist"),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:
+        args = [*CLI_ARGS, "--out", str(tmp_path / "out"), *extra]
+        assert calibrate_main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err.strip().splitlines()[-1]
+        assert sum("error" in line for line in err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+
+
+def test_gate_report_margin_and_ties():
+    report = gate_report(torch.tensor([[0.0, 0.2, 0.9], [1.0, 1.0, 0.1]]), sparsity=0.5)
+    assert report["saturated_at_1"] == 2 and report["saturated_at_0"] == 1
+    assert report["highest_streaming_gate"] == 0.2 and report["lowest_retrieval_gate"] == 0.9 and report["margin"] == pytest.approx(0.7)
+    tied = gate_report(torch.ones(2, 3), sparsity=0.5)
+    assert tied["margin"] == 0.0 and tied["ties_at_cut"] == 6
+
+
+def test_inspect_prints_summary_and_draws_heatmap(tmp_path, capsys):
+    path = HeadPattern(torch.tensor([[0.0, 0.6], [1.0, 0.3]]), sink=8, window=32, model={"name": "tiny"}).save(tmp_path / "p.json")
+    assert inspect_main([str(path), "--sparsity", "0.5", "--png", str(tmp_path / "g.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 layers x 2 KV heads" in printed and "margin 0.3" in printed and "sink 8, window 32" in printed
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert inspect_main([str(tmp_path / "nope.json")]) == 2
