@@ -163,15 +163,16 @@ def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
     """Tile sizes for a launch: G query heads per KV head, Q new tokens, D head dim.
 
     BLOCK_M = G_PAD * BLOCK_Q rows per program (at least 16, the smallest `tl.dot`); decode packs the group's
-    heads into those rows, prefill takes 64 (interpreter: 32) rows.
+    heads into those rows, prefill takes 64 (interpreter: 32) rows. Key tiles of BLOCK_N (interpreter: 16).
     """
     group_pad = triton.next_power_of_2(group)
     rows = 32 if _interpreted() else 64
-    if q_len * group_pad <= 16:
+    decode = q_len * group_pad <= 16
+    if decode:
         block_q = max(triton.next_power_of_2(q_len), 16 // group_pad, 1)
     else:
         block_q = max(rows // group_pad, 1)
-    block_n = 16 if _interpreted() else 64
+    block_n = 16 if _interpreted() else (128 if decode else 64)  # decode is latency bound: fewer, larger key tiles
     num_warps = 4 if group_pad * block_q <= 64 else 8
     return {"GROUP_PAD": group_pad, "BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "num_warps": num_warps}
 
