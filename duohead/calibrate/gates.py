@@ -11,9 +11,9 @@ own attention implementation, without gradients. Model weights stay frozen: only
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
