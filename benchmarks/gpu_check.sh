@@ -8,7 +8,10 @@
 # Once per checkout, on a machine with PyPI (the wheels travel with the tree; /.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl flashinfer-python==0.6.13 apache-tvm-ffi==0.1.15.post2
+#     --platform manylinux_2_17_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
+#     -d .whl flashinfer-python==0.6.13 apache-tvm-ffi==0.1.15.post2 \
+#     nvidia-ml-py ninja requests urllib3 idna charset-normalizer certifi
+# (`import flashinfer` needs pynvml and requests, its JIT the ninja binary; the GPU machine may lack them.)
 # Then, from a session that has a device machine, one call of the `run` device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Without the device tool, on any CUDA machine: OUT=out bash benchmarks/gpu_check.sh
@@ -22,7 +25,7 @@ export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl
-  export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$HOME/site/bin:$PATH"  # ninja for FlashInfer's JIT
 else
   echo "gpu_check: no wheels in .whl/; FlashInfer only if already installed" >&2
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

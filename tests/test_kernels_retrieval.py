@@ -3,6 +3,8 @@ and FlashInfer itself (CUDA only)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -79,3 +81,55 @@ def test_flashinfer_matches_reference(group, head_dim, chunks):
     got = flashinfer_retrieval.retrieval_attention(q, k, v, None, head_dim**-0.5)
     expected = reference.retrieval_attention(q, k, v, None, head_dim**-0.5)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+class FakePagedWrapper:
+    """A CPU stand-in for FlashInfer's paged wrappers with their semantics (HND pages, bottom-right causal),
+    to test duohead's glue: argument order, page indices, output layout and one plan per step."""
+
+    plans: list[tuple] = []
+
+    def __init__(self, workspace, kv_layout, **kwargs):
+        assert kv_layout == "HND"
+        self.decode = "use_tensor_cores" in kwargs
+
+    def plan(self, *args, **kwargs):
+        if self.decode:
+            args = (None, *args)  # no qo_indptr: one query per row
+        self.qo_indptr, self.indptr, self.indices, self.last, self.num_q_heads, self.num_kv_heads, self.head_dim, self.page = args
+        self.scale = kwargs["sm_scale"]
+        FakePagedWrapper.plans.append((self.decode, int(self.last[0]), len(self.indices)))
+
+    def run(self, q, paged_kv, out):
+        keys, values = paged_kv
+        batch = len(self.indptr) - 1
+        q_len = q.shape[0] // batch
+        for b in range(batch):
+            pages = self.indices[self.indptr[b] : self.indptr[b + 1]].long()
+            kv_len = (len(pages) - 1) * self.page + int(self.last[b])
+            k, v = (t[pages].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[None, :, :kv_len] for t in (keys, values))
+            qb = q[b * q_len : (b + 1) * q_len].transpose(0, 1)[None]  # [1, Hq, Q, D]
+            out[b * q_len : (b + 1) * q_len] = reference.retrieval_attention(qb, k, v, None, self.scale)[0].transpose(0, 1)
+        return out
+
+
+def test_flashinfer_glue_with_a_fake_flashinfer(monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=FakePagedWrapper, BatchPrefillWithPagedKVCacheWrapper=FakePagedWrapper)
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    monkeypatch.setattr(flashinfer_retrieval, "supports", lambda *a: True)
+    monkeypatch.setattr(flashinfer_retrieval, "_wrappers", {})
+    FakePagedWrapper.plans = []
+    gen = torch.Generator().manual_seed(5)
+    layers = [RetrievalKV.empty(torch.empty(2, 2, 1, 16), capacity=320) for _ in range(3)]
+    for step, q_len in enumerate([300, 7, 1, 1]):  # prefill, chunked prefill, two decode steps
+        for cache in layers:
+            k, v = (torch.randn(2, 2, q_len, 16, generator=gen) for _ in range(2))
+            keys, values = cache.append(k, v)
+            q = torch.randn(2, 8, q_len, 16, generator=gen)
+            out = torch.full((2, q_len, 8, 16), float("nan"))
+            got = flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25, out=out)
+            torch.testing.assert_close(got, reference.retrieval_attention(q, keys, values, None, 0.25), atol=1e-5, rtol=1e-5)
+    # one plan per step, shared by the three layers; capacity 320 -> pages of 64 tokens
+    assert FakePagedWrapper.plans == [(False, 44, 10), (False, 51, 10), (True, 52, 10), (True, 53, 10)]
