@@ -112,9 +112,11 @@ def streaming_attention(
     # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
     n_sink = min(sink, q_len)
     first_real = (q_pos >= 0).int().argmax(-1, keepdim=True)  # [B, 1]; 0 for a row without real tokens
-    idx = (first_real + torch.arange(n_sink, device=q.device)).clamp_max(q_len - 1)  # [B, S']
+    idx = first_real + torch.arange(n_sink, device=q.device)  # [B, S']; may run past the last slot
+    inside = idx < q_len
+    idx = idx.clamp_max(q_len - 1)
     new_sink_pos = q_pos.gather(-1, idx)
-    new_sink_pos = torch.where(new_sink_pos < sink, new_sink_pos, torch.full_like(new_sink_pos, -1))
+    new_sink_pos = torch.where(inside & (new_sink_pos < sink), new_sink_pos, torch.full_like(new_sink_pos, -1))
     gather_idx = idx[:, None, :, None].expand(batch, num_kv_heads, n_sink, head_dim)
     new_sink_k, new_sink_v = k.gather(2, gather_idx), v.gather(2, gather_idx)
     # Keys every query block sees: old sinks, new sinks, the old ring. Positions -1 are hidden.
