@@ -1,0 +1,52 @@
+"""The blocked torch reference for streaming heads equals a dense Λ mask, including padded and short rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duohead.cache import StreamingKV
+from duohead.kernels.reference import lambda_visible, masked_attention, streaming_attention
+
+
+def dense_lambda(q, k, v, pos, sink, window, scaling):
+    """Attention over all keys of the sequence under an explicit [B, Q, Q] Λ mask."""
+    return masked_attention(q, k, v, lambda_visible(pos[:, :, None], pos[:, None, :], sink, window), scaling)
+
+
+@pytest.mark.parametrize("sink, window", [(0, 1), (4, 3), (4, 16), (1, 200)])
+@pytest.mark.parametrize("real_lengths", [(3, 3), (2, 40), (0, 300)])
+def test_blocked_reference_equals_dense_mask(sink, window, real_lengths):
+    gen = torch.Generator().manual_seed(sink * 1000 + window)
+    batch, kv_heads, group, head_dim = len(real_lengths), 2, 3, 8
+    q_len = max(real_lengths) + 2
+    pos = torch.full((batch, q_len), -1)
+    for row, n in enumerate(real_lengths):  # left padding
+        pos[row, q_len - n :] = torch.arange(n)
+    q = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, q_len, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, q_len, head_dim, generator=gen)
+    empty = StreamingKV(k, sink, window)
+    got = streaming_attention(q, k, v, pos, *empty.tensors()[:3], *empty.tensors()[3:], sink, window, 0.35)
+    expected = dense_lambda(q, k, v, pos, sink, window, 0.35)
+    real = (pos >= 0)[:, None, :, None]  # [B, 1, Q, 1]
+    assert torch.allclose(got * real, expected * real, atol=1e-5)
+    assert (got.masked_select(~real.expand_as(got)) == 0).all()  # padding queries see nothing
+
+
+def test_chunks_over_the_cache_equal_one_pass():
+    gen = torch.Generator().manual_seed(0)
+    sink, window, q_len = 3, 5, 37
+    q = torch.randn(1, 4, q_len, 8, generator=gen)
+    k = torch.randn(1, 2, q_len, 8, generator=gen)
+    v = torch.randn(1, 2, q_len, 8, generator=gen)
+    pos = torch.arange(q_len)[None]
+    expected = dense_lambda(q, k, v, pos, sink, window, 0.5)
+    cache = StreamingKV(k, sink, window)
+    outs = []
+    for start, stop in [(0, 2), (2, 3), (3, 11), (11, 12), (12, 30), (30, 37)]:
+        sl = slice(start, stop)
+        s = cache.tensors()
+        outs.append(streaming_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos[:, sl], *s[:3], *s[3:], sink, window, 0.5))
+        cache.append(k[:, :, sl], v[:, :, sl], pos[:, sl])
+    assert torch.allclose(torch.cat(outs, dim=2), expected, atol=1e-5)
