@@ -90,7 +90,8 @@ def max_context(budget: int, per_token: float, constant: float) -> int:
 
 
 def _run_child(method: str, context: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, str(context), "--decode-steps", str(args.decode_steps), "--seed", str(args.seed)]
+    cmd = [sys.executable, __file__, "--child", method, str(context), "--decode-steps", str(args.decode_steps),
+           "--seed", str(args.seed), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} @ {context} failed:\n{proc.stderr[-3000:]}")
@@ -159,12 +160,15 @@ def main() -> None:
     p.add_argument("--budgets-gib", default="1,8", help="KV-cache budgets for the largest-context table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: torch's)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.decode_steps, args.seed)))
         return
 
+    load_before = os.getloadavg()
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
         for method in METHODS:
@@ -175,6 +179,7 @@ def main() -> None:
     machine = {
         "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
