@@ -92,7 +92,10 @@ def max_context(budget: int, per_token: float, constant: float) -> int:
 def _run_child(method: str, context: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(context), "--decode-steps", str(args.decode_steps),
            "--seed", str(args.seed), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:  # glibc: serve blocks >= N bytes by mmap, returned to the OS when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} @ {context} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,9 +144,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8), layout="constrained")
     for ax, (label, value) in zip(axes, panels):
-        for method in METHODS:
+        for k, method in enumerate(METHODS):
             mine = [r for r in rows if r["method"] == method]
-            ax.plot([r["context"] for r in mine], [value(r) for r in mine], marker="o", label=method)
+            contexts = [r["context"] for r in mine]
+            ax.plot(contexts, [value(r) for r in mine], marker="o", label=method, color=f"C{k}")
+            if ax is axes[0] and method != "full":
+                reserved = [r["kv"]["reserved_bytes"] / 1e6 for r in mine]
+                ax.plot(contexts, reserved, linestyle="--", color=f"C{k}", label=f"{method} reserved")
         ax.set_xlabel("context (tokens)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -161,6 +168,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: torch's)")
+    p.add_argument("--malloc-mmap-threshold", type=int, help="set glibc's MALLOC_MMAP_THRESHOLD_ in the runs (peak RSS without allocator retention)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

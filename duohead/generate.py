@@ -213,6 +213,10 @@ def _generate(args: argparse.Namespace) -> int:
         duohead.disable(model)
         runs["full attention"] = _generate_one("full attention", model, tokenizer, input_ids, args)
     print(format_report(runs))
+    if args.demo:
+        for name, r in runs.items():
+            found = expected in tokenizer.decode(r.tokens, skip_special_tokens=True)
+            print(f"demo: {name} {'found' if found else 'did not find'} the code {expected}")
     if args.report_json:
         report = {
             "sparsity": streaming / heads,
