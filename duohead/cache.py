@@ -19,13 +19,21 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def _round_up(tokens: int, multiple: int = 64) -> int:
+    return -(-tokens // multiple) * multiple
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which `model.forward` takes a cache: "cache" (transformers >= 5.24) or "past_key_values"."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class RetrievalKV:
-    """Full KV of the retrieval heads, [B, Hr, T, D], grown by capacity doubling (amortised O(1) per token)."""
+    """Full KV of the retrieval heads, [B, Hr, T, D], in one buffer [2, B, Hr, capacity, D].
+
+    When full, the capacity grows by a quarter (amortised O(1) copies per token, at most 25% unused);
+    a cache sized up front (`DuoCache(model, max_length=)`, as `generate()` does) never grows.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values = keys, values  # [B, Hr, capacity, D]
@@ -41,7 +49,7 @@ class RetrievalKV:
         """Write keys/values [B, Hr, Q, D] after the stored ones; return views of all T tokens."""
         end = self.length + keys.shape[2]
         if end > self.keys.shape[2]:
-            grown = RetrievalKV.empty(self.keys, max(end, 2 * self.keys.shape[2]))
+            grown = RetrievalKV.empty(self.keys, _round_up(max(end, self.keys.shape[2] * 5 // 4)))
             grown.keys[:, :, : self.length] = self.keys[:, :, : self.length]
             grown.values[:, :, : self.length] = self.values[:, :, : self.length]
             self.keys, self.values = grown.keys, grown.values
@@ -129,9 +137,10 @@ class DuoCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, num_retrieval_heads: int, sink: int, window: int):
+    def __init__(self, num_retrieval_heads: int, sink: int, window: int, max_length: int | None = None):
         super().__init__()
         self.num_retrieval_heads, self.sink, self.window = num_retrieval_heads, sink, window
+        self.max_length = max_length  # expected tokens (slots); sizes the retrieval buffer up front
         self.retrieval: RetrievalKV | None = None
         self.streaming: StreamingKV | None = None
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row
@@ -144,7 +153,7 @@ class DuoCacheLayer(CacheLayerMixin):
         batch, heads, q_len, self.head_dim = key_states.shape
         hr = self.num_retrieval_heads
         if hr > 0:
-            self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=max(q_len, 256))
+            self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=_round_up(max(q_len, self.max_length or 256)))
         if heads > hr:
             self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window)
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -211,7 +220,7 @@ class DuoCacheLayer(CacheLayerMixin):
         raise NotImplementedError("DuoCache cannot crop: streaming heads have already dropped old tokens")
 
     def reset(self) -> None:
-        self.__init__(self.num_retrieval_heads, self.sink, self.window)
+        self.__init__(self.num_retrieval_heads, self.sink, self.window, self.max_length)
 
 
 class DuoCache(Cache):
@@ -219,12 +228,13 @@ class DuoCache(Cache):
 
     `DuoCache(model)` builds an empty cache for a model prepared with `duohead.enable`; pass it as
     `past_key_values=` / `cache=` to `forward()` or `generate()` (generate creates one by itself).
+    `max_length` (tokens, padding included), when known, sizes the retrieval buffers once: no regrowth.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, max_length: int | None = None):
         from duohead.hook import layer_layouts  # the hook owns the layout; imported lazily to avoid a cycle
 
-        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window) for lay in layer_layouts(model)]
+        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length) for lay in layer_layouts(model)]
         super().__init__(layers=layers)
 
     def memory(self) -> dict[str, int]:

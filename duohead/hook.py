@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -101,7 +102,9 @@ class _DuoGenerationMixin:
         name = cache_argument(self)
         wants_default = generation_config.use_cache is not False and generation_config.cache_implementation in (None, "dynamic")
         if model_kwargs.get(name) is None and wants_default:
-            model_kwargs[name] = DuoCache(self)
+            prepare = super()._prepare_cache_for_generation
+            bound = inspect.signature(prepare).bind(generation_config, model_kwargs, *args, **kwargs).arguments
+            model_kwargs[name] = DuoCache(self, max_length=bound.get("max_cache_length"))
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
