@@ -9,7 +9,6 @@ Shape letters: B batch (always 1 here), T prompt tokens, Q tokens per forward, V
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from duohead.cache import DuoCache
+from duohead.cache import DuoCache, cache_argument
 from duohead.hook import is_enabled
 
 _PROC_STATUS = Path("/proc/self/status")
@@ -79,16 +78,15 @@ def kv_memory(cache) -> dict[str, int]:
 # ------------------------------------------------------------------ prefill and decode
 
 
-def new_cache(model: torch.nn.Module):
-    """An empty cache for `model`: a `DuoCache` if duohead is enabled, else a `DynamicCache` (stock full attention)."""
-    return DuoCache(model) if is_enabled(model) else DynamicCache(config=model.config)
+def new_cache(model: torch.nn.Module, max_length: int | None = None):
+    """An empty cache for `model`: a `DuoCache` (retrieval buffers sized for `max_length` tokens when given) if
+    duohead is enabled, else a `DynamicCache` (stock full attention)."""
+    return DuoCache(model, max_length=max_length) if is_enabled(model) else DynamicCache(config=model.config)
 
 
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, **kwargs):
-    """One forward with a cache, under the cache argument's name in this transformers release
-    (`cache` since 5.24, `past_key_values` before)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=input_ids, use_cache=True, **{name: cache}, **kwargs)
+    """One forward with a cache, under the cache argument's name in this transformers release."""
+    return model(input_ids=input_ids, use_cache=True, **{cache_argument(model): cache}, **kwargs)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -210,11 +208,11 @@ def run_prompt(
 ) -> RunResult:
     """Prefill input_ids [1, T] (chunked), decode greedily, and measure time, KV bytes and peak memory.
 
-    `cache` defaults to `new_cache(model)`; pass one to inspect it afterwards.
+    `cache` defaults to `new_cache(model)` sized for the prompt and the new tokens; pass one to inspect it afterwards.
     """
     device = _device_of(model)
     input_ids = input_ids.to(device)
-    cache = new_cache(model) if cache is None else cache
+    cache = new_cache(model, input_ids.shape[1] + max_new_tokens) if cache is None else cache
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()

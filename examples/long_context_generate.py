@@ -32,7 +32,7 @@ input_ids = tokenizer.apply_chat_template(
 
 # Chunked prefill: all prompt tokens but the last go into the cache 512 at a time, so the activations of a
 # long prompt never have to fit in memory at once; generate() then continues from the filled cache.
-cache = duohead.DuoCache(model)
+cache = duohead.DuoCache(model, max_length=input_ids.shape[1] + 48)  # sized once: the retrieval KV never regrows
 with torch.no_grad():
     for start in range(0, input_ids.shape[1] - 1, 512):
         model(input_ids=input_ids[:, start : min(start + 512, input_ids.shape[1] - 1)], cache=cache, use_cache=True)
