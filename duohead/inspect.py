@@ -74,13 +74,13 @@ def plot_gates(gates: torch.Tensor, path: str | os.PathLike, title: str = "") ->
         raise ImportError("the heat map needs matplotlib: pip install 'duohead[plot]' (or pip install matplotlib)") from None
     data = gates.detach().float().cpu().numpy()
     layers, heads = data.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * heads, 1.0 + 0.18 * layers))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.5 * heads), 1.2 + 0.18 * layers))
     image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(heads))
-    ax.set_yticks(range(0, layers, max(1, layers // 16)))
-    ax.set_title(title or "gates (1 = retrieval, 0 = streaming)", fontsize=9)
+    ax.set_yticks(range(0, layers, max(1, layers // 32)))
+    ax.set_title(title or "gates (1 = retrieval, 0 = streaming)", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.08)
     fig.tight_layout()
     path = Path(path)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         pattern = HeadPattern.load(args.pattern)
         print("\n".join(summary_lines(pattern, args.sparsity)))
         if args.png:
-            print(f"heat map: {plot_gates(pattern.gates, args.png, title=Path(args.pattern).stem)}")
+            print(f"heat map: {plot_gates(pattern.gates, args.png, title=pattern.model.get('name') or Path(args.pattern).stem)}")
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"duohead inspect: error: {e}", file=sys.stderr)
         return 2
