@@ -5,12 +5,14 @@ hidden states at the supervised positions) + lambda * mean(G).
 
 Two ways to set lambda:
 - fixed (`target_sparsity=None`): lambda = `reg`, the reference's L1 push;
-- target sparsity: after each backward, lambda is set so that AdamW's update moves exactly
-  round(target * L * Hkv) gates down: those whose pull toward the teacher (-dMSE/dG, smoothed by AdamW's
-  first moment) is weakest. This is the Lagrange multiplier of the constraint "that many heads stream",
-  solved per step; the other gates move up, so gates separate toward 0 and 1 instead of drifting together.
-  During warm-up lambda is at least `reg` (at G = 1 the student equals the teacher and the distillation
-  gradient carries no ranking yet).
+- target sparsity: after each backward, lambda is set so that exactly round(target * L * Hkv) gates get a
+  net gradient pushing them down: those whose pull toward the teacher (-dMSE/dG) is weakest. This is the
+  Lagrange multiplier of the constraint "that many heads stream", solved per step; the other gates are
+  pushed up, so gates separate toward 0 and 1 instead of drifting down together. During warm-up lambda is
+  at least `reg` (at G = 1 the student equals the teacher and the distillation gradient carries no ranking).
+  (Choosing lambda on AdamW's momentum instead, so that exactly that many gates *move* down each step, was
+  measured on SmolLM2 too: the same ranking, Spearman 0.99, but slower to reach the target; see the pattern
+  README.)
 
 A checkpoint holds the gates, the AdamW moments and the step; sample i depends only on (seed, i), so a
 resumed run reproduces an uninterrupted one bit for bit.
@@ -110,15 +112,6 @@ class Calibrator:
     def gates(self) -> torch.Tensor:
         return self.gated.gates.detach()
 
-    def _momentum_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient whose sign AdamW's next update follows: beta1 * m / (1 - beta1) + grad (m = its first
-        moment so far). Choosing lambda on it fixes how many gates the next update moves down."""
-        state = self.optimizer.state.get(self.gated.gates)
-        if not state:
-            return grad
-        beta1 = self.optimizer.param_groups[0]["betas"][0]
-        return grad + state["exp_avg"] * (beta1 / (1 - beta1))
-
     def step(self) -> dict[str, Any]:
         """One optimisation step on sample `step_index`; returns its log record."""
         cfg, gates = self.config, self.gated.gates
@@ -132,7 +125,7 @@ class Calibrator:
         if cfg.target_sparsity is None:
             lam = cfg.reg
         else:
-            lam = target_lambda(self._momentum_gradient(gates.grad), round(cfg.target_sparsity * gates.numel()))
+            lam = target_lambda(gates.grad, round(cfg.target_sparsity * gates.numel()))
             if self.step_index < cfg.warmup * cfg.steps:
                 lam = max(lam, cfg.reg)
         mean_gate = gates.detach().mean().item()
