@@ -43,6 +43,7 @@ def test_save_load_round_trip_is_human_readable(tmp_path):
     assert loaded.model["name"] == "tiny" and loaded.model["num_layers"] == 3
     assert loaded.provenance == {"method": "test"}
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temporary file left behind
+    assert path.stat().st_mode & 0o044  # readable by others, like any file the user writes (umask permitting)
 
 
 def test_save_refuses_to_overwrite(tmp_path):
