@@ -68,8 +68,8 @@ def retrieval_attention(
     group = q.shape[1] // k.shape[1]
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
-    if key_is_real is None and q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=group > 1)
+    if key_is_real is None and q_len in (1, kv_len):  # one new token sees every key; or plain causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=scaling, enable_gqa=group > 1)
     q_slot = torch.arange(kv_len - q_len, kv_len, device=q.device)
     mask = torch.arange(kv_len, device=q.device)[None, :] <= q_slot[:, None]  # [Q, T]
     if key_is_real is not None:
