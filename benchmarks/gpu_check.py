@@ -35,7 +35,7 @@ import torch
 
 from duohead import kernels
 from duohead.cache import RetrievalKV, StreamingKV
-from duohead.kernels import flashinfer_retrieval, reference, sdpa_retrieval
+from duohead.kernels import flashinfer_retrieval, reference
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def correctness(device: torch.device, shapes: Shapes, dry: bool) -> list[dict]:
     use_flashinfer = device.type == "cuda" and flashinfer_retrieval.available()
     prefill, chunked, decode = ((96,), (96, 17), (150, 1)) if dry else ((333,), (333, 64), (1000, 1))
     plan = [("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)]
-    for name, fn in (("flashinfer retrieval", flashinfer_retrieval.retrieval_attention), ("sdpa retrieval", sdpa_retrieval.retrieval_attention)):
+    for name, fn in (("flashinfer retrieval", flashinfer_retrieval.retrieval_attention), ("sdpa retrieval", reference.retrieval_attention)):
         if name.startswith("flashinfer") and not use_flashinfer:
             continue
         for label, chunks in (("prefill", prefill), ("chunked prefill", chunked), ("decode", decode)):

@@ -1,5 +1,5 @@
-"""Retrieval-head paths vs the torch reference: the paged view FlashInfer reads (checked on CPU), the SDPA path,
-and FlashInfer itself (CUDA only)."""
+"""Retrieval-head paths: the paged view FlashInfer reads (checked on CPU), the SDPA path against an explicit mask,
+and FlashInfer itself against the reference (CUDA only)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from duohead.cache import RetrievalKV
-from duohead.kernels import flashinfer_retrieval, reference, sdpa_retrieval
+from duohead.kernels import flashinfer_retrieval, reference
 
 ON_GPU = torch.cuda.is_available()
 
@@ -50,15 +50,19 @@ def test_paged_view_refuses_strides_it_cannot_page():
 
 
 @pytest.mark.parametrize("group,q_len,padded", [(1, 1, False), (4, 1, False), (2, 3, False), (4, 1, True)])
-def test_sdpa_retrieval_matches_reference(group, q_len, padded):
+def test_sdpa_retrieval_matches_an_explicit_mask(group, q_len, padded):
+    """The SDPA path (mask-free for one new token, masked otherwise) equals attention under an explicit mask."""
     k, v = retrieval_cache(2, 2, 16, [20, q_len])
     q = torch.randn(2, 2 * group, q_len, 16)
-    key_is_real = None
+    kv_len = k.shape[2]
+    key_is_real = torch.ones(2, kv_len, dtype=torch.bool)
     if padded:
-        key_is_real = torch.ones(2, k.shape[2], dtype=torch.bool)
         key_is_real[1, :4] = False
-    expected = reference.retrieval_attention(q, k, v, key_is_real, 0.25)
-    torch.testing.assert_close(sdpa_retrieval.retrieval_attention(q, k, v, key_is_real, 0.25), expected, atol=1e-5, rtol=1e-5)
+    query_slot = torch.arange(kv_len - q_len, kv_len)[:, None]
+    visible = (torch.arange(kv_len)[None, :] <= query_slot)[None] & key_is_real[:, None, :]  # [B, Q, T]
+    expected = reference.masked_attention(q, k, v, visible, 0.25)
+    got = reference.retrieval_attention(q, k, v, key_is_real if padded else None, 0.25)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_flashinfer_refuses_what_it_cannot_take():

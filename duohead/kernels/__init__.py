@@ -123,7 +123,7 @@ def retrieval_attention(
     _require(backend, q.device)
     if not q.is_cuda:  # "triton" on the CPU interpreter: no retrieval kernel there
         return reference.retrieval_attention(q, k, v, key_is_real, scaling)
-    from duohead.kernels import flashinfer_retrieval, sdpa_retrieval
+    from duohead.kernels import flashinfer_retrieval
 
     use_flashinfer = backend == "flashinfer" or (
         backend == "auto" and _flashinfer_failure is None and flashinfer_retrieval.available()
@@ -136,7 +136,7 @@ def retrieval_attention(
         except Exception as e:  # e.g. its kernels fail to compile (no nvcc): "auto" falls back to SDPA for good
             _flashinfer_failure = f"{type(e).__name__}: {e}"
             logger.warning("duohead: FlashInfer failed (%s); retrieval heads use SDPA from now on", _flashinfer_failure)
-    return sdpa_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+    return reference.retrieval_attention(q, k, v, key_is_real, scaling)  # SDPA (flash / memory-efficient on CUDA)
 
 
 def streaming_attention(
