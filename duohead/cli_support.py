@@ -11,8 +11,7 @@ from typing import Callable
 
 import torch
 
-from duohead.hook import SUPPORTED_ARCHITECTURES
-from duohead.loading import load_model, resolve_model_path
+from duohead.loading import check_gguf, load_model, resolve_model_path
 from duohead.pattern import HeadPattern, find_pattern
 
 DEFAULT_PATTERN = "smollm2-135m-instruct"  # shipped pattern of the default model (patterns/<name>/pattern.json)
@@ -48,17 +47,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def gguf_architecture(path: Path) -> str:
-    """The `general.architecture` field of a GGUF file (read from its header, no tensors loaded)."""
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(path).fields["general.architecture"]
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({e}); pass a GGUF model file or a transformers folder") from None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
-
-
 def check_model_source(model: str | None, gguf_file: str | None) -> None:
     """Fail fast on a missing path or a GGUF file of an architecture duohead does not support."""
     if model is None:
@@ -70,14 +58,7 @@ def check_model_source(model: str | None, gguf_file: str | None) -> None:
     if gguf is None:
         resolve_model_path(path)  # FileNotFoundError for a missing folder or one without config.json
         return
-    if not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
-    arch = gguf_architecture(gguf)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{gguf} holds a {arch!r} model; duohead supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))} "
-            "(convert another model of one of those architectures)"
-        )
+    check_gguf(gguf)
 
 
 def load_model_for_cli(

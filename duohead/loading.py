@@ -37,6 +37,31 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` field of a GGUF file (read from its header, no tensors loaded)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({e}); pass a GGUF model file or a transformers folder") from None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def check_gguf(gguf: Path) -> None:
+    """Raise unless `gguf` is an existing GGUF file of an architecture duohead supports."""
+    from duohead.hook import SUPPORTED_ARCHITECTURES
+
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    arch = gguf_architecture(gguf)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{gguf} holds a {arch!r} model; duohead supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))} "
+            "(convert another model of one of those architectures)"
+        )
+
+
 def _dequantised_folder(gguf: Path, name: str) -> Path:
     """Convert a GGUF checkpoint to a cached safetensors folder (bf16) once; return the folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -44,6 +69,7 @@ def _dequantised_folder(gguf: Path, name: str) -> Path:
     folder = cache_dir() / name
     if (folder / "config.json").exists():
         return folder
+    check_gguf(gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
@@ -73,8 +99,7 @@ def resolve_model_path(path: str | os.PathLike | None = None, gguf_file: str | N
         raise FileNotFoundError(f"model path {path} does not exist (duohead loads local models only)")
     if gguf_file is not None:
         gguf = path / gguf_file
-        if not gguf.exists():
-            raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+        check_gguf(gguf)
         return _dequantised_folder(gguf, gguf.stem)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a transformers model folder (or pass a .gguf file)")
