@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import duohead
+from duohead.cache import cache_argument
 from duohead.runner import current_rss_bytes
 
 LAYOUTS = {"mixed": [[1.0, 0.0], [0.0, 1.0]], "streaming": [[0.0, 0.0], [0.0, 0.0]]}
@@ -54,13 +55,13 @@ def run(layout: str, args: argparse.Namespace) -> list[dict]:
     points, fed, start = [], 0, time.perf_counter()
     while fed < args.tokens:
         ids = torch.randint(0, 256, (1, args.chunk), generator=gen)
-        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
         fed += args.chunk
         if fed % args.checkpoint == 0:
             steps = []
             for _ in range(args.probe_steps):
                 t0 = time.perf_counter()
-                model(input_ids=torch.randint(0, 256, (1, 1), generator=gen), cache=cache, use_cache=True)
+                model(input_ids=torch.randint(0, 256, (1, 1), generator=gen), **{cache_argument(model): cache}, use_cache=True)
                 steps.append(time.perf_counter() - t0)
             memory = cache.memory()
             points.append({

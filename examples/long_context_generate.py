@@ -4,7 +4,7 @@
     python examples/long_context_generate.py doc.txt --pattern my-pattern.json --sparsity 0.75
 
 Loads SmolLM2-135M-Instruct, makes half of its KV heads streaming heads (sink + window cache) with the
-shipped pattern, prefills the prompt in chunks into a `DuoCache`, generates an answer, and prints how
+shipped pattern, generates an answer (generate() prefills the prompt in chunks into a `DuoCache`), and prints how
 much KV cache full attention would have needed. `duohead generate` is the full tool.
 """
 
@@ -30,15 +30,16 @@ input_ids = tokenizer.apply_chat_template(
     [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
 )["input_ids"]
 
-# Chunked prefill: all prompt tokens but the last go into the cache 512 at a time, so the activations of a
-# long prompt never have to fit in memory at once; generate() then continues from the filled cache.
-cache = duohead.DuoCache(model, max_length=input_ids.shape[1] + 48)  # sized once: the retrieval KV never regrows
+# generate() builds a DuoCache sized once for prompt + answer (the retrieval KV never regrows) and, with
+# prefill_chunk_size, feeds the prompt 512 tokens at a time, so a long prompt's activations never have to
+# fit in memory at once.
 with torch.no_grad():
-    for start in range(0, input_ids.shape[1] - 1, 512):
-        model(input_ids=input_ids[:, start : min(start + 512, input_ids.shape[1] - 1)], cache=cache, use_cache=True)
-    output = model.generate(input_ids, cache=cache, max_new_tokens=48, do_sample=False)
+    output = model.generate(
+        input_ids, max_new_tokens=48, do_sample=False, prefill_chunk_size=512, return_dict_in_generate=True
+    )
+cache = output.cache if "cache" in output else output.past_key_values  # transformers < 5.24 calls it past_key_values
 
-print(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))
+print(tokenizer.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True))
 memory = cache.memory()
 print(
     f"{input_ids.shape[1]} prompt tokens; KV cache {memory['total_bytes'] / 1e6:.1f} MB "

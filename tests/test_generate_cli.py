@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import duohead
 from duohead import generate
+from duohead.cache import cache_argument
 
 PROMPT = "The lighthouse stood on the cliff for a long time, and every night its lamp turned over the dark water. " * 4
 HEAD_DIM, FP32_BYTES = 16, 4
@@ -50,7 +51,7 @@ def test_generate_matches_hf_generate_and_reports_duocache_bytes(tmp_path, tiny_
     # The cache after the run holds the prompt and every generated token but the last one.
     cache = duohead.DuoCache(model)
     with torch.no_grad():
-        model(torch.cat([ids, torch.tensor([expected[:-1]])], dim=1), cache=cache, use_cache=True)
+        model(torch.cat([ids, torch.tensor([expected[:-1]])], dim=1), **{cache_argument(model): cache}, use_cache=True)
     memory = cache.memory()
     for key in ("retrieval_bytes", "streaming_bytes", "full_bytes", "total_bytes"):
         assert run["kv_memory"][key] == memory[key], key

@@ -26,6 +26,9 @@ triton_streaming = pytest.importorskip("duohead.kernels.triton_streaming")
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+runs_kernel = pytest.mark.skipif(  # an old Triton's interpreter with a new NumPy cannot run it: say so instead of failing
+    not ON_GPU and kernels.interpreter_problem() is not None, reason=str(kernels.interpreter_problem())
+)
 
 
 def make_positions(chunk: int, pads: list[int], seen: list[int], right: bool = False) -> torch.Tensor:
@@ -89,12 +92,14 @@ CASES = [
 ]
 
 
+@runs_kernel
 @pytest.mark.parametrize("group,head_dim,sink,window,chunks,pads,dtype", CASES)
 def test_triton_streaming_matches_reference(group, head_dim, sink, window, chunks, pads, dtype):
     for got, expected, _ in run_chunks(group, head_dim, sink, window, chunks, pads, dtype):
         torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@runs_kernel
 def test_right_padding_and_empty_rows_give_zeros():
     """Right padding, and a row that is all padding in one chunk: padding queries output exactly 0."""
     runs = list(run_chunks(2, 64, 1, 16, [12], [4, 12, 0], torch.float32, right=True))
@@ -104,6 +109,7 @@ def test_right_padding_and_empty_rows_give_zeros():
     assert bool((got[padding] == 0).all())
 
 
+@runs_kernel
 def test_keys_outside_sink_and_window_are_never_loaded():
     """Block skipping by construction: NaN in every key/value that the last query block cannot see (the middle
     of the new tokens and the whole ring) leaves that block's output finite and exact."""
@@ -132,6 +138,7 @@ def test_keys_outside_sink_and_window_are_never_loaded():
     assert not bool(torch.isfinite(got[:, :, :first_query]).all())  # the first block does read the ring
 
 
+@runs_kernel
 def test_decode_output_is_a_fresh_tensor_with_q_shape():
     runs = list(run_chunks(4, 64, 4, 16, [30, 1], [0, 0], torch.float32))
     got, expected, _ = runs[-1]
@@ -225,6 +232,7 @@ def test_forced_backends_unavailable_on_cpu_raise(monkeypatch):
         kernels.streaming_attention(*args)
 
 
+@runs_kernel
 @pytest.mark.skipif(ON_GPU, reason="CPU routing")
 def test_cpu_routing(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
@@ -235,3 +243,21 @@ def test_cpu_routing(monkeypatch):
         torch.testing.assert_close(kernels.streaming_attention(*args), expected, atol=2e-5, rtol=2e-5)
         q, k, v = args[:3]
         assert torch.equal(kernels.retrieval_attention(q, k, v, None, 0.25), reference.retrieval_attention(q, k, v, None, 0.25))
+
+
+def test_old_interpreter_with_new_numpy_is_refused_with_a_reason(monkeypatch):
+    versions = {"triton": "3.6.0", "numpy": "2.4.1"}
+    monkeypatch.setattr(kernels.importlib.metadata, "version", lambda name: versions[name])
+    kernels.interpreter_problem.cache_clear()
+    try:
+        assert "install triton>=3.7 or numpy<2.4" in kernels.interpreter_problem()
+        if not ON_GPU and os.environ.get("TRITON_INTERPRET") == "1":
+            assert "triton" not in kernels.available_backends("cpu")
+            with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="Triton 3.6.0 interpreter cannot run"):
+                kernels.streaming_attention(*streaming_args())
+        for triton_version, numpy_version in (("3.7.0", "2.4.1"), ("3.6.0", "2.3.5"), ("3.10.0rc1", "2.5.0")):
+            versions.update(triton=triton_version, numpy=numpy_version)
+            kernels.interpreter_problem.cache_clear()
+            assert kernels.interpreter_problem() is None, versions
+    finally:
+        kernels.interpreter_problem.cache_clear()

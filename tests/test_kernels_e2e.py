@@ -11,6 +11,9 @@ import duohead
 from duohead import kernels
 
 triton_streaming = pytest.importorskip("duohead.kernels.triton_streaming")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and kernels.interpreter_problem() is not None, reason=str(kernels.interpreter_problem())
+)
 
 
 def tiny_llama() -> torch.nn.Module:

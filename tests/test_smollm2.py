@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +44,16 @@ def test_all_retrieval_generates_the_same_tokens_as_stock(smollm2):
     assert torch.equal(ours.sequences, stock.sequences)
     for a, b in zip(ours.logits, stock.logits):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_example_script_generates_and_reports_the_cache(tmp_path):
+    """examples/long_context_generate.py end to end: the answer, and KV bytes read from generate()'s DuoCache."""
+    prompt = tmp_path / "doc.txt"
+    prompt.write_text(FILLER * 40 + "The secret number is 48213. " + FILLER * 10 + "What is the secret number?")
+    example = Path(__file__).parents[1] / "examples" / "long_context_generate.py"
+    proc = subprocess.run([sys.executable, str(example), str(prompt)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = re.search(r"(\d+) prompt tokens; KV cache ([\d.]+) MB .* full attention would hold ([\d.]+) MB", proc.stdout)
+    assert report, proc.stdout
+    tokens, duo_mb, full_mb = int(report[1]), float(report[2]), float(report[3])
+    assert tokens > 1500 and 0 < duo_mb < 0.7 * full_mb  # half the KV heads stream: well under full attention

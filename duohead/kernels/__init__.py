@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -77,11 +78,33 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _major_minor(package: str) -> tuple[int, int]:
+    major, minor = importlib.metadata.version(package).split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run duohead's kernel in this environment, or None.
+
+    Triton <= 3.6's interpreter turns a data-dependent loop bound into a Python int with int() of a
+    one-element array, which NumPy >= 2.4 refuses (TypeError); compiled kernels on CUDA are unaffected.
+    """
+    if _major_minor("triton") <= (3, 6) and _major_minor("numpy") >= (2, 4):
+        return (
+            f"the Triton {importlib.metadata.version('triton')} interpreter cannot run duohead's kernel with "
+            f"NumPy {importlib.metadata.version('numpy')}: install triton>=3.7 or numpy<2.4"
+        )
+    return None
+
+
 def _triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA, or on the CPU in interpreter mode (TRITON_INTERPRET=1 before triton is imported)."""
     if not _has("triton"):
         return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and interpreter_problem() is None
 
 
 def available_backends(device: torch.device | str) -> list[str]:
@@ -98,7 +121,10 @@ def available_backends(device: torch.device | str) -> list[str]:
 def _require(backend: str, device: torch.device) -> None:
     if backend not in available_backends(device):
         if backend == "triton":
-            hint = "install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported"
+            interpreting = device.type == "cpu" and _has("triton") and os.environ.get("TRITON_INTERPRET") == "1"
+            hint = (interpreting and interpreter_problem()) or (
+                "install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported"
+            )
         else:
             hint = "it needs a CUDA device, the flashinfer-python package and triton"
         raise RuntimeError(f"duohead backend {backend!r} is not available for tensors on {device}: {hint}")
