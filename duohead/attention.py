@@ -73,7 +73,8 @@ def duohead_attention(
     """Attention function for transformers' `AttentionInterface`.
 
     query [B, Hq, Q, D]; key/value either `PendingKV` from a `DuoCache` or plain [B, Hkv, Q, D] tensors
-    (no cache: the forward sees only these tokens). Returns ([B, Q, Hq, D], None).
+    (no cache: the forward sees only these tokens). Returns ([B, Q, Hq, D] contiguous, None): the streaming
+    kernel writes its heads in place, the retrieval heads' output is copied in.
     """
     layout = getattr(module, "duohead_layout", None)
     if layout is None:
@@ -106,25 +107,23 @@ def duohead_attention(
 
     hr = layer.num_retrieval_heads
     split = hr * (query.shape[1] // new_k.shape[1])  # query heads of the retrieval KV heads
-    outputs = []
+    out = query.new_empty(query.shape[0], q_len, query.shape[1], query.shape[3])  # [B, Q, Hq, D], what transformers wants
+    by_head = out.transpose(1, 2)  # [B, Hq, Q, D] view: the kernels' layout
     if layer.retrieval is not None:
         keys, values = layer.retrieval.append(new_k[:, :hr], new_v[:, :hr])
-        outputs.append(kernels.retrieval_attention(query[:, :split], keys, values, key_is_real, scaling))
+        by_head[:, :split] = kernels.retrieval_attention(query[:, :split], keys, values, key_is_real, scaling)
     if layer.streaming is not None:
         s = layer.streaming
         k_s, v_s = new_k[:, hr:], new_v[:, hr:]
-        outputs.append(
-            kernels.streaming_attention(
-                query[:, split:], k_s, v_s, q_pos,
-                s.sink_k, s.sink_v, s.sink_pos, s.ring_k, s.ring_v, s.ring_pos,
-                layer.sink, layer.window, scaling,
-            )
+        kernels.streaming_attention(
+            query[:, split:], k_s, v_s, q_pos,
+            s.sink_k, s.sink_v, s.sink_pos, s.ring_k, s.ring_v, s.ring_pos,
+            layer.sink, layer.window, scaling, out=by_head[:, split:],
         )
         s.append(k_s, v_s, q_pos)
     layer.seen += q_len
     layer.real_seen += (q_pos >= 0).sum(dim=1)
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-    return out.transpose(1, 2), None
+    return out, None
 
 
 def register() -> None:

@@ -100,6 +100,24 @@ def test_triton_streaming_matches_reference(group, head_dim, sink, window, chunk
 
 
 @runs_kernel
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_streaming_writes_into_its_heads_of_a_token_major_buffer(impl):
+    """The attention hands the kernels out = buffer[B, Q, Hq_all, D].transpose(1, 2)[:, first:last]: a strided view.
+    Exactly those heads are written, with the values of a fresh output."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 37, 64, generator=gen)
+    k, v = torch.randn(2, 2, 37, 64, generator=gen), torch.randn(2, 2, 37, 64, generator=gen)
+    cache = StreamingKV(k, 4, 16)
+    args = (q, k, v, torch.arange(37).expand(2, -1), *cache.tensors(), 4, 16, 0.125)
+    fn = reference.streaming_attention if impl == "reference" else triton_streaming.streaming_attention
+    buffer = torch.full((2, 37, 7, 64), float("nan"))  # 3 other heads first, then these 4
+    got = fn(*args, out=buffer.transpose(1, 2)[:, 3:])
+    assert got.data_ptr() == buffer[:, :, 3:].data_ptr()
+    torch.testing.assert_close(buffer[:, :, 3:].transpose(1, 2), dense_oracle(*args), atol=2e-5, rtol=2e-5)
+    assert bool(buffer[:, :, :3].isnan().all())
+
+
+@runs_kernel
 def test_right_padding_and_empty_rows_give_zeros():
     """Right padding, and a row that is all padding in one chunk: padding queries output exactly 0."""
     runs = list(run_chunks(2, 64, 1, 16, [12], [4, 12, 0], torch.float32, right=True))

@@ -179,23 +179,24 @@ def streaming_attention(
     sink: int,
     window: int,
     scaling: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D], sink_pos [B, S];
-    ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]. -> [B, Hq, Q, D].
-    See `duohead.kernels.reference.streaming_attention`.
+    ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]; out [B, Hq, Q, D] (any strides, last dim contiguous)
+    or None. -> out, or a new [B, Hq, Q, D] tensor. See `duohead.kernels.reference.streaming_attention`.
     """
     args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling)
     backend = get_backend()
     if backend == "auto":
         backend = "triton" if q.is_cuda and _has("triton") else "torch"
     if backend == "torch":
-        return reference.streaming_attention(*args)
+        return reference.streaming_attention(*args, out=out)
     _require(backend, q.device)
     from duohead.kernels import triton_streaming
 
-    return triton_streaming.streaming_attention(*args)
+    return triton_streaming.streaming_attention(*args, out=out)
 
 
 __all__ = [

@@ -93,6 +93,7 @@ def streaming_attention(
     sink: int,
     window: int,
     scaling: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
@@ -101,14 +102,16 @@ def streaming_attention(
     contiguous within a row (left or right padding);
     sink_k, sink_v [B, Hkv, S, D] with sink_pos [B, S]; ring_k, ring_v [B, Hkv, W, D] with
     ring_pos [B, W]: the cache before this call (positions -1 = empty; sink holds positions < S,
-    the ring positions >= S). -> [B, Hq, Q, D].
+    the ring positions >= S); out [B, Hq, Q, D] to write into, or None. -> out, or a new [B, Hq, Q, D].
 
     Work and memory are O(Q * (S + W)): query blocks visit the cache, the new tokens that are sinks,
     and the new tokens in their own window, never a Q x Q mask.
     """
     batch, num_kv_heads, q_len, head_dim = k.shape
+    if out is None:
+        out = q.new_empty(q.shape)
     if q.shape[1] == 0:
-        return q.new_empty(q.shape)
+        return out
     # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
     n_sink = min(sink, q_len)
     first_real = (q_pos >= 0).int().argmax(-1, keepdim=True)  # [B, 1]; 0 for a row without real tokens
@@ -126,7 +129,6 @@ def streaming_attention(
     # New tokens that are sinks are already in `fixed`; hide them in the windowed part.
     win_pos = torch.where(q_pos >= sink, q_pos, torch.full_like(q_pos, -1))
 
-    out = q.new_empty(q.shape)
     for q0 in range(0, q_len, QUERY_BLOCK):
         q1 = min(q0 + QUERY_BLOCK, q_len)
         k0 = max(0, q0 - window + 1)  # slot distance >= position distance for contiguous real tokens
