@@ -34,7 +34,7 @@ from duohead.cli_support import (
     resolve_device,
     run_cli,
 )
-from duohead.heatmap import have_matplotlib, save_heatmap
+from duohead.plots import have_matplotlib, plot_needle_grid
 from duohead.pattern import atomic_write_text
 from duohead.runner import run_prompt
 
@@ -255,7 +255,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if have_matplotlib():
         for m in report["methods"]:
             grids = {t: m["summary"]["tasks"][t]["grid"] for t in args.tasks}
-            save_heatmap(out / f"heatmap_{m['name'].replace('@', '_')}.png", f"{m['name']} (sparsity {m['sparsity']:.2f})", args.lengths, args.depths, grids)
+            plot_needle_grid(out / f"heatmap_{m['name'].replace('@', '_')}.png", f"{m['name']} (sparsity {m['sparsity']:.2f})", args.lengths, args.depths, grids)
         print(f"wrote {out / 'results.json'} and one heat map per method", file=sys.stderr)
     else:
         print(f"wrote {out / 'results.json'}; install matplotlib for the heat maps", file=sys.stderr)

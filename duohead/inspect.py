@@ -2,14 +2,13 @@
 
 Prints the shape, sink/window, model and provenance, a text histogram of the gates, how many gates are
 saturated, and the margin at the cut for a sparsity; optionally draws the gate heat map (layers x KV heads).
-`gate_report` and `plot_gates` are also used by `duohead calibrate` for its summary and heat map.
+`gate_report` and `histogram_lines` are also used by `duohead calibrate` for its summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from duohead.pattern import HeadPattern
+from duohead.plots import plot_gates
 
 SATURATION = 0.01  # a gate within this of 0 or 1 counts as saturated
 
@@ -61,35 +61,6 @@ def histogram_lines(gates: torch.Tensor, bins: int = 10, width: int = 40) -> lis
         f"  [{i / bins:.1f}, {(i + 1) / bins:.1f}{']' if i == bins - 1 else ')'} {c:5d} {'#' * round(width * c / top)}"
         for i, c in enumerate(counts)
     ]
-
-
-def plot_gates(gates: torch.Tensor, path: str | os.PathLike, title: str = "") -> Path:
-    """Save the gate heat map (layers down, KV heads across; 1 = retrieval) as a PNG. Needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("the heat map needs matplotlib: pip install 'duohead[plot]' (or pip install matplotlib)") from None
-    data = gates.detach().float().cpu().numpy()
-    layers, heads = data.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.5 * heads), 1.2 + 0.18 * layers))
-    image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(heads))
-    ax.set_yticks(range(0, layers, max(1, layers // 32)))
-    ax.set_title(title or "gates (1 = retrieval, 0 = streaming)", fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.08)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def summary_lines(pattern: HeadPattern, sparsity: float) -> list[str]:

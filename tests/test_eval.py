@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from duohead import evaluate, prompts
 from duohead.calibrate import haystack as calibration_haystack
-from duohead.heatmap import have_matplotlib
+from duohead.plots import have_matplotlib
 
 ROW_KEYS = {"task", "length", "depth", "sample", "prompt_tokens", "answer", "output", "score", "prefill_seconds"}
 

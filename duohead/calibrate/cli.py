@@ -20,7 +20,8 @@ from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
 from duohead.hook import SUPPORTED_ARCHITECTURES
-from duohead.inspect import gate_report, histogram_lines, plot_gates
+from duohead.inspect import gate_report, histogram_lines
+from duohead.plots import plot_gates
 from duohead.pattern import HeadPattern, atomic_write_text
 
 PATTERN = "pattern.json"
