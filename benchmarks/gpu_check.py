@@ -3,7 +3,9 @@
 Run it through benchmarks/gpu_check.sh (that file's header has the device-tool call). Sections:
 1. correctness on random inputs (outputs poisoned with NaN first): Triton streaming prefill / chunked prefill /
    decode (bf16, fp16), FlashInfer retrieval prefill / chunked prefill / decode, the SDPA fallback, and the
-   "auto" dispatch, each against the torch reference computed in float32;
+   "auto" dispatch, each against the torch reference computed in float32; then the whole model path (a 2-layer
+   random Llama of the same attention shapes: DuoCache, prefill + decode) against stock transformers and the
+   torch backend;
 2. the card's copy bandwidth (a large device-to-device copy, read + write bytes);
 3. (a) a decode step of all layers' attention, duohead vs full attention, at each context and streaming
    fraction, with bytes moved, achieved bytes/s and the bandwidth floor; eager and CUDA-graph replay;
@@ -147,9 +149,10 @@ def check_retrieval(fn, device, dtype, shapes: Shapes, chunks: tuple[int, ...], 
     return {"max_error": max_error(fn(q, k, v, None, scale, **kwargs), expected), "chunks": list(chunks)}
 
 
-def correctness(device: torch.device, shapes: Shapes, dry: bool) -> list[dict]:
+def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: bool) -> list[dict]:
     """Every GPU path vs the reference; a failing check is recorded, never fatal."""
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+    model_tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # relative to the largest logit
     use_flashinfer = device.type == "cuda" and flashinfer_retrieval.available()
     prefill, chunked, decode = ((96,), (96, 17), (150, 1)) if dry else ((333,), (333, 64), (1000, 1))
     plan = [("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)]
@@ -171,10 +174,74 @@ def correctness(device: torch.device, shapes: Shapes, dry: bool) -> list[dict]:
         row.update(name=name, dtype=str(dtype).removeprefix("torch."), tolerance=tol[dtype], seconds=round(time.perf_counter() - t0, 2))
         print(f"[check] {row}", flush=True)
         results.append(row)
+    t0 = time.perf_counter()
+    try:
+        model_rows = check_model(device, shapes, duo_backend, dry)
+    except Exception as e:
+        traceback.print_exc()
+        model_rows = [{"name": "model", "max_error": float("inf"), "error": f"{type(e).__name__}: {e}"[:500]}]
+    for row in model_rows:
+        row.update(ok=row["max_error"] <= model_tol[shapes.dtype], dtype=str(shapes.dtype).removeprefix("torch."),
+                   tolerance=model_tol[shapes.dtype], seconds=round(time.perf_counter() - t0, 2))
+        print(f"[check] {row}", flush=True)
+    results += model_rows
     if not use_flashinfer:
         reason = "no CUDA device" if device.type != "cuda" else "flashinfer not installed"
         results.append({"name": "flashinfer retrieval", "ok": None, "skipped": reason})
     return results
+
+
+# ---- 1b. the whole model path ----
+
+
+def check_model(device: torch.device, shapes: Shapes, duo_backend: str, dry: bool) -> list[dict]:
+    """duohead inside a transformers model: a random-weight Llama with the benchmark's attention shapes (2 layers,
+    small vocab). Prefill of all tokens but 8, then 8 one-token decode steps; the logits of every step compared
+    (max |difference| / max |logit|): the all-retrieval pattern vs stock transformers (sdpa, DynamicCache), and a
+    50% pattern on `duo_backend` vs the torch reference on the same device."""
+    import duohead
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+    from duohead.cache import cache_argument
+
+    torch.manual_seed(0)
+    hidden = shapes.num_q_heads * shapes.head_dim
+    tokens = 64 if dry else 3000
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden if dry else 14336, num_hidden_layers=2,
+        num_attention_heads=shapes.num_q_heads, num_key_value_heads=shapes.num_kv_heads, head_dim=shapes.head_dim,
+        max_position_embeddings=2 * tokens,
+    )
+    with torch.device(device):  # random init on the device: fast for 8B-shaped layers
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=shapes.dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+
+    def step_logits(make_cache) -> torch.Tensor:
+        cache, name = make_cache(), cache_argument(model)
+        with torch.no_grad():
+            steps = [model(ids[:, :-8], **{name: cache}, use_cache=True).logits[0, -1]]
+            steps += [model(ids[:, t : t + 1], **{name: cache}, use_cache=True).logits[0, -1] for t in range(tokens - 8, tokens)]
+        return torch.stack(steps).float()
+
+    def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+        return float((got - expected).abs().max() / expected.abs().max()) if bool(torch.isfinite(got).all()) else float("inf")
+
+    stock = step_logits(DynamicCache)
+    sink_window = dict(sink=shapes.sink, window=shapes.window)
+    rows = []
+    duohead.enable(model, duohead.HeadPattern(torch.ones(2, shapes.num_kv_heads), **sink_window))
+    with kernels.use_backend(duo_backend):
+        rows.append({"name": f"model all-retrieval ({duo_backend}) vs stock", "max_error": relative(step_logits(lambda: duohead.DuoCache(model)), stock)})
+    duohead.disable(model)
+    duohead.enable(model, duohead.HeadPattern(torch.rand(2, shapes.num_kv_heads), **sink_window), sparsity=0.5)
+    with kernels.use_backend("torch"):
+        expected = step_logits(lambda: duohead.DuoCache(model))
+    with kernels.use_backend(duo_backend):
+        rows.append({"name": f"model 50% streaming ({duo_backend}) vs torch", "max_error": relative(step_logits(lambda: duohead.DuoCache(model)), expected)})
+    duohead.disable(model)
+    for row in rows:
+        row["tokens"] = tokens
+    return rows
 
 
 # ---- 2-4. timings ----
@@ -374,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(json.dumps(report, indent=1, default=str))
 
     t0 = time.perf_counter()
-    report["checks"] = correctness(device, shapes, args.dry_run)
+    report["checks"] = correctness(device, shapes, duo_backend, args.dry_run)
     save()
     bandwidth = copy_bandwidth(device, clock, args.dry_run)
     report["copy_bandwidth_GBps"] = bandwidth / 1e9
