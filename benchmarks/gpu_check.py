@@ -2,7 +2,7 @@
 
 Run it through benchmarks/gpu_check.sh (that file's header has the device-tool call). Sections:
 1. correctness on random inputs (outputs poisoned with NaN first): Triton streaming prefill / chunked prefill /
-   decode (bf16, fp16), FlashInfer retrieval prefill / chunked prefill / decode, the SDPA fallback, and the
+   decode (bf16, fp16) and its cache writes (bit-exact), FlashInfer retrieval prefill / chunked prefill / decode, the SDPA fallback, and the
    "auto" dispatch, each against the torch reference computed in float32; then the whole model path (a 2-layer
    random Llama of the same attention shapes: DuoCache, prefill + decode) against stock transformers and the
    torch backend;
@@ -128,6 +128,27 @@ def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
     return {"max_error": worst, "chunks": list(chunks)}
 
 
+def check_append(device, dtype, shapes: Shapes, dry: bool) -> dict:
+    """Triton cache writes (prefill with left padding, chunks, decode steps) vs the torch reference: equal bits."""
+    from duohead.kernels import triton_streaming
+
+    sink, window = (4, 16) if dry else (16, 64)
+    chunks = (40, 9, 1, 1) if dry else (300, 77, 1, 1)
+    seen, ours, theirs, mismatches = [0, 0], None, None, 0
+    for i, q_len in enumerate(chunks):
+        k, v = (randn(2, shapes.num_kv_heads, q_len, shapes.head_dim, device=device, dtype=dtype) for _ in range(2))
+        pos = torch.full((2, q_len), -1, dtype=torch.long, device=device)
+        for b, pad in enumerate((0, 5) if i == 0 else (0, 0)):
+            pos[b, pad:] = torch.arange(seen[b], seen[b] + q_len - pad, device=device)
+            seen[b] += q_len - pad
+        if ours is None:
+            ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
+        triton_streaming.streaming_append(k, v, pos, *ours.tensors(), sink, window)
+        reference.streaming_append(k, v, pos, *theirs.tensors(), sink, window)
+        mismatches += sum(int((a != b).sum()) for a, b in zip(ours.tensors(), theirs.tensors()))
+    return {"max_error": float(mismatches), "chunks": list(chunks)}
+
+
 def retrieval_inputs(device, dtype, shapes: Shapes, chunks: tuple[int, ...]):
     cache = None
     for q_len in chunks:
@@ -156,6 +177,7 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     use_flashinfer = device.type == "cuda" and flashinfer_retrieval.available()
     prefill, chunked, decode = ((96,), (96, 17), (150, 1)) if dry else ((333,), (333, 64), (1000, 1))
     plan = [("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)]
+    plan.append(("triton streaming append", shapes.dtype, lambda: check_append(device, shapes.dtype, shapes, dry)))
     for name, fn in (("flashinfer retrieval", flashinfer_retrieval.retrieval_attention), ("sdpa retrieval", reference.retrieval_attention)):
         if name.startswith("flashinfer") and not use_flashinfer:
             continue

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from duohead import kernels
+
 
 def _round_up(tokens: int, multiple: int = 64) -> int:
     return -(-tokens // multiple) * multiple
@@ -78,42 +80,9 @@ class StreamingKV:
         self.ring_pos = torch.full((batch, window), -1, dtype=torch.long, device=like.device)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
-        """Store new tokens' keys/values [B, Hs, Q, D] at real positions pos [B, Q] (-1 = padding, skipped)."""
-        if keys.shape[2] == 1:
-            self._append_one(keys, values, pos[:, 0])
-            return
-        is_sink = (pos >= 0) & (pos < self.sink)
-        rows, cols = is_sink.nonzero(as_tuple=True)
-        slots = pos[rows, cols]
-        self.sink_k[rows, :, slots] = keys[rows, :, cols]
-        self.sink_v[rows, :, slots] = values[rows, :, cols]
-        self.sink_pos[rows, slots] = slots
-        # Only the last W tokens of each row reach the ring, so no slot is written twice.
-        newest = pos.amax(dim=1, keepdim=True)
-        to_ring = (pos >= self.sink) & (pos > newest - self.window)
-        rows, cols = to_ring.nonzero(as_tuple=True)
-        positions = pos[rows, cols]
-        slots = (positions - self.sink) % self.window
-        self.ring_k[rows, :, slots] = keys[rows, :, cols]
-        self.ring_v[rows, :, slots] = values[rows, :, cols]
-        self.ring_pos[rows, slots] = positions
-
-    def _append_one(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
-        """Decode step: one token per row (keys [B, Hs, 1, D], pos [B]), without a device-to-host sync:
-        every row writes one sink slot and one ring slot, putting back the old value where its token goes elsewhere."""
-        if self.sink > 0:
-            self._write_slot(self.sink_k, self.sink_v, self.sink_pos, keys, values, pos, pos.clamp(0, self.sink - 1), (pos >= 0) & (pos < self.sink))
-        slot = (pos - self.sink).clamp_min(0) % self.window
-        self._write_slot(self.ring_k, self.ring_v, self.ring_pos, keys, values, pos, slot, pos >= self.sink)
-
-    @staticmethod
-    def _write_slot(buf_k, buf_v, buf_pos, keys, values, pos, slot, take) -> None:
-        """buf_*[b, :, slot[b]] = new token where take[b], else unchanged. slot, take [B]."""
-        index = slot[:, None, None, None].expand(-1, buf_k.shape[1], 1, buf_k.shape[3])
-        keep = ~take[:, None, None, None]
-        buf_k.scatter_(2, index, torch.where(keep, buf_k.gather(2, index), keys))
-        buf_v.scatter_(2, index, torch.where(keep, buf_v.gather(2, index), values))
-        buf_pos.scatter_(1, slot[:, None], torch.where(take, pos, buf_pos.gather(1, slot[:, None])[:, 0])[:, None])
+        """Store new tokens' keys/values [B, Hs, Q, D] at real positions pos [B, Q] (-1 = padding, skipped).
+        In place; on CUDA one Triton launch without a device-to-host sync. See `duohead.kernels.streaming_append`."""
+        kernels.streaming_append(keys, values, pos, *self.tensors(), self.sink, self.window)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sink_k, self.sink_v, self.sink_pos, self.ring_k, self.ring_v, self.ring_pos]

@@ -117,6 +117,40 @@ def test_streaming_writes_into_its_heads_of_a_token_major_buffer(impl):
     assert bool(buffer[:, :, :3].isnan().all())
 
 
+APPEND_CASES = [  # (sink, window, chunks, first-chunk padding per row, right padding)
+    (4, 16, [3, 1, 1], [0, 2], False),  # sinks only, then decode
+    (4, 16, [100, 1, 1, 1], [0, 37], False),  # prefill longer than the window (several token blocks), decode wraps
+    (0, 8, [5, 30, 1], [4, 0], False),  # no sink; a chunk longer than the ring
+    (1, 1, [7, 1, 2], [0, 6], True),  # window 1, right padding
+    (2, 64, [10, 80, 1], [0, 3], True),
+]
+
+
+@runs_kernel
+@pytest.mark.parametrize("sink,window,chunks,pads,right", APPEND_CASES)
+def test_triton_append_stores_what_the_reference_stores(sink, window, chunks, pads, right):
+    gen = torch.Generator().manual_seed(7)
+    seen = [0] * len(pads)
+    ours = theirs = None
+    for i, q_len in enumerate(chunks):
+        k, v = (torch.randn(len(pads), 3, q_len, 32, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
+        pos = make_positions(q_len, pads if i == 0 else [0] * len(pads), seen, right).to(DEVICE)
+        if ours is None:
+            ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
+            for a, b in zip(ours.tensors(), theirs.tensors()):  # random, never zero: every written slot must change
+                if a.is_floating_point():
+                    a.normal_(generator=None)
+                    b.copy_(a)
+        triton_streaming.streaming_append(k, v, pos, *ours.tensors(), sink, window)
+        reference.streaming_append(k, v, pos, *theirs.tensors(), sink, window)
+        for name, a, b in zip(("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"), ours.tensors(), theirs.tensors()):
+            assert torch.equal(a, b), (i, name)
+    stored = torch.cat([ours.sink_pos, ours.ring_pos], dim=1).cpu()
+    for row, count in enumerate(seen):  # each row keeps its first min(S, n) and last min(W, n - S) tokens
+        expected = set(range(min(sink, count))) | set(range(max(sink, count - window), count))
+        assert set(stored[row].tolist()) - {-1} == expected
+
+
 @runs_kernel
 def test_right_padding_and_empty_rows_give_zeros():
     """Right padding, and a row that is all padding in one chunk: padding queries output exactly 0."""
@@ -167,17 +201,13 @@ HOPPER_BUILDS = [("bf16", 4, 1, 128), ("fp16", 3, 100, 80)]  # (dtype, G, Q, D):
 
 
 def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
-    """Compile the kernel to sm_90 cubins with Triton's real compiler (no GPU needed; not under the interpreter)."""
+    """Compile both kernels to sm_90 cubins with Triton's real compiler (no GPU needed; not under the interpreter)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = triton_streaming._streaming_attention_kernel
-    pointers = {"QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64"}
-    for dtype, group, q_len, head_dim in builds:
-        cfg = triton_streaming.launch_config(group, q_len, head_dim)
-        constexprs = dict(GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
-                          HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=dtype == "fp32")
+    def build(kernel, dtype: str, constexprs: dict, num_warps: int) -> None:
+        pointers = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64"}
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -190,9 +220,17 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=indexed),
             target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": cfg["num_warps"], "num_stages": 2},
+            options={"num_warps": num_warps, "num_stages": 2},
         )
-        assert "cubin" in compiled.asm, (dtype, group, q_len, head_dim)
+        assert "cubin" in compiled.asm, (kernel.__name__, dtype, constexprs)
+
+    for dtype, group, q_len, head_dim in builds:
+        cfg = triton_streaming.launch_config(group, q_len, head_dim)
+        constexprs = dict(GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
+                          HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=dtype == "fp32")
+        build(triton_streaming._streaming_attention_kernel, dtype, constexprs, cfg["num_warps"])
+        block_t = min(64, triton.next_power_of_2(q_len))
+        build(triton_streaming._streaming_append_kernel, dtype, dict(BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"]), 4)
 
 
 def test_kernel_compiles_for_hopper():

@@ -30,7 +30,7 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     assert all(c["ok"] for c in report["checks"] if c.get("ok") is not None), report["checks"]
-    assert {"triton streaming", "sdpa retrieval decode", "sdpa retrieval chunked prefill", "auto dispatch retrieval decode",
+    assert {"triton streaming", "triton streaming append", "sdpa retrieval decode", "sdpa retrieval chunked prefill", "auto dispatch retrieval decode",
             "model all-retrieval (triton) vs stock", "model 50% streaming (triton) vs torch"} <= set(checks)
     assert checks["flashinfer retrieval"]["skipped"] == "no CUDA device"
     grid = {(r["context"], r["streaming_fraction"]) for r in report["decode"]}

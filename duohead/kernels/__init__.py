@@ -1,10 +1,10 @@
 """Attention kernels for retrieval and streaming heads, chosen by backend, device and availability.
 
-`retrieval_attention` and `streaming_attention` have the signatures of their twins in
+`retrieval_attention`, `streaming_attention` and `streaming_append` have the signatures of their twins in
 `duohead.kernels.reference`, the oracle and the CPU path. Backends:
 
     torch       the reference everywhere (SDPA for retrieval heads, blocked torch for streaming heads)
-    triton      streaming heads: Triton (CUDA, or the CPU interpreter when TRITON_INTERPRET=1);
+    triton      streaming heads (attention and cache writes): Triton (CUDA, or the CPU interpreter when TRITON_INTERPRET=1);
                 retrieval heads: SDPA
     flashinfer  retrieval heads: FlashInfer (CUDA only; inputs it cannot take, e.g. padding or fp32, use SDPA);
                 streaming heads: Triton
@@ -199,6 +199,34 @@ def streaming_attention(
     return triton_streaming.streaming_attention(*args, out=out)
 
 
+def streaming_append(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+) -> None:
+    """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
+    Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
+    See `duohead.kernels.reference.streaming_append`."""
+    args = (keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window)
+    backend = get_backend()
+    if backend == "auto":
+        backend = "triton" if keys.is_cuda and _has("triton") else "torch"
+    if backend == "torch":
+        return reference.streaming_append(*args)
+    _require(backend, keys.device)
+    from duohead.kernels import triton_streaming
+
+    return triton_streaming.streaming_append(*args)
+
+
 __all__ = [
     "BACKENDS",
     "available_backends",
@@ -206,6 +234,7 @@ __all__ = [
     "lambda_visible",
     "retrieval_attention",
     "set_backend",
+    "streaming_append",
     "streaming_attention",
     "use_backend",
 ]

@@ -138,3 +138,52 @@ def streaming_attention(
         visible = lambda_visible(q_pos[:, q0:q1, None], k_pos[:, None, :], sink, window)
         out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling)
     return out
+
+
+def streaming_append(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+) -> None:
+    """Store new tokens in the streaming cache, in place (the layout of `streaming_attention`).
+
+    keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding, skipped). A token at position
+    p < S goes to sink slot p; one at p >= S to ring slot (p - S) % W, if it is among the last W real tokens
+    of its row (an earlier one would be overwritten within this call, so no slot is written twice).
+    One token per row (decode) takes a path without a device-to-host sync.
+    """
+    if keys.shape[2] == 1:
+        pos = pos[:, 0]
+        if sink > 0:
+            _write_slot(sink_k, sink_v, sink_pos, keys, values, pos, pos.clamp(0, sink - 1), (pos >= 0) & (pos < sink))
+        _write_slot(ring_k, ring_v, ring_pos, keys, values, pos, (pos - sink).clamp_min(0) % window, pos >= sink)
+        return
+    rows, cols = ((pos >= 0) & (pos < sink)).nonzero(as_tuple=True)
+    slots = pos[rows, cols]
+    sink_k[rows, :, slots] = keys[rows, :, cols]
+    sink_v[rows, :, slots] = values[rows, :, cols]
+    sink_pos[rows, slots] = slots
+    newest = pos.amax(dim=1, keepdim=True)
+    rows, cols = ((pos >= sink) & (pos > newest - window)).nonzero(as_tuple=True)
+    positions = pos[rows, cols]
+    slots = (positions - sink) % window
+    ring_k[rows, :, slots] = keys[rows, :, cols]
+    ring_v[rows, :, slots] = values[rows, :, cols]
+    ring_pos[rows, slots] = positions
+
+
+def _write_slot(buf_k, buf_v, buf_pos, keys, values, pos, slot, take) -> None:
+    """buf_*[b, :, slot[b]] = the new token where take[b], else the old value written back. slot, take [B]."""
+    index = slot[:, None, None, None].expand(-1, buf_k.shape[1], 1, buf_k.shape[3])
+    keep = ~take[:, None, None, None]
+    buf_k.scatter_(2, index, torch.where(keep, buf_k.gather(2, index), keys))
+    buf_v.scatter_(2, index, torch.where(keep, buf_v.gather(2, index), values))
+    buf_pos.scatter_(1, slot[:, None], torch.where(take, pos, buf_pos.gather(1, slot[:, None])[:, 0])[:, None])

@@ -236,3 +236,89 @@ def streaming_attention(
         num_warps=cfg["num_warps"], num_stages=1 if q.dtype == torch.float32 else 2,
     )
     return out
+
+
+@triton.jit
+def _streaming_append_kernel(
+    K, V, Pos, Newest, SinkK, SinkV, SinkPos, RingK, RingV, RingPos,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_pb, stride_pt,
+    stride_skb, stride_skh, stride_skt,
+    stride_svb, stride_svh, stride_svt,
+    stride_spb, stride_spt,
+    stride_rkb, stride_rkh, stride_rkt,
+    stride_rvb, stride_rvh, stride_rvt,
+    stride_rpb, stride_rpt,
+    num_kv_heads, q_len, sink, window,
+    BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (ceil(Q / BLOCK_T), B * Hkv): one program copies BLOCK_T new tokens of one KV head to their slots."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    p = tl.load(Pos + b * stride_pb + t * stride_pt, mask=t < q_len, other=-1)
+    newest = tl.load(Newest + b)
+    to_sink = (p >= 0) & (p < sink)
+    to_ring = (p >= sink) & (p > newest - window)  # the last W real tokens: no ring slot is written twice
+    sink_slot = tl.where(to_sink, p, 0)
+    ring_slot = tl.where(to_ring, (p - sink) % window, 0)
+    moved = (to_sink | to_ring)[:, None] & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + offs_d[None, :], mask=moved, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + offs_d[None, :], mask=moved, other=0.0)
+    sink_mask = to_sink[:, None] & d_mask[None, :]
+    ring_mask = to_ring[:, None] & d_mask[None, :]
+    tl.store(SinkK + b * stride_skb + h * stride_skh + sink_slot[:, None] * stride_skt + offs_d[None, :], k, mask=sink_mask)
+    tl.store(SinkV + b * stride_svb + h * stride_svh + sink_slot[:, None] * stride_svt + offs_d[None, :], v, mask=sink_mask)
+    tl.store(RingK + b * stride_rkb + h * stride_rkh + ring_slot[:, None] * stride_rkt + offs_d[None, :], k, mask=ring_mask)
+    tl.store(RingV + b * stride_rvb + h * stride_rvh + ring_slot[:, None] * stride_rvt + offs_d[None, :], v, mask=ring_mask)
+    if h == 0:  # positions are per row, shared by the heads
+        tl.store(SinkPos + b * stride_spb + sink_slot * stride_spt, p, mask=to_sink)
+        tl.store(RingPos + b * stride_rpb + ring_slot * stride_rpt, p, mask=to_ring)
+
+
+def streaming_append(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+) -> None:
+    """Store new tokens in the streaming cache, in place: semantics of `duohead.kernels.reference.streaming_append`.
+
+    keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding); the cache tensors as in
+    `streaming_attention` (last dims contiguous). One launch (plus a row-wise max for Q > 1), no host sync.
+    """
+    batch, num_kv_heads, q_len, head_dim = keys.shape
+    if batch == 0 or num_kv_heads == 0 or q_len == 0:
+        return
+    keys, values = _last_dim_contiguous(keys), _last_dim_contiguous(values)
+    if any(t.stride(-1) != 1 for t in (sink_k, sink_v, ring_k, ring_v)):
+        raise ValueError("the streaming cache buffers must have a contiguous last dim")
+    newest = pos[:, 0] if q_len == 1 else pos.amax(dim=1)  # [B]; real tokens are the row's largest positions
+    block_t = min(64, triton.next_power_of_2(q_len))
+    grid = (triton.cdiv(q_len, block_t), batch * num_kv_heads)
+    _streaming_append_kernel[grid](
+        keys, values, pos, newest, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos,
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        pos.stride(0), pos.stride(1),
+        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
+        sink_v.stride(0), sink_v.stride(1), sink_v.stride(2),
+        sink_pos.stride(0), sink_pos.stride(1),
+        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        ring_v.stride(0), ring_v.stride(1), ring_v.stride(2),
+        ring_pos.stride(0), ring_pos.stride(1),
+        num_kv_heads, q_len, sink, window,
+        BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
+    )
