@@ -28,6 +28,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -165,6 +166,20 @@ def retrieval_attention(
     return reference.retrieval_attention(q, k, v, key_is_real, scaling)  # SDPA (flash / memory-efficient on CUDA)
 
 
+def _streaming_module(device: torch.device) -> ModuleType:
+    """Where streaming heads run: `triton_streaming` (CUDA with triton under "auto"; forced "triton"/"flashinfer"),
+    else `reference`."""
+    backend = get_backend()
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _has("triton") else "torch"
+    if backend == "torch":
+        return reference
+    _require(backend, device)
+    from duohead.kernels import triton_streaming
+
+    return triton_streaming
+
+
 def streaming_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,15 +203,7 @@ def streaming_attention(
     or None. -> out, or a new [B, Hq, Q, D] tensor. See `duohead.kernels.reference.streaming_attention`.
     """
     args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling)
-    backend = get_backend()
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _has("triton") else "torch"
-    if backend == "torch":
-        return reference.streaming_attention(*args, out=out)
-    _require(backend, q.device)
-    from duohead.kernels import triton_streaming
-
-    return triton_streaming.streaming_attention(*args, out=out)
+    return _streaming_module(q.device).streaming_attention(*args, out=out)
 
 
 def streaming_append(
@@ -216,15 +223,7 @@ def streaming_append(
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""
     args = (keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window)
-    backend = get_backend()
-    if backend == "auto":
-        backend = "triton" if keys.is_cuda and _has("triton") else "torch"
-    if backend == "torch":
-        return reference.streaming_append(*args)
-    _require(backend, keys.device)
-    from duohead.kernels import triton_streaming
-
-    return triton_streaming.streaming_append(*args)
+    _streaming_module(keys.device).streaming_append(*args)
 
 
 __all__ = [

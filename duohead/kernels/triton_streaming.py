@@ -181,6 +181,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """The kernels' stride arguments, in order: (b, h, t) of each [B, H, T, D] tensor (D is contiguous), (b, t)
+    of each [B, T] position tensor."""
+    return [stride for t in tensors for stride in (t.stride()[:3] if t.dim() == 4 else t.stride())]
+
+
 def streaming_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,17 +225,7 @@ def streaming_attention(
     grid = (triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * num_kv_heads)
     _streaming_attention_kernel[grid](
         q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        q_pos.stride(0), q_pos.stride(1),
-        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
-        sink_v.stride(0), sink_v.stride(1), sink_v.stride(2),
-        sink_pos.stride(0), sink_pos.stride(1),
-        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
-        ring_v.stride(0), ring_v.stride(1), ring_v.stride(2),
-        ring_pos.stride(0), ring_pos.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        *_strides(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out),
         num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2], sink, window, scaling * 1.4426950408889634,
         GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=q.dtype == torch.float32,
@@ -310,15 +306,7 @@ def streaming_append(
     grid = (triton.cdiv(q_len, block_t), batch * num_kv_heads)
     _streaming_append_kernel[grid](
         keys, values, pos, newest, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos,
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        pos.stride(0), pos.stride(1),
-        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
-        sink_v.stride(0), sink_v.stride(1), sink_v.stride(2),
-        sink_pos.stride(0), sink_pos.stride(1),
-        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
-        ring_v.stride(0), ring_v.stride(1), ring_v.stride(2),
-        ring_pos.stride(0), ring_pos.stride(1),
+        *_strides(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos),
         num_kv_heads, q_len, sink, window,
         BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
     )
