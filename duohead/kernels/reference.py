@@ -112,6 +112,15 @@ def streaming_attention(
         out = q.new_empty(q.shape)
     if q.shape[1] == 0:
         return out
+    if q_len == 1:  # decode: the token sees cached keys and itself, nothing else
+        keys, values = torch.cat([sink_k, ring_k, k], dim=2), torch.cat([sink_v, ring_v, v], dim=2)
+        visible = lambda_visible(q_pos[:, :, None], torch.cat([sink_pos, ring_pos, q_pos], dim=1)[:, None, :], sink, window)
+        seen = visible.any(dim=-1, keepdim=True)  # [B, 1, 1]: False only for a padding token
+        attended = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=(visible | ~seen)[:, None], scale=scaling, enable_gqa=q.shape[1] > num_kv_heads
+        )
+        out.copy_(attended.masked_fill(~seen[:, None], 0.0))  # a token that sees nothing outputs zeros
+        return out
     # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
     n_sink = min(sink, q_len)
     first_real = (q_pos >= 0).int().argmax(-1, keepdim=True)  # [B, 1]; 0 for a row without real tokens
@@ -155,35 +164,30 @@ def streaming_append(
 ) -> None:
     """Store new tokens in the streaming cache, in place (the layout of `streaming_attention`).
 
-    keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding, skipped). A token at position
-    p < S goes to sink slot p; one at p >= S to ring slot (p - S) % W, if it is among the last W real tokens
-    of its row (an earlier one would be overwritten within this call, so no slot is written twice).
-    One token per row (decode) takes a path without a device-to-host sync.
+    keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding, skipped; a row's real tokens are
+    contiguous with consecutive positions). A token at position p < S goes to sink slot p; one at p >= S to
+    ring slot (p - S) % W, if it is among the last W real tokens of its row (an earlier one would be
+    overwritten within this call, so no slot is written twice). Per row that is at most three contiguous
+    runs of slots, copied as slices; one device-to-host read of three numbers per row.
     """
-    if keys.shape[2] == 1:
-        pos = pos[:, 0]
-        if sink > 0:
-            _write_slot(sink_k, sink_v, sink_pos, keys, values, pos, pos.clamp(0, sink - 1), (pos >= 0) & (pos < sink))
-        _write_slot(ring_k, ring_v, ring_pos, keys, values, pos, (pos - sink).clamp_min(0) % window, pos >= sink)
-        return
-    rows, cols = ((pos >= 0) & (pos < sink)).nonzero(as_tuple=True)
-    slots = pos[rows, cols]
-    sink_k[rows, :, slots] = keys[rows, :, cols]
-    sink_v[rows, :, slots] = values[rows, :, cols]
-    sink_pos[rows, slots] = slots
-    newest = pos.amax(dim=1, keepdim=True)
-    rows, cols = ((pos >= sink) & (pos > newest - window)).nonzero(as_tuple=True)
-    positions = pos[rows, cols]
-    slots = (positions - sink) % window
-    ring_k[rows, :, slots] = keys[rows, :, cols]
-    ring_v[rows, :, slots] = values[rows, :, cols]
-    ring_pos[rows, slots] = positions
+    real = pos >= 0
+    first = real.int().argmax(dim=1)  # slot of each row's first real token (0 if none)
+    rows = torch.stack([real.sum(dim=1), first, pos.gather(1, first[:, None])[:, 0]], dim=1).tolist()
+    for b, (count, slot, start) in enumerate(rows):  # new tokens: slots slot + i, positions start + i, i < count
+        end = start + count
+        to_sink = max(0, min(end, sink) - start)
+        _copy_run(keys, values, pos, b, slot, sink_k, sink_v, sink_pos, start, to_sink)
+        first_ring = max(start + to_sink, end - window)  # positions [first_ring, end) reach the ring
+        while first_ring < end:  # at most two runs: the ring may wrap
+            ring_slot = (first_ring - sink) % window
+            n = min(end - first_ring, window - ring_slot)
+            _copy_run(keys, values, pos, b, slot + first_ring - start, ring_k, ring_v, ring_pos, ring_slot, n)
+            first_ring += n
 
 
-def _write_slot(buf_k, buf_v, buf_pos, keys, values, pos, slot, take) -> None:
-    """buf_*[b, :, slot[b]] = the new token where take[b], else the old value written back. slot, take [B]."""
-    index = slot[:, None, None, None].expand(-1, buf_k.shape[1], 1, buf_k.shape[3])
-    keep = ~take[:, None, None, None]
-    buf_k.scatter_(2, index, torch.where(keep, buf_k.gather(2, index), keys))
-    buf_v.scatter_(2, index, torch.where(keep, buf_v.gather(2, index), values))
-    buf_pos.scatter_(1, slot[:, None], torch.where(take, pos, buf_pos.gather(1, slot[:, None])[:, 0])[:, None])
+def _copy_run(keys, values, pos, row, src, dst_k, dst_v, dst_pos, dst, n) -> None:
+    """Copy n new tokens of one row, slots [src, src + n), to slots [dst, dst + n) of a cache part."""
+    if n > 0:
+        dst_k[row, :, dst : dst + n] = keys[row, :, src : src + n]
+        dst_v[row, :, dst : dst + n] = values[row, :, src : src + n]
+        dst_pos[row, dst : dst + n] = pos[row, src : src + n]
