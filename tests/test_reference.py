@@ -50,3 +50,25 @@ def test_chunks_over_the_cache_equal_one_pass():
         outs.append(streaming_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos[:, sl], *s[:3], *s[3:], sink, window, 0.5))
         cache.append(k[:, :, sl], v[:, :, sl], pos[:, sl])
     assert torch.allclose(torch.cat(outs, dim=2), expected, atol=1e-5)
+
+
+def test_one_token_per_row_equals_dense_mask_and_padding_sees_nothing():
+    """The decode path: rows whose new token is a sink, far past the window, or padding (right-padded row)."""
+    gen = torch.Generator().manual_seed(1)
+    sink, window, prompt = 4, 8, 41
+    lengths = (2, 40, 5)  # real prompt tokens per row (left padding)
+    k_all = torch.randn(3, 2, prompt + 1, 8, generator=gen)
+    v_all = torch.randn(3, 2, prompt + 1, 8, generator=gen)
+    pos = torch.full((3, prompt + 1), -1)
+    for row, n in enumerate(lengths):
+        pos[row, prompt - n : prompt] = torch.arange(n)
+    pos[:2, prompt] = torch.tensor(lengths[:2])  # rows 0 and 1 decode one token; row 2's is padding
+    cache = StreamingKV(k_all, sink, window)
+    cache.append(k_all[:, :, :prompt], v_all[:, :, :prompt], pos[:, :prompt])
+    q = torch.randn(3, 6, 1, 8, generator=gen)
+    new = slice(prompt, prompt + 1)
+    got = streaming_attention(q, k_all[:, :, new], v_all[:, :, new], pos[:, new], *cache.tensors(), sink, window, 0.4)
+    visible = lambda_visible(pos[:, new, None], pos[:, None, :], sink, window)  # [B, 1, all slots]
+    expected = masked_attention(q, k_all, v_all, visible, 0.4)
+    assert torch.allclose(got[:2], expected[:2], atol=1e-5)
+    assert (got[2] == 0).all()
