@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
+from tiny_models import masked_attention
+
 from duohead.calibrate import haystack
 from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.data import NATO, FileHaystack, PasskeyDataset, PasskeySpec
@@ -21,7 +23,7 @@ from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, str
 from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda
 from duohead.inspect import gate_report
 from duohead.inspect import main as inspect_main
-from duohead.kernels.reference import lambda_visible, masked_attention
+from duohead.kernels.reference import lambda_visible
 from duohead.pattern import HeadPattern
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}

@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from tiny_models import masked_attention
+
 from duohead import kernels
 from duohead.cache import StreamingKV
 from duohead.kernels import reference
@@ -49,7 +51,7 @@ def dense_oracle(q, k, v, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_po
     values = torch.cat([sink_v, ring_v, v], dim=2)
     k_pos = torch.cat([sink_pos, ring_pos, pos], dim=1)
     visible = reference.lambda_visible(pos[:, :, None], k_pos[:, None, :], sink, window)
-    return reference.masked_attention(q, keys, values, visible, scaling)
+    return masked_attention(q, keys, values, visible, scaling)
 
 
 def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=False, seed=0):
@@ -236,7 +238,8 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
 def test_kernel_compiles_for_hopper():
     """The interpreter never runs Triton's compiler: build the real kernel for sm_90 in a process without it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import runpy; runpy.run_path({__file__!r})['compile_for_hopper']({HOPPER_BUILDS!r})"
+    here = os.path.dirname(__file__)
+    code = f"import runpy, sys; sys.path.insert(0, {here!r}); runpy.run_path({__file__!r})['compile_for_hopper']({HOPPER_BUILDS!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from tiny_models import masked_attention
+
 from duohead.cache import RetrievalKV
 from duohead.kernels import flashinfer_retrieval, reference
 
@@ -60,7 +62,7 @@ def test_sdpa_retrieval_matches_an_explicit_mask(group, q_len, padded):
         key_is_real[1, :4] = False
     query_slot = torch.arange(kv_len - q_len, kv_len)[:, None]
     visible = (torch.arange(kv_len)[None, :] <= query_slot)[None] & key_is_real[:, None, :]  # [B, Q, T]
-    expected = reference.masked_attention(q, k, v, visible, 0.25)
+    expected = masked_attention(q, k, v, visible, 0.25)
     got = reference.retrieval_attention(q, k, v, key_is_real if padded else None, 0.25)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

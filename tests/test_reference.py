@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_models import masked_attention
+
 from duohead.cache import StreamingKV
-from duohead.kernels.reference import lambda_visible, masked_attention, streaming_attention
+from duohead.kernels.reference import lambda_visible, streaming_attention
 
 
 def dense_lambda(q, k, v, pos, sink, window, scaling):

@@ -83,3 +83,27 @@ def mixed_gates(layers: int, kv_heads: int, seed: int = 0) -> torch.Tensor:
     if layers > 1:
         gates[-1] = 0.0
     return gates
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention with an explicit mask; a query that sees no key outputs zeros.
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool (shared by all heads). -> [B, Hq, Q, D].
+    Computed in float32.
+    """
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    qg = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scaling  # [B, Hkv, G*Q, K]
+    scores = scores.view(batch, num_kv_heads, group, q_len, -1)
+    mask = visible[:, None, None]  # [B, 1, 1, Q, K]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)  # exp(-inf) = 0 for hidden keys
+    denom = probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.matmul((probs / denom).view(batch, num_kv_heads, group * q_len, -1), v.float())
+    return out.view(batch, num_q_heads, q_len, head_dim).to(q.dtype)

@@ -26,30 +26,6 @@ def lambda_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: 
     return causal & ((k_pos < sink) | (q_pos - k_pos < window))
 
 
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Softmax attention with an explicit mask; a query that sees no key outputs zeros.
-
-    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool (shared by all heads). -> [B, Hq, Q, D].
-    Computed in float32.
-    """
-    batch, num_q_heads, q_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
-    qg = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scaling  # [B, Hkv, G*Q, K]
-    scores = scores.view(batch, num_kv_heads, group, q_len, -1)
-    mask = visible[:, None, None]  # [B, 1, 1, Q, K]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp(scores - row_max)  # exp(-inf) = 0 for hidden keys
-    denom = probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    out = torch.matmul((probs / denom).view(batch, num_kv_heads, group * q_len, -1), v.float())
-    return out.view(batch, num_q_heads, q_len, head_dim).to(q.dtype)
-
-
 def retrieval_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,11 +91,7 @@ def streaming_attention(
     if q_len == 1:  # decode: the token sees cached keys and itself, nothing else
         keys, values = torch.cat([sink_k, ring_k, k], dim=2), torch.cat([sink_v, ring_v, v], dim=2)
         visible = lambda_visible(q_pos[:, :, None], torch.cat([sink_pos, ring_pos, q_pos], dim=1)[:, None, :], sink, window)
-        seen = visible.any(dim=-1, keepdim=True)  # [B, 1, 1]: False only for a padding token
-        attended = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=(visible | ~seen)[:, None], scale=scaling, enable_gqa=q.shape[1] > num_kv_heads
-        )
-        out.copy_(attended.masked_fill(~seen[:, None], 0.0))  # a token that sees nothing outputs zeros
+        out.copy_(_sdpa_under_mask(q, keys, values, visible, scaling))
         return out
     # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
     n_sink = min(sink, q_len)
@@ -145,8 +117,18 @@ def streaming_attention(
         values = torch.cat([fixed_v, v[:, :, k0:q1]], dim=2)
         k_pos = torch.cat([fixed_pos, win_pos[:, k0:q1]], dim=1)
         visible = lambda_visible(q_pos[:, q0:q1, None], k_pos[:, None, :], sink, window)
-        out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling)
+        out[:, :, q0:q1] = _sdpa_under_mask(q[:, :, q0:q1], keys, values, visible, scaling)
     return out
+
+
+def _sdpa_under_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention under an explicit mask through SDPA (fused on CPU and GPU): q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K].
+    A query that sees no key outputs zeros."""
+    seen = visible.any(dim=-1, keepdim=True)  # [B, Q, 1]: False only for padding queries
+    attended = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=(visible | ~seen)[:, None], scale=scaling, enable_gqa=q.shape[1] > k.shape[1]
+    )
+    return attended.masked_fill(~seen[:, None], 0.0)
 
 
 def streaming_append(
