@@ -5,7 +5,8 @@
    layer the retrieval KV heads (and their query heads) come first; the product is unchanged;
 2. attaches a `LayerLayout` to every attention module;
 3. switches the attention implementation to "duohead";
-4. gives the model a subclass whose `generate()` creates a `DuoCache` when none is passed.
+4. gives the model a subclass whose `generate()` creates a `DuoCache` when none is passed, and whose
+   `save_pretrained()` writes the original model (a saved checkpoint never carries reordered heads).
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ class _DuoGenerationMixin:
             model_kwargs[name] = DuoCache(self, max_length=bound.get("max_cache_length"))
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def save_pretrained(self, *args, **kwargs):
+        """Save the model as it was before `duohead.enable` (original head order and attention implementation),
+        so the files load anywhere, with or without duohead; the model stays enabled. (Save the head pattern
+        itself with `HeadPattern.save`.)"""
+        state, layouts = self._duohead, layer_layouts(self)
+        disable(self)
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            _attach(self, layouts, state)
+
 
 def _generation_class(model_class: type) -> type:
     return type(f"DuoHead{model_class.__name__}", (_DuoGenerationMixin, model_class), {"_duohead_base": model_class})
@@ -144,20 +156,27 @@ def enable(
     if is_enabled(model):
         disable(model)
 
-    for attn, retrieval in zip(attention_modules(model), layout.tolist()):
+    layouts = []
+    for retrieval in layout.tolist():
         kv_order = [h for h, r in enumerate(retrieval) if r] + [h for h, r in enumerate(retrieval) if not r]
-        _permute_heads(attn, kv_order)
-        attn.duohead_layout = LayerLayout(sum(retrieval), sink, window, tuple(kv_order))
-
+        layouts.append(LayerLayout(sum(retrieval), sink, window, tuple(kv_order)))
     state = _EnabledState(model.config._attn_implementation, type(model), pattern, layout, HeadPattern.sparsity_of(layout))
-    model.set_attn_implementation(ATTENTION_NAME)
-    model.__class__ = _generation_class(type(model))
-    model._duohead = state
+    _attach(model, layouts, state)
     logger.info(
         "duohead: %d of %d KV heads stream (sparsity %.3f), sink %d, window %d",
         int((~layout).sum()), layout.numel(), state.sparsity, sink, window,
     )
     return model
+
+
+def _attach(model: torch.nn.Module, layouts: list[LayerLayout], state: _EnabledState) -> None:
+    """What `disable` undoes: reorder every layer's heads, attach its layout, switch attention and class."""
+    for attn, layout in zip(attention_modules(model), layouts):
+        _permute_heads(attn, list(layout.kv_order))
+        attn.duohead_layout = layout
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.__class__ = _generation_class(state.model_class)
+    model._duohead = state
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:

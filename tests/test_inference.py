@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import duohead
 from duohead import DuoCache, HeadPattern
@@ -187,6 +188,23 @@ def test_disable_restores_the_model_exactly():
     assert type(model) is cls and model.config._attn_implementation == impl and not duohead.is_enabled(model)
     for k, v in model.state_dict().items():
         assert torch.equal(before[k], v), k
+
+
+def test_save_pretrained_writes_the_original_model_and_stays_enabled(tmp_path):
+    model = tiny_model("qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(1, 97, (1, 40))
+    duohead.enable(model, HeadPattern(torch.tensor([[0.0, 1.0], [0.2, 0.9], [1.0, 0.0]]), sink=SINK, window=WINDOW))
+    with torch.no_grad():
+        duo_logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert duohead.is_enabled(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, duo_logits)  # still the same duohead model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # stock transformers, no duohead
+    assert reloaded.config._attn_implementation != duohead.ATTENTION_NAME
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(before[k], v), k  # original head order on disk
 
 
 def test_enable_twice_replaces_the_pattern():
