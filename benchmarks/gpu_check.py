@@ -143,8 +143,8 @@ def check_append(device, dtype, shapes: Shapes, dry: bool) -> dict:
             seen[b] += q_len - pad
         if ours is None:
             ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
-        triton_streaming.streaming_append(k, v, pos, *ours.tensors(), sink, window)
-        reference.streaming_append(k, v, pos, *theirs.tensors(), sink, window)
+        triton_streaming.streaming_append(k, v, pos, *ours.tensors())
+        reference.streaming_append(k, v, pos, *theirs.tensors())
         mismatches += sum(int((a != b).sum()) for a, b in zip(ours.tensors(), theirs.tensors()))
     return {"max_error": float(mismatches), "chunks": list(chunks)}
 

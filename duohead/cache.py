@@ -21,6 +21,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from duohead import kernels
 
 
+RECORDING_ROLLBACK = 64  # tokens a cache can take back once generate() starts assisted / prompt-lookup decoding
+
+
 def _round_up(tokens: int, multiple: int = 64) -> int:
     return -(-tokens // multiple) * multiple
 
@@ -62,27 +65,52 @@ class RetrievalKV:
 
 
 class StreamingKV:
-    """Constant-size KV of the streaming heads: the first S real tokens and a ring of the last W.
+    """Constant-size KV of the streaming heads: the first S real tokens and a ring of the last R >= W.
 
-    sink_k/sink_v [B, Hs, S, D] with sink_pos [B, S]; ring_k/ring_v [B, Hs, W, D] with ring_pos [B, W].
+    sink_k/sink_v [B, Hs, S, D] with sink_pos [B, S]; ring_k/ring_v [B, Hs, R, D] with ring_pos [B, R].
     Positions are real-token indices (padding excluded), -1 marks an empty slot. A token at position
-    p < S lives in the sink, one at p >= S in ring slot (p - S) % W.
+    p < S lives in the sink, one at p >= S in ring slot (p - S) % R. R = W + rollback: the extra slots hold
+    the tokens that a rollback of up to `rollback` tokens (`drop_from`) brings back into the window.
     """
 
-    def __init__(self, like: torch.Tensor, sink: int, window: int):
+    def __init__(self, like: torch.Tensor, sink: int, window: int, rollback: int = 0):
         batch, heads, _, head_dim = like.shape
         self.sink, self.window = sink, window
         self.sink_k = like.new_zeros(batch, heads, sink, head_dim)
         self.sink_v = torch.zeros_like(self.sink_k)
-        self.ring_k = like.new_zeros(batch, heads, window, head_dim)
-        self.ring_v = torch.zeros_like(self.ring_k)
         self.sink_pos = torch.full((batch, sink), -1, dtype=torch.long, device=like.device)
-        self.ring_pos = torch.full((batch, window), -1, dtype=torch.long, device=like.device)
+        self.ring_k, self.ring_v, self.ring_pos = self._empty_ring(like, window + rollback)
+
+    @staticmethod
+    def _empty_ring(like: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, heads, _, head_dim = like.shape
+        keys = like.new_zeros(batch, heads, slots, head_dim)
+        return keys, torch.zeros_like(keys), torch.full((batch, slots), -1, dtype=torch.long, device=like.device)
+
+    @property
+    def rollback(self) -> int:
+        return self.ring_k.shape[2] - self.window
+
+    def grow_ring(self, rollback: int) -> None:
+        """Re-allocate the ring with W + rollback slots, moving every stored token to its slot in the new ring."""
+        old_k, old_v, old_pos = self.ring_k, self.ring_v, self.ring_pos
+        self.ring_k, self.ring_v, self.ring_pos = self._empty_ring(old_k, self.window + rollback)
+        rows, cols = (old_pos >= 0).nonzero(as_tuple=True)
+        positions = old_pos[rows, cols]
+        slots = (positions - self.sink) % self.ring_k.shape[2]  # distinct: the stored positions span < old R <= new R
+        self.ring_k[rows, :, slots] = old_k[rows, :, cols]
+        self.ring_v[rows, :, slots] = old_v[rows, :, cols]
+        self.ring_pos[rows, slots] = positions
+
+    def drop_from(self, real_length: torch.Tensor) -> None:
+        """Forget the tokens at positions >= real_length [B] (a rollback): their slots become empty."""
+        self.sink_pos.masked_fill_(self.sink_pos >= real_length[:, None], -1)
+        self.ring_pos.masked_fill_(self.ring_pos >= real_length[:, None], -1)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
         """Store new tokens' keys/values [B, Hs, Q, D] at real positions pos [B, Q] (-1 = padding, skipped).
         In place; on CUDA one Triton launch without a device-to-host sync. See `duohead.kernels.streaming_append`."""
-        kernels.streaming_append(keys, values, pos, *self.tensors(), self.sink, self.window)
+        kernels.streaming_append(keys, values, pos, *self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sink_k, self.sink_v, self.sink_pos, self.ring_k, self.ring_v, self.ring_pos]
@@ -104,12 +132,12 @@ class DuoCacheLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
 
-    def __init__(self, num_retrieval_heads: int, sink: int, window: int, max_length: int | None = None):
+    def __init__(self, num_retrieval_heads: int, sink: int, window: int, max_length: int | None = None, rollback: int = 0):
         super().__init__()
         self.num_retrieval_heads, self.sink, self.window = num_retrieval_heads, sink, window
         self.max_length = max_length  # expected tokens (slots); sizes the retrieval buffer up front
+        self.rollback = rollback  # tokens `crop` can take back: streaming heads keep W + rollback recent tokens
         self.retrieval: RetrievalKV | None = None
         self.streaming: StreamingKV | None = None
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row
@@ -124,7 +152,7 @@ class DuoCacheLayer(CacheLayerMixin):
         if hr > 0:
             self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=_round_up(max(q_len, self.max_length or 256)))
         if heads > hr:
-            self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window)
+            self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window, self.rollback)
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
@@ -146,7 +174,7 @@ class DuoCacheLayer(CacheLayerMixin):
         return -1
 
     def memory(self) -> dict[str, int]:
-        """Bytes of KV held: retrieval (T tokens), streaming (S + W tokens), and what full attention would hold."""
+        """Bytes of KV held: retrieval (T tokens), streaming (S + W + rollback tokens), and what full attention would hold."""
         if not self.is_initialized:
             return {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0, "reserved_bytes": 0}
         batch = self.real_seen.shape[0]
@@ -154,7 +182,7 @@ class DuoCacheLayer(CacheLayerMixin):
         hs = self.streaming.sink_k.shape[1] if self.streaming else 0
         per_token_head = 2 * batch * self.head_dim * self.dtype.itemsize  # keys + values
         retrieval = per_token_head * hr * self.seen
-        streaming = per_token_head * hs * (self.sink + self.window)
+        streaming = per_token_head * hs * (self.sink + (self.streaming.ring_k.shape[2] if self.streaming else 0))
         reserved = streaming + (per_token_head * hr * self.retrieval.keys.shape[2] if self.retrieval else 0)
         return {
             "retrieval_bytes": retrieval,
@@ -185,11 +213,51 @@ class DuoCacheLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can take tokens back: always for retrieval heads; streaming heads need rollback slots."""
+        return self.rollback > 0 or (self.is_initialized and self.streaming is None)
+
+    def activate_past_recording(self) -> None:
+        """transformers' hook before assisted / prompt-lookup decoding, which rolls back rejected draft tokens:
+        keep at least `RECORDING_ROLLBACK` extra tokens in the streaming heads' ring."""
+        self.set_rollback(max(self.rollback, RECORDING_ROLLBACK))
+
+    def set_rollback(self, rollback: int) -> None:
+        """Let `crop` take back up to `rollback` tokens (grows the streaming ring to W + rollback slots)."""
+        self.rollback = rollback
+        if self.streaming is not None and self.streaming.rollback < rollback:
+            self.streaming.grow_ring(rollback)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise ValueError, changing nothing, if `crop(tokens_to_remove)` cannot be done."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"DuoCache.crop takes 0 or a negative number of tokens to remove; got {tokens_to_remove}")
+        count = -tokens_to_remove
+        if count > self.seen:
+            raise ValueError(f"cannot remove {count} tokens from a cache holding {self.seen}")
+        if count > self.rollback and not (self.is_initialized and self.streaming is None):
+            raise ValueError(
+                f"DuoCache can take back at most {self.rollback} tokens (streaming heads keep window + {self.rollback} "
+                f"recent tokens); asked for {count}. Create it with duohead.DuoCache(model, rollback={count}) or more"
+            )
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("DuoCache cannot crop: streaming heads have already dropped old tokens")
+        """Remove the last -tokens_to_remove tokens (transformers' convention: 0 or negative). Rows must have
+        no right padding among those tokens (true for unpadded and left-padded batches)."""
+        self.check_crop(tokens_to_remove)
+        count = -tokens_to_remove
+        if count == 0 or not self.is_initialized:
+            return
+        self.seen -= count
+        self.real_seen = (self.real_seen - count).clamp_min(0)
+        if self.retrieval is not None:
+            self.retrieval.length -= count
+        if self.streaming is not None:
+            self.streaming.drop_from(self.real_seen)
 
     def reset(self) -> None:
-        self.__init__(self.num_retrieval_heads, self.sink, self.window, self.max_length)
+        self.__init__(self.num_retrieval_heads, self.sink, self.window, self.max_length, self.rollback)
 
 
 class DuoCache(Cache):
@@ -198,17 +266,28 @@ class DuoCache(Cache):
     `DuoCache(model)` builds an empty cache for a model prepared with `duohead.enable`; pass it as
     `past_key_values=` / `cache=` to `forward()` or `generate()` (generate creates one by itself).
     `max_length` (tokens, padding included), when known, sizes the retrieval buffers once: no regrowth.
+    `rollback` (tokens) is how many of the newest tokens `crop` can take back (speculative decoding rejects
+    draft tokens): streaming heads then keep window + rollback recent tokens. Assisted and prompt-lookup
+    decoding in `generate()` raise it to at least `RECORDING_ROLLBACK` by themselves.
     """
 
-    def __init__(self, model: torch.nn.Module, max_length: int | None = None):
+    def __init__(self, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0):
         from duohead.hook import layer_layouts  # the hook owns the layout; imported lazily to avoid a cycle
 
-        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length) for lay in layer_layouts(model)]
+        layers = [
+            DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length, rollback) for lay in layer_layouts(model)
+        ]
         super().__init__(layers=layers)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Take back the newest -tokens_to_remove tokens in every layer, or raise ValueError and change nothing."""
+        for layer in self.layers:
+            layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
 
     def memory(self) -> dict[str, int]:
         """Bytes held, summed over layers: `retrieval_bytes` (T tokens per retrieval head), `streaming_bytes`
-        (S + W tokens per streaming head), `full_bytes` (what full attention would hold for the same tokens),
+        (S + W + rollback tokens per streaming head), `full_bytes` (what full attention would hold for the same tokens),
         `reserved_bytes` (allocated, including spare capacity), `total_bytes` (retrieval + streaming)."""
         totals: dict[str, int] = {}
         for layer in self.layers:

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import duohead
 from duohead import DuoCache, HeadPattern
-from duohead.cache import cache_argument
+from duohead.cache import DuoCacheLayer, cache_argument
 from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
 
 SINK, WINDOW = 4, 8
@@ -270,3 +270,55 @@ def test_from_pretrained_and_attn_implementation_name(tmp_path):
         assert torch.equal(loaded(ids).logits, by_name(ids).logits)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         duohead.from_pretrained(tmp_path / "missing", pattern_path)
+
+
+def test_crop_takes_tokens_back_exactly():
+    """Decode 5 tokens, take 3 back, decode another: the same logits as a cache that never saw those 3."""
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(4))  # far past sink + window
+    new = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(5))
+    rolled, fresh = DuoCache(model, rollback=3), DuoCache(model)
+    name = cache_argument(model)
+    with torch.no_grad():
+        model(ids, **{name: rolled})
+        model(new[:, :5], **{name: rolled})  # 5 tokens at once: the ring wraps past the ones to keep
+        rolled.crop(-3)
+        assert rolled.get_seq_length() == 42
+        model(torch.cat([ids, new[:, :2]], dim=1), **{name: fresh})
+        assert_close(model(new[:, 5:], **{name: rolled}).logits, model(new[:, 5:], **{name: fresh}).logits)
+    assert rolled.memory()["streaming_bytes"] == fresh.memory()["streaming_bytes"] * (SINK + WINDOW + 3) // (SINK + WINDOW)
+    with pytest.raises(ValueError, match="at most 3 tokens.*rollback=4"):
+        rolled.crop(-4)
+
+
+def test_crop_without_rollback_slots_is_refused():
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+    cache = DuoCache(model)
+    assert not cache.is_croppable
+    with torch.no_grad():
+        model(torch.randint(1, 97, (1, 20)), **{cache_argument(model): cache})
+    with pytest.raises(ValueError, match="at most 0 tokens"):
+        cache.crop(-1)
+    cache.activate_past_recording()  # what generate() does before speculative decoding: the ring grows in place
+    assert cache.is_croppable
+    cache.crop(-1)
+    assert cache.get_seq_length() == 19
+
+
+@pytest.mark.parametrize("draft", ["prompt_lookup", "assistant_model"])
+def test_speculative_decoding_generates_what_greedy_generates(draft, monkeypatch):
+    """transformers' prompt-lookup and assisted decoding verify draft tokens and crop the rejected ones."""
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+    phrase = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(6))
+    ids = torch.cat([phrase.repeat(1, 5), torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(7)), phrase[:, :3]], dim=1)
+    expected, _ = greedy(model, ids, steps=24)
+    crops = []
+    crop = DuoCacheLayer.crop
+    monkeypatch.setattr(DuoCacheLayer, "crop", lambda layer, n: (crops.append(n), crop(layer, n))[1])
+    kwargs = {"prompt_lookup_num_tokens": 4} if draft == "prompt_lookup" else {"assistant_model": tiny_model("llama", seed=1)}
+    got, _ = greedy(model, ids, steps=24, **kwargs)
+    assert torch.equal(got, expected)
+    assert any(n < 0 for n in crops)  # draft tokens were rejected and taken back

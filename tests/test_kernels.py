@@ -54,7 +54,7 @@ def dense_oracle(q, k, v, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_po
     return masked_attention(q, keys, values, visible, scaling)
 
 
-def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=False, seed=0):
+def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=False, seed=0, rollback=0):
     """Feed `chunks` new-token counts through both implementations; yield (kernel, reference, q_pos) per chunk.
     `pads` gives the first chunk's padding per row (later chunks are unpadded)."""
     gen = torch.Generator().manual_seed(seed)
@@ -66,7 +66,7 @@ def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=Fals
         k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
         pos = make_positions(q_len, pads if i == 0 else [0] * batch, seen, right).to(DEVICE)
         if cache is None:
-            cache = StreamingKV(k, sink, window)
+            cache = StreamingKV(k, sink, window, rollback)
         args = (q, k, v, pos, *cache.tensors()[:3], *cache.tensors()[3:], sink, window, head_dim**-0.5)
         expected = dense_oracle(*args)
         if bool((pos >= 0).all()):
@@ -102,6 +102,13 @@ def test_triton_streaming_matches_reference(group, head_dim, sink, window, chunk
 
 
 @runs_kernel
+def test_a_ring_longer_than_the_window_holds_older_tokens_out_of_sight():
+    """Rollback slots (ring R = W + 5): the ring holds 5 tokens the window no longer shows; they stay hidden."""
+    for got, expected, _ in run_chunks(2, 64, 4, 16, [30, 7, 1, 1, 12], [0, 3], torch.float32, rollback=5):
+        torch.testing.assert_close(got, expected, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+@runs_kernel
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_streaming_writes_into_its_heads_of_a_token_major_buffer(impl):
     """The attention hands the kernels out = buffer[B, Q, Hq_all, D].transpose(1, 2)[:, first:last]: a strided view.
@@ -119,11 +126,11 @@ def test_streaming_writes_into_its_heads_of_a_token_major_buffer(impl):
     assert bool(buffer[:, :, :3].isnan().all())
 
 
-APPEND_CASES = [  # (sink, window, chunks, first-chunk padding per row, right padding)
+APPEND_CASES = [  # (sink, ring slots, chunks, first-chunk padding per row, right padding)
     (4, 16, [3, 1, 1], [0, 2], False),  # sinks only, then decode
-    (4, 16, [100, 1, 1, 1], [0, 37], False),  # prefill longer than the window (several token blocks), decode wraps
+    (4, 16, [100, 1, 1, 1], [0, 37], False),  # prefill longer than the ring (several token blocks), decode wraps
     (0, 8, [5, 30, 1], [4, 0], False),  # no sink; a chunk longer than the ring
-    (1, 1, [7, 1, 2], [0, 6], True),  # window 1, right padding
+    (1, 1, [7, 1, 2], [0, 6], True),  # a one-slot ring, right padding
     (2, 64, [10, 80, 1], [0, 3], True),
 ]
 
@@ -131,6 +138,7 @@ APPEND_CASES = [  # (sink, window, chunks, first-chunk padding per row, right pa
 @runs_kernel
 @pytest.mark.parametrize("sink,window,chunks,pads,right", APPEND_CASES)
 def test_triton_append_stores_what_the_reference_stores(sink, window, chunks, pads, right):
+    """`window` here is the ring's size: the cache writes do not depend on how much of the ring the Λ rule shows."""
     gen = torch.Generator().manual_seed(7)
     seen = [0] * len(pads)
     ours = theirs = None
@@ -143,8 +151,8 @@ def test_triton_append_stores_what_the_reference_stores(sink, window, chunks, pa
                 if a.is_floating_point():
                     a.normal_(generator=None)
                     b.copy_(a)
-        triton_streaming.streaming_append(k, v, pos, *ours.tensors(), sink, window)
-        reference.streaming_append(k, v, pos, *theirs.tensors(), sink, window)
+        triton_streaming.streaming_append(k, v, pos, *ours.tensors())
+        reference.streaming_append(k, v, pos, *theirs.tensors())
         for name, a, b in zip(("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"), ours.tensors(), theirs.tensors()):
             assert torch.equal(a, b), (i, name)
     stored = torch.cat([ours.sink_pos, ours.ring_pos], dim=1).cpu()

@@ -216,14 +216,11 @@ def streaming_append(
     ring_k: torch.Tensor,
     ring_v: torch.Tensor,
     ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
 ) -> None:
     """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""
-    args = (keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window)
-    _streaming_module(keys.device).streaming_append(*args)
+    _streaming_module(keys.device).streaming_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
 
 
 __all__ = [

@@ -141,17 +141,17 @@ def streaming_append(
     ring_k: torch.Tensor,
     ring_v: torch.Tensor,
     ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
 ) -> None:
     """Store new tokens in the streaming cache, in place (the layout of `streaming_attention`).
 
     keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding, skipped; a row's real tokens are
-    contiguous with consecutive positions). A token at position p < S goes to sink slot p; one at p >= S to
-    ring slot (p - S) % W, if it is among the last W real tokens of its row (an earlier one would be
-    overwritten within this call, so no slot is written twice). Per row that is at most three contiguous
-    runs of slots, copied as slices; one device-to-host read of three numbers per row.
+    contiguous with consecutive positions). With S sink slots and R ring slots (R >= the window; more keeps
+    older tokens for a rollback), a token at position p < S goes to sink slot p, one at p >= S to ring slot
+    (p - S) % R if it is among the last R real tokens of its row (an earlier one would be overwritten within
+    this call, so no slot is written twice). Per row that is at most three contiguous runs of slots, copied
+    as slices; one device-to-host read of three numbers per row.
     """
+    sink, ring = sink_k.shape[2], ring_k.shape[2]
     real = pos >= 0
     first = real.int().argmax(dim=1)  # slot of each row's first real token (0 if none)
     rows = torch.stack([real.sum(dim=1), first, pos.gather(1, first[:, None])[:, 0]], dim=1).tolist()
@@ -159,10 +159,10 @@ def streaming_append(
         end = start + count
         to_sink = max(0, min(end, sink) - start)
         _copy_run(keys, values, pos, b, slot, sink_k, sink_v, sink_pos, start, to_sink)
-        first_ring = max(start + to_sink, end - window)  # positions [first_ring, end) reach the ring
+        first_ring = max(start + to_sink, end - ring)  # positions [first_ring, end) reach the ring
         while first_ring < end:  # at most two runs: the ring may wrap
-            ring_slot = (first_ring - sink) % window
-            n = min(end - first_ring, window - ring_slot)
+            ring_slot = (first_ring - sink) % ring
+            n = min(end - first_ring, ring - ring_slot)
             _copy_run(keys, values, pos, b, slot + first_ring - start, ring_k, ring_v, ring_pos, ring_slot, n)
             first_ring += n
 

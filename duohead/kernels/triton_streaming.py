@@ -246,7 +246,7 @@ def _streaming_append_kernel(
     stride_rkb, stride_rkh, stride_rkt,
     stride_rvb, stride_rvh, stride_rvt,
     stride_rpb, stride_rpt,
-    num_kv_heads, q_len, sink, window,
+    num_kv_heads, q_len, sink_slots, ring_slots,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (ceil(Q / BLOCK_T), B * Hkv): one program copies BLOCK_T new tokens of one KV head to their slots."""
@@ -259,10 +259,10 @@ def _streaming_append_kernel(
     d_mask = offs_d < HEAD_DIM
     p = tl.load(Pos + b * stride_pb + t * stride_pt, mask=t < q_len, other=-1)
     newest = tl.load(Newest + b)
-    to_sink = (p >= 0) & (p < sink)
-    to_ring = (p >= sink) & (p > newest - window)  # the last W real tokens: no ring slot is written twice
+    to_sink = (p >= 0) & (p < sink_slots)
+    to_ring = (p >= sink_slots) & (p > newest - ring_slots)  # the last R real tokens: no ring slot is written twice
     sink_slot = tl.where(to_sink, p, 0)
-    ring_slot = tl.where(to_ring, (p - sink) % window, 0)
+    ring_slot = tl.where(to_ring, (p - sink_slots) % ring_slots, 0)
     moved = (to_sink | to_ring)[:, None] & d_mask[None, :]
     k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kt + offs_d[None, :], mask=moved, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + t[:, None] * stride_vt + offs_d[None, :], mask=moved, other=0.0)
@@ -287,8 +287,6 @@ def streaming_append(
     ring_k: torch.Tensor,
     ring_v: torch.Tensor,
     ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
 ) -> None:
     """Store new tokens in the streaming cache, in place: semantics of `duohead.kernels.reference.streaming_append`.
 
@@ -307,6 +305,6 @@ def streaming_append(
     _streaming_append_kernel[grid](
         keys, values, pos, newest, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos,
         *_strides(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos),
-        num_kv_heads, q_len, sink, window,
+        num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2],
         BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
     )
