@@ -57,3 +57,21 @@ def test_example_script_generates_and_reports_the_cache(tmp_path):
     assert report, proc.stdout
     tokens, duo_mb, full_mb = int(report[1]), float(report[2]), float(report[3])
     assert tokens > 1500 and 0 < duo_mb < 0.7 * full_mb  # half the KV heads stream: well under full attention
+
+
+def test_prompt_lookup_decoding_with_the_shipped_pattern_equals_greedy(smollm2):
+    """Speculative decoding (draft tokens copied from the prompt, the rejected ones cropped) on a real model
+    at 50% streaming, past sink + window: the same tokens as plain greedy decoding."""
+    model, tokenizer = smollm2
+    text = FILLER * 30 + "The secret number is 48213. " + FILLER * 6 + "Repeat the first sentence of this text, then the secret number."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > 64 + 256
+    model.generation_config.eos_token_id = None
+    duohead.enable(model, "smollm2-135m-instruct", sparsity=0.5)
+    try:
+        with torch.no_grad():
+            greedy = model.generate(ids, max_new_tokens=24, do_sample=False)
+            lookup = model.generate(ids, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=8)
+    finally:
+        duohead.disable(model)
+    assert torch.equal(lookup, greedy)
