@@ -75,3 +75,13 @@ def test_prompt_lookup_decoding_with_the_shipped_pattern_equals_greedy(smollm2):
     finally:
         duohead.disable(model)
     assert torch.equal(lookup, greedy)
+
+
+def test_readme_python_example_runs():
+    """The README's "Use it from Python" block, as printed there, in a fresh interpreter."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Use it from Python\s+```python\n(.*?)```", readme, re.S)
+    assert block, "README has no Python example under 'Use it from Python'"
+    proc = subprocess.run([sys.executable, "-c", block[1]], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "The capital of France is" in proc.stdout
