@@ -5,7 +5,8 @@
     duohead generate --demo
 
 The prompt is prefilled chunk by chunk into a `DuoCache` (a progress bar on stderr), then decoded greedily
-with the new text streamed to stdout. The report gives prompt tokens, prefill time, decode tokens/s, KV
+with the new text streamed to stdout (`--prompt-lookup N`: speculative decoding with drafts copied from the
+prompt, same tokens, fewer forwards). The report gives prompt tokens, prefill time, decode tokens/s, KV
 bytes (duohead's and what full attention would hold, from `DuoCache.memory()`) and peak memory (RSS on
 CPU, max allocated on CUDA). `--compare-full` reruns the prompt with full attention (the unmodified model,
 via `duohead.disable`) and prints both side by side.
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     run.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens to generate (default 128)")
     run.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward; 0 = all at once")
+    run.add_argument(
+        "--prompt-lookup", type=int, default=0, metavar="N",
+        help="speculative decoding: each step also checks up to N draft tokens copied from the prompt; "
+        "same output as plain greedy, fewer forwards when the answer quotes the prompt (default 0: off)",
+    )
     run.add_argument("--compare-full", action="store_true", help="also run with full attention and compare")
     run.add_argument("--report-json", help="also write the report as JSON to this file")
     run.add_argument(
@@ -75,6 +81,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("pass either --sparsity or --threshold, not both")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    if args.prompt_lookup < 0:
+        raise ValueError(f"--prompt-lookup must be >= 0 (0 = off); got {args.prompt_lookup}")
     if args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 0 (0 = all at once); got {args.prefill_chunk}")
     if args.demo and (args.model or args.gguf_file or args.prompt_file):
@@ -151,7 +159,7 @@ def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: a
     print(f"--- {label} ---", flush=True)
     result = run_prompt(
         model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=True,
-        stop_ids=stop_token_ids(model, tokenizer), on_token=TokenPrinter(tokenizer),
+        stop_ids=stop_token_ids(model, tokenizer), on_token=TokenPrinter(tokenizer), lookup=args.prompt_lookup,
     )
     print(flush=True)
     return result
@@ -169,6 +177,7 @@ def format_report(runs: dict[str, RunResult]) -> str:
         ("new tokens", [str(len(r.tokens)) for r in runs.values()]),
         ("prefill", [f"{r.prefill_seconds:.2f} s" for r in runs.values()]),
         ("decode", ["-" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.2f} tok/s" for r in runs.values()]),
+        ("decode forwards", [f"{len(r.decode_step_seconds)} ({r.accepted_draft_tokens} drafted)" for r in runs.values()]),
         ("KV cache held", [_mb(r.memory["total_bytes"]) for r in runs.values()]),
         ("  retrieval heads", [_mb(r.memory["retrieval_bytes"]) for r in runs.values()]),
         ("  streaming heads", [_mb(r.memory["streaming_bytes"]) for r in runs.values()]),

@@ -78,10 +78,12 @@ def kv_memory(cache) -> dict[str, int]:
 # ------------------------------------------------------------------ prefill and decode
 
 
-def new_cache(model: torch.nn.Module, max_length: int | None = None):
-    """An empty cache for `model`: a `DuoCache` (retrieval buffers sized for `max_length` tokens when given) if
-    duohead is enabled, else a `DynamicCache` (stock full attention)."""
-    return DuoCache(model, max_length=max_length) if is_enabled(model) else DynamicCache(config=model.config)
+def new_cache(model: torch.nn.Module, max_length: int | None = None, rollback: int = 0):
+    """An empty cache for `model`: a `DuoCache` (retrieval buffers sized for `max_length` tokens when given; `crop`
+    can take back `rollback` tokens) if duohead is enabled, else a `DynamicCache` (stock full attention)."""
+    if is_enabled(model):
+        return DuoCache(model, max_length=max_length, rollback=rollback)
+    return DynamicCache(config=model.config)
 
 
 def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, **kwargs):
@@ -129,6 +131,18 @@ def prefill(
     return logits
 
 
+def draft_from_context(context: torch.Tensor, max_draft: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: up to `max_draft` tokens that followed the latest earlier occurrence of the context's last
+    n tokens (n = max_ngram, then shorter); [] if there is none. context [T] token ids."""
+    for n in range(min(max_ngram, context.numel() - 1), 0, -1):
+        earlier = context.unfold(0, n, 1)[:-1]  # every n-gram that has a successor
+        starts = (earlier == context[-n:]).all(dim=1).nonzero()
+        if starts.numel():
+            first = int(starts[-1]) + n
+            return context[first : first + max_draft].tolist()
+    return []
+
+
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
@@ -138,29 +152,49 @@ def decode(
     *,
     stop_ids: set[int] | frozenset[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
-) -> tuple[list[int], list[float]]:
+    prompt_ids: torch.Tensor | None = None,
+    lookup: int = 0,
+) -> tuple[list[int], list[float], int]:
     """Greedy decoding from the prompt's last logits [1, V]; stops after `max_new_tokens` or at a stop id.
 
-    Returns (new token ids, seconds of each forward step). The first token comes from `first_logits`
-    (no forward), so there are len(tokens) - 1 steps, or len(tokens) when the last token was a stop id.
+    With `lookup` > 0, each forward also checks up to `lookup` draft tokens copied from the prompt_ids [1, T] and
+    the text so far (`draft_from_context`); the drafts the model agrees with are kept, the rest are cropped from
+    the cache (it must allow `crop` of `lookup` tokens). The tokens are exactly those of plain greedy decoding.
+    Returns (new token ids, seconds of each forward, draft tokens accepted). The first token comes from
+    `first_logits`; every later one from a timed forward.
     """
     device = first_logits.device
+    context = prompt_ids[0].cpu() if prompt_ids is not None else torch.empty(0, dtype=torch.long)
     tokens: list[int] = []
     step_seconds: list[float] = []
-    logits = first_logits
-    while len(tokens) < max_new_tokens:
-        token = int(logits.argmax(dim=-1).item())
+    accepted = 0
+
+    def emit(token: int) -> bool:
+        """Append a token; True when decoding must stop."""
         tokens.append(token)
         if on_token is not None:
             on_token(token)
-        if token in stop_ids or len(tokens) == max_new_tokens:
-            break
+        return token in stop_ids or len(tokens) == max_new_tokens
+
+    logits = first_logits  # [1, V]: the next token's logits
+    while not emit(token := int(logits.argmax(dim=-1).item())):
+        draft = draft_from_context(torch.cat([context, torch.tensor(tokens)]), min(lookup, max_new_tokens - len(tokens))) if lookup else []
         _sync(device)
         start = time.perf_counter()
-        logits = _forward(model, torch.tensor([[token]], device=device), cache).logits[:, -1]
+        step_logits = _forward(model, torch.tensor([[token, *draft]], device=device), cache).logits[0]  # [1 + k, V]
         _sync(device)
         step_seconds.append(time.perf_counter() - start)
-    return tokens, step_seconds
+        predicted = step_logits.argmax(dim=-1).tolist()
+        agreed = 0
+        while agreed < len(draft) and predicted[agreed] == draft[agreed]:
+            agreed += 1
+        if agreed < len(draft):
+            cache.crop(agreed - len(draft))  # forget the rejected drafts
+        accepted += agreed
+        if any(emit(t) for t in draft[:agreed]):
+            break
+        logits = step_logits[agreed : agreed + 1]
+    return tokens, step_seconds, accepted
 
 
 @dataclass
@@ -171,15 +205,17 @@ class RunResult:
     prompt_tokens: int
     prefill_seconds: float
     decode_step_seconds: list[float]
+    accepted_draft_tokens: int  # prompt lookup: tokens that came from drafts (0 without it)
     memory: dict[str, int]  # kv_memory() after the run
     peak_memory_bytes: int
     peak_memory_kind: str  # "rss" (CPU) or "cuda_allocated"
 
     @property
     def decode_tokens_per_second(self) -> float | None:
-        """Generated tokens per second of decode forwards (None without a timed step)."""
+        """Tokens per second of decode forwards: every token but the first (which the prefill gives) came from
+        one of them (None without a timed step)."""
         total = sum(self.decode_step_seconds)
-        return len(self.decode_step_seconds) / total if total > 0 else None
+        return (len(self.tokens) - 1) / total if total > 0 else None
 
     def report(self) -> dict:
         """A JSON-ready summary (the closing report of `duohead generate`)."""
@@ -188,6 +224,7 @@ class RunResult:
             "new_tokens": len(self.tokens),
             "prefill_seconds": self.prefill_seconds,
             "decode_steps": len(self.decode_step_seconds),
+            "accepted_draft_tokens": self.accepted_draft_tokens,
             "decode_tokens_per_second": self.decode_tokens_per_second,
             "kv_memory": dict(self.memory),
             "peak_memory_bytes": self.peak_memory_bytes,
@@ -205,26 +242,31 @@ def run_prompt(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
     cache=None,
+    lookup: int = 0,
 ) -> RunResult:
     """Prefill input_ids [1, T] (chunked), decode greedily, and measure time, KV bytes and peak memory.
 
-    `cache` defaults to `new_cache(model)` sized for the prompt and the new tokens; pass one to inspect it afterwards.
+    `lookup` > 0 drafts that many tokens per step from the prompt (see `decode`). `cache` defaults to
+    `new_cache(model)` sized for the prompt and the new tokens; pass one to inspect it afterwards.
     """
     device = _device_of(model)
     input_ids = input_ids.to(device)
-    cache = new_cache(model, input_ids.shape[1] + max_new_tokens) if cache is None else cache
+    cache = new_cache(model, input_ids.shape[1] + max_new_tokens, rollback=lookup) if cache is None else cache
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
     logits = prefill(model, input_ids, cache, chunk=chunk, progress=progress)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
-    tokens, steps = decode(model, cache, logits, max_new_tokens, stop_ids=stop_ids, on_token=on_token)
+    tokens, steps, accepted = decode(
+        model, cache, logits, max_new_tokens, stop_ids=stop_ids, on_token=on_token, prompt_ids=input_ids, lookup=lookup
+    )
     return RunResult(
         tokens=tokens,
         prompt_tokens=input_ids.shape[1],
         prefill_seconds=prefill_seconds,
         decode_step_seconds=steps,
+        accepted_draft_tokens=accepted,
         memory=kv_memory(cache),
         peak_memory_bytes=peak_memory_bytes(device),
         peak_memory_kind="cuda_allocated" if device.type == "cuda" else "rss",

@@ -129,6 +129,7 @@ BAD_INPUTS = {
     "sparsity below 0": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "-0.1"], "[0, 1]"),
     "sparsity and threshold": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "0.5", "--threshold", "0.5"], "not both"),
     "missing prompt file": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-file", str(t / "none.txt")], "prompt file"),
+    "negative prompt lookup": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-lookup", "-1"], "--prompt-lookup must be >= 0"),
 }
 
 
@@ -169,3 +170,14 @@ def test_unsupported_gguf_from_the_command_line(gpt2_gguf, tiny_pattern_file):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert "'gpt2'" in proc.stderr and "llama" in proc.stderr
+
+
+def test_prompt_lookup_gives_the_same_tokens(tmp_path, tiny_model_dir, tiny_pattern_file):
+    plain, rc = _run(tmp_path, tiny_model_dir, tiny_pattern_file, "--compare-full")
+    lookup, rc_lookup = _run(tmp_path, tiny_model_dir, tiny_pattern_file, "--compare-full", "--prompt-lookup", "4")
+    assert rc == rc_lookup == 0
+    for name in ("duohead", "full attention"):
+        assert lookup["runs"][name]["tokens"] == plain["runs"][name]["tokens"], name
+        assert plain["runs"][name]["accepted_draft_tokens"] == 0
+        accepted = lookup["runs"][name]["accepted_draft_tokens"]
+        assert lookup["runs"][name]["decode_steps"] + accepted == plain["runs"][name]["decode_steps"], name

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 import duohead
 from duohead import DuoCache, HeadPattern
 from duohead.cache import DuoCacheLayer, cache_argument
+from duohead.runner import draft_from_context, run_prompt
 from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
 
 SINK, WINDOW = 4, 8
@@ -322,3 +323,24 @@ def test_speculative_decoding_generates_what_greedy_generates(draft, monkeypatch
     got, _ = greedy(model, ids, steps=24, **kwargs)
     assert torch.equal(got, expected)
     assert any(n < 0 for n in crops)  # draft tokens were rejected and taken back
+
+
+def test_draft_from_context_copies_what_followed_the_latest_match():
+    context = torch.tensor([5, 1, 2, 3, 9, 8, 1, 2, 3, 7, 6, 2, 3])
+    assert draft_from_context(context, 2) == [7, 6]  # "2 3" last seen before the end at 7-8: followed by 7 6
+    assert draft_from_context(torch.tensor([1, 2, 3, 4]), 3) == []  # nothing repeats
+    assert draft_from_context(torch.tensor([4, 4]), 5) == [4]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prompt_lookup_decoding_keeps_greedy_tokens_with_fewer_forwards(enabled):
+    model = tiny_model("llama")
+    if enabled:
+        duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+    phrase = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(6))
+    ids = torch.cat([phrase.repeat(1, 5), torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(7)), phrase[:, :3]], dim=1)
+    plain = run_prompt(model, ids, 30)
+    lookup = run_prompt(model, ids, 30, lookup=4)
+    assert lookup.tokens == plain.tokens
+    assert lookup.accepted_draft_tokens > 0
+    assert len(lookup.decode_step_seconds) + lookup.accepted_draft_tokens == len(plain.decode_step_seconds)
