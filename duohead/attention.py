@@ -122,7 +122,7 @@ def duohead_attention(
         )
         s.append(k_s, v_s, q_pos)
     layer.seen += q_len
-    layer.real_seen += (q_pos >= 0).sum(dim=1)
+    layer.real_seen += q_len if attention_mask is None else (q_pos >= 0).sum(dim=1)
     return out, None
 
 
