@@ -13,7 +13,7 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.duohead-installed
 COMPAT_PINS := transformers==5.17.0 triton==3.6.0 "numpy<2.4"
 
-.PHONY: demo test test-fast test-compat setup
+.PHONY: demo test test-fast test-compat test-triton setup
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The inference-core tests again with every streaming head on the Triton kernels (the CPU interpreter here; ~5 min).
+test-triton: $(STAMP)
+	DUOHEAD_BACKEND=triton $(PY) -m pytest tests/test_inference.py
 
 $(COMPAT_STAMP): pyproject.toml
 	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
