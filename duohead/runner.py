@@ -178,7 +178,9 @@ def decode(
 
     logits = first_logits  # [1, V]: the next token's logits
     while not emit(token := int(logits.argmax(dim=-1).item())):
-        draft = draft_from_context(torch.cat([context, torch.tensor(tokens)]), min(lookup, max_new_tokens - len(tokens))) if lookup else []
+        draft = []
+        if lookup:
+            draft = draft_from_context(torch.cat([context, torch.tensor(tokens)]), min(lookup, max_new_tokens - len(tokens)))
         _sync(device)
         start = time.perf_counter()
         step_logits = _forward(model, torch.tensor([[token, *draft]], device=device), cache).logits[0]  # [1 + k, V]
