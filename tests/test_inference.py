@@ -344,3 +344,32 @@ def test_prompt_lookup_decoding_keeps_greedy_tokens_with_fewer_forwards(enabled)
     assert lookup.tokens == plain.tokens
     assert lookup.accepted_draft_tokens > 0
     assert len(lookup.decode_step_seconds) + lookup.accepted_draft_tokens == len(plain.decode_step_seconds)
+
+
+def test_beam_search_all_retrieval_equals_stock():
+    model = tiny_model("qwen2")
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        stock = model.generate(ids, **kwargs)
+        duohead.enable(model, HeadPattern(torch.ones(3, 2), sink=SINK, window=WINDOW))
+        assert torch.equal(model.generate(ids, **kwargs), stock)
+
+
+def test_beam_search_keeps_each_beam_history():
+    """Every returned beam's per-token log-probabilities equal those of a cache-free forward over that beam's
+    own tokens: the cache followed the beams through every reorder."""
+    model = tiny_model("llama")
+    duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
+    ids = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out = model.generate(
+            ids, num_beams=4, num_return_sequences=4, max_new_tokens=12, do_sample=False,
+            output_scores=True, return_dict_in_generate=True,
+        )
+        steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+        assert len({tuple(s.tolist()) for s in out.sequences}) == 4
+        for sequence, got in zip(out.sequences, steps):
+            logits = model(sequence[None]).logits[0, ids.shape[1] - 1 : -1]  # no cache: the Λ rule on the whole text
+            expected = torch.log_softmax(logits.float(), dim=-1).gather(1, sequence[ids.shape[1] :, None])[:, 0]
+            assert_close(got, expected)
