@@ -102,22 +102,31 @@ def fp32(*tensors):
 # ---- 1. correctness ----
 
 
+def streaming_setup(dry: bool) -> tuple[int, int, tuple[int, ...]]:
+    """(sink, window, chunk lengths) of the streaming checks: a prefill past sink + window, a chunk, two decode steps."""
+    return (4, 16, (40, 9, 1, 1)) if dry else (16, 64, (300, 77, 1, 1))
+
+
+def chunk_positions(q_len: int, first: bool, seen: list[int], device) -> torch.Tensor:
+    """Real positions [2, Q] of one chunk of two rows; row 1's first chunk starts with 5 padding slots (-1).
+    Advances `seen` (real tokens per row) in place."""
+    pos = torch.full((2, q_len), -1, dtype=torch.long, device=device)
+    for b, pad in enumerate((0, 5) if first else (0, 0)):
+        pos[b, pad:] = torch.arange(seen[b], seen[b] + q_len - pad, device=device)
+        seen[b] += q_len - pad
+    return pos
+
+
 def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
     """Triton Λ attention over a cache built chunk by chunk (left padding, wrapped ring), vs the reference."""
     from duohead.kernels import triton_streaming
 
-    group = shapes.num_q_heads // shapes.num_kv_heads
-    sink, window = (4, 16) if dry else (16, 64)
-    chunks, pads = ((40, 9, 1, 1), (0, 5)) if dry else ((300, 77, 1, 1), (0, 5))
+    sink, window, chunks = streaming_setup(dry)
     cache, seen, worst = None, [0, 0], 0.0
     for i, q_len in enumerate(chunks):
         q = randn(2, shapes.num_q_heads, q_len, shapes.head_dim, device=device, dtype=dtype)
         k, v = (randn(2, shapes.num_kv_heads, q_len, shapes.head_dim, device=device, dtype=dtype) for _ in range(2))
-        pos = torch.full((2, q_len), -1, dtype=torch.long, device=device)
-        for b in range(2):
-            pad = pads[b] if i == 0 else 0
-            pos[b, pad:] = torch.arange(seen[b], seen[b] + q_len - pad, device=device)
-            seen[b] += q_len - pad
+        pos = chunk_positions(q_len, i == 0, seen, device)
         if cache is None:
             cache = StreamingKV(k, sink, window)
         args = (q, k, v, pos, *cache.tensors(), sink, window, shapes.head_dim**-0.5)
@@ -132,15 +141,11 @@ def check_append(device, dtype, shapes: Shapes, dry: bool) -> dict:
     """Triton cache writes (prefill with left padding, chunks, decode steps) vs the torch reference: equal bits."""
     from duohead.kernels import triton_streaming
 
-    sink, window = (4, 16) if dry else (16, 64)
-    chunks = (40, 9, 1, 1) if dry else (300, 77, 1, 1)
+    sink, window, chunks = streaming_setup(dry)
     seen, ours, theirs, mismatches = [0, 0], None, None, 0
     for i, q_len in enumerate(chunks):
         k, v = (randn(2, shapes.num_kv_heads, q_len, shapes.head_dim, device=device, dtype=dtype) for _ in range(2))
-        pos = torch.full((2, q_len), -1, dtype=torch.long, device=device)
-        for b, pad in enumerate((0, 5) if i == 0 else (0, 0)):
-            pos[b, pad:] = torch.arange(seen[b], seen[b] + q_len - pad, device=device)
-            seen[b] += q_len - pad
+        pos = chunk_positions(q_len, i == 0, seen, device)
         if ours is None:
             ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
         triton_streaming.streaming_append(k, v, pos, *ours.tensors())

@@ -236,7 +236,7 @@ class DuoCacheLayer(CacheLayerMixin):
         count = -tokens_to_remove
         if count > self.seen:
             raise ValueError(f"cannot remove {count} tokens from a cache holding {self.seen}")
-        if count > self.rollback and not (self.is_initialized and self.streaming is None):
+        if self.streaming is not None and count > self.rollback:  # (an empty layer already failed on count > seen)
             raise ValueError(
                 f"DuoCache can take back at most {self.rollback} tokens (streaming heads keep window + {self.rollback} "
                 f"recent tokens); asked for {count}. Create it with duohead.DuoCache(model, rollback={count}) or more"
