@@ -62,7 +62,7 @@ def measure(method: str, context: int, decode_steps: int, seed: int) -> dict:
         "kv": result.memory, "peak_rss_bytes": result.peak_memory_bytes, "rss_before_bytes": rss_before,
     }
     if METHODS[method] is not None:
-        layouts = duohead.hook.layer_layouts(model)
+        layouts = duohead.architecture.layer_layouts(model)
         heads = sum(len(lay.kv_order) for lay in layouts)
         row.update(
             retrieval_fraction=sum(lay.num_retrieval_heads for lay in layouts) / heads,

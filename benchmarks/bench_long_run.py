@@ -50,7 +50,7 @@ def streaming_allocated_bytes(cache: duohead.DuoCache) -> int:
 def run(layout: str, args: argparse.Namespace) -> list[dict]:
     model = tiny_model(args.tokens + args.probe_steps * (args.tokens // args.checkpoint + 1) + 16)
     duohead.enable(model, duohead.HeadPattern(torch.tensor(LAYOUTS[layout]), sink=args.sink, window=args.window))
-    cache = duohead.DuoCache(model)
+    cache = duohead.DuoCache.from_model(model)
     gen = torch.Generator().manual_seed(0)
     points, fed, start = [], 0, time.perf_counter()
     while fed < args.tokens:

@@ -258,13 +258,13 @@ def check_model(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     rows = []
     duohead.enable(model, duohead.HeadPattern(torch.ones(2, shapes.num_kv_heads), **sink_window))
     with kernels.use_backend(duo_backend):
-        rows.append({"name": f"model all-retrieval ({duo_backend}) vs stock", "max_error": relative(step_logits(lambda: duohead.DuoCache(model)), stock)})
+        rows.append({"name": f"model all-retrieval ({duo_backend}) vs stock", "max_error": relative(step_logits(lambda: duohead.DuoCache.from_model(model)), stock)})
     duohead.disable(model)
     duohead.enable(model, duohead.HeadPattern(torch.rand(2, shapes.num_kv_heads), **sink_window), sparsity=0.5)
     with kernels.use_backend("torch"):
-        expected = step_logits(lambda: duohead.DuoCache(model))
+        expected = step_logits(lambda: duohead.DuoCache.from_model(model))
     with kernels.use_backend(duo_backend):
-        rows.append({"name": f"model 50% streaming ({duo_backend}) vs torch", "max_error": relative(step_logits(lambda: duohead.DuoCache(model)), expected)})
+        rows.append({"name": f"model 50% streaming ({duo_backend}) vs torch", "max_error": relative(step_logits(lambda: duohead.DuoCache.from_model(model)), expected)})
     duohead.disable(model)
     for row in rows:
         row["tokens"] = tokens

@@ -88,7 +88,7 @@ def duohead_attention(
         layer, new_k, new_v = key.layer, key.keys, key.values
     elif key.shape[2] != query.shape[2]:
         raise ValueError(
-            "duohead attention got keys from a cache other than DuoCache; pass cache=duohead.DuoCache(model) "
+            "duohead attention got keys from a cache other than DuoCache; pass cache=duohead.DuoCache.from_model(model) "
             "(or let generate() create one)"
         )
     else:  # no cache: a throw-away layer holds this forward's tokens

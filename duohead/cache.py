@@ -12,14 +12,14 @@ attention (`duohead.attention`) decides what each query sees.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from duohead import kernels
-
+from duohead.architecture import LayerLayout, layer_layouts
 
 RECORDING_ROLLBACK = 64  # tokens a cache can take back once generate() starts assisted / prompt-lookup decoding
 
@@ -37,7 +37,7 @@ class RetrievalKV:
     """Full KV of the retrieval heads, [B, Hr, T, D], in one buffer [2, B, Hr, capacity, D].
 
     When full, the capacity grows by a quarter (amortised O(1) copies per token, at most 25% unused);
-    a cache sized up front (`DuoCache(model, max_length=)`, as `generate()` does) never grows.
+    a cache sized up front (`DuoCache.from_model(model, max_length=)`, as `generate()` does) never grows.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
@@ -239,7 +239,7 @@ class DuoCacheLayer(CacheLayerMixin):
         if self.streaming is not None and count > self.rollback:  # (an empty layer already failed on count > seen)
             raise ValueError(
                 f"DuoCache can take back at most {self.rollback} tokens (streaming heads keep window + {self.rollback} "
-                f"recent tokens); asked for {count}. Create it with duohead.DuoCache(model, rollback={count}) or more"
+                f"recent tokens); asked for {count}. Create it with duohead.DuoCache.from_model(model, rollback={count}) or more"
             )
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -263,21 +263,23 @@ class DuoCacheLayer(CacheLayerMixin):
 class DuoCache(Cache):
     """The KV cache of a duohead-enabled model: one `DuoCacheLayer` per decoder layer.
 
-    `DuoCache(model)` builds an empty cache for a model prepared with `duohead.enable`; pass it as
-    `past_key_values=` / `cache=` to `forward()` or `generate()` (generate creates one by itself).
+    `DuoCache.from_model(model)` builds an empty cache for a model prepared with `duohead.enable`
+    (`DuoCache(layouts)` from its `LayerLayout`s, one per layer); pass it as `past_key_values=` / `cache=` to
+    `forward()` or `generate()` (generate creates one by itself).
     `max_length` (tokens, padding included), when known, sizes the retrieval buffers once: no regrowth.
     `rollback` (tokens) is how many of the newest tokens `crop` can take back (speculative decoding rejects
     draft tokens): streaming heads then keep window + rollback recent tokens. Assisted and prompt-lookup
     decoding in `generate()` raise it to at least `RECORDING_ROLLBACK` by themselves.
     """
 
-    def __init__(self, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0):
-        from duohead.hook import layer_layouts  # the hook owns the layout; imported lazily to avoid a cycle
-
-        layers = [
-            DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length, rollback) for lay in layer_layouts(model)
-        ]
+    def __init__(self, layouts: Sequence[LayerLayout], max_length: int | None = None, rollback: int = 0):
+        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length, rollback) for lay in layouts]
         super().__init__(layers=layers)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0) -> DuoCache:
+        """An empty cache for a model prepared with `duohead.enable` (its layouts read off its attention modules)."""
+        return cls(layer_layouts(model), max_length=max_length, rollback=rollback)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Take back the newest -tokens_to_remove tokens in every layer, or raise ValueError and change nothing."""

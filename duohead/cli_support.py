@@ -4,7 +4,6 @@ turning user errors into one line, checking inputs before the slow model load, a
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,15 +11,16 @@ from typing import Callable
 import torch
 
 from duohead.loading import check_gguf, load_model, resolve_model_path
-from duohead.pattern import HeadPattern, find_pattern
+from duohead.pattern import HeadPattern
 
 DEFAULT_PATTERN = "smollm2-135m-instruct"  # shipped pattern of the default model (patterns/<name>/pattern.json)
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)  # ImportError: a missing optional package
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run_cli(command: str, body: Callable[[], int]) -> int:
-    """Run a CLI body; a user error (ValueError, FileNotFoundError) becomes one line on stderr and exit code 2."""
+    """Run a CLI body: the one place where a user error (bad value, missing file, file in the way, missing optional
+    package) becomes one line on stderr and exit code 2, and Ctrl-C exit code 130."""
     try:
         return body()
     except USER_ERRORS as e:
@@ -77,25 +77,11 @@ def load_model_for_cli(
     return load_model(folder, dtype=DTYPES[dtype], device=device)
 
 
-def pattern_exists(name_or_path: str | os.PathLike) -> bool:
-    """Whether `find_pattern` would find a pattern file or shipped name."""
-    try:
-        find_pattern(name_or_path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def load_pattern_for_cli(pattern: str | None, model_given: bool) -> HeadPattern:
     """The pattern a CLI asked for: a file or shipped name; without one, the default model's shipped pattern."""
     if pattern is None:
         if model_given:
             raise ValueError("pass --pattern FILE|NAME: a head pattern made for this model (e.g. by `duohead calibrate`)")
-        if not pattern_exists(DEFAULT_PATTERN):
-            raise FileNotFoundError(
-                f"the default model's pattern {DEFAULT_PATTERN!r} is not shipped in this checkout yet; "
-                "pass --pattern FILE (e.g. one written by `duohead calibrate`)"
-            )
         pattern = DEFAULT_PATTERN
     return HeadPattern.load(pattern)
 

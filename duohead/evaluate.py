@@ -23,6 +23,7 @@ import torch
 
 import duohead
 from duohead import prompts
+from duohead.architecture import num_kv_heads
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
@@ -34,8 +35,8 @@ from duohead.cli_support import (
     resolve_device,
     run_cli,
 )
+from duohead.files import atomic_write_text
 from duohead.plots import have_matplotlib, plot_needle_grid
-from duohead.pattern import atomic_write_text
 from duohead.runner import run_prompt
 
 METHOD_KINDS = ("full", "pattern", "streaming", "random")
@@ -133,7 +134,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def build_methods(args: argparse.Namespace, pattern: duohead.HeadPattern | None, config) -> list[Method]:
     """The methods asked for, in --methods order; random gates come from --seed."""
     layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads = num_kv_heads(config)
     sink = args.sink if args.sink is not None else (pattern.sink if pattern else 64)
     window = args.window if args.window is not None else (pattern.window if pattern else 256)
     methods: list[Method] = []

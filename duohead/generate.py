@@ -22,6 +22,7 @@ import torch
 
 import duohead
 from duohead import prompts
+from duohead.architecture import layer_layouts
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
@@ -30,12 +31,10 @@ from duohead.cli_support import (
     check_prompt_fits,
     load_model_for_cli,
     load_pattern_for_cli,
-    pattern_exists,
     resolve_device,
     run_cli,
 )
-from duohead.hook import layer_layouts
-from duohead.pattern import atomic_write_text
+from duohead.files import atomic_write_text
 from duohead.runner import RunResult, run_prompt
 
 DEMO_SPARSITY = 0.5  # --demo without --sparsity/--threshold streams half of the KV heads
@@ -89,21 +88,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--demo uses the default model and its built-in prompt; drop --model/--gguf-file/--prompt-file")
 
 
-def placeholder_pattern() -> duohead.HeadPattern:
-    """The demo's stand-in until the calibrated SmolLM2 pattern ships: every other KV head (in layer, head order)
-    streams, i.e. 45 of 90 at threshold 0.5. Not calibrated; expect worse answers than a calibrated pattern."""
-    gates = (torch.arange(30 * 3).view(30, 3) % 2 == 0).float()
-    return duohead.HeadPattern(gates, sink=64, window=256, provenance={"method": "placeholder: alternating heads"})
-
-
 def _pattern(args: argparse.Namespace) -> duohead.HeadPattern:
-    if args.demo and args.pattern is None and not pattern_exists(DEFAULT_PATTERN):
-        print(
-            f"note: the calibrated pattern {DEFAULT_PATTERN!r} is not shipped yet; the demo uses a placeholder "
-            "(every other KV head streams), so the answer may be worse than with a calibrated pattern",
-            file=sys.stderr,
-        )
-        return placeholder_pattern()
     return load_pattern_for_cli(args.pattern, model_given=args.model is not None)
 
 

@@ -19,25 +19,12 @@ from pathlib import Path
 
 import torch
 
+from duohead.architecture import LayerLayout, attention_modules, check_architecture, check_sink_window, layer_layouts
 from duohead.attention import ATTENTION_NAME
 from duohead.cache import DuoCache, cache_argument
 from duohead.pattern import HeadPattern
 
 logger = logging.getLogger("duohead")
-
-# model_type -> where the decoder layers live. Biases (Qwen2) and per-head-dim q/k norms (Qwen3) need no
-# entry: biases are reordered with their rows whenever present, and q/k norms are shared by all heads.
-SUPPORTED_ARCHITECTURES = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers"}
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """One layer's head layout. kv_order[i] = original index of the KV head now in place i."""
-
-    num_retrieval_heads: int
-    sink: int
-    window: int
-    kv_order: tuple[int, ...]
 
 
 @dataclass
@@ -47,30 +34,6 @@ class _EnabledState:
     pattern: HeadPattern
     layout: torch.Tensor  # [L, Hkv] bool, True = retrieval
     sparsity: float
-
-
-def _check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"duohead does not support architecture {model_type!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer, in layer order."""
-    _check_architecture(model.config)
-    layers = model
-    for name in SUPPORTED_ARCHITECTURES[model.config.model_type].split("."):
-        layers = getattr(layers, name)
-    return [layer.self_attn for layer in layers]
-
-
-def layer_layouts(model: torch.nn.Module) -> list[LayerLayout]:
-    """The `LayerLayout` of every layer of an enabled model."""
-    if not is_enabled(model):
-        raise ValueError("this model is not duohead-enabled; call duohead.enable(model, pattern) first")
-    return [module.duohead_layout for module in attention_modules(model)]
 
 
 def is_enabled(model: torch.nn.Module) -> bool:
@@ -105,7 +68,7 @@ class _DuoGenerationMixin:
         if model_kwargs.get(name) is None and wants_default:
             prepare = super()._prepare_cache_for_generation
             bound = inspect.signature(prepare).bind(generation_config, model_kwargs, *args, **kwargs).arguments
-            model_kwargs[name] = DuoCache(self, max_length=bound.get("max_cache_length"))
+            model_kwargs[name] = DuoCache.from_model(self, max_length=bound.get("max_cache_length"))
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
@@ -121,7 +84,7 @@ class _DuoGenerationMixin:
 
 
 def _generation_class(model_class: type) -> type:
-    return type(f"DuoHead{model_class.__name__}", (_DuoGenerationMixin, model_class), {"_duohead_base": model_class})
+    return type(f"DuoHead{model_class.__name__}", (_DuoGenerationMixin, model_class), {})
 
 
 def enable(
@@ -139,16 +102,13 @@ def enable(
     or `threshold` picks the layout (default: threshold 0.5); `sink`/`window` override the pattern's.
     Returns the same model object, changed in place; `disable(model)` restores it exactly.
     """
-    _check_architecture(model.config)
+    check_architecture(getattr(model.config, "model_type", None))
     if not isinstance(pattern, HeadPattern):
         pattern = HeadPattern.load(Path(pattern))
     pattern.validate(model.config)
     sink = pattern.sink if sink is None else sink
     window = pattern.window if window is None else window
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise ValueError(f"sink must be an integer >= 0; got {sink!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an integer >= 1; got {window!r}")
+    check_sink_window(sink, window)
     layout = pattern.binarize(sparsity=sparsity, threshold=threshold)
     sliding = getattr(model.config, "sliding_window", None)
     if sliding is not None and getattr(model.config, "use_sliding_window", True):
@@ -156,10 +116,7 @@ def enable(
     if is_enabled(model):
         disable(model)
 
-    layouts = []
-    for retrieval in layout.tolist():
-        kv_order = [h for h, r in enumerate(retrieval) if r] + [h for h, r in enumerate(retrieval) if not r]
-        layouts.append(LayerLayout(sum(retrieval), sink, window, tuple(kv_order)))
+    layouts = [LayerLayout.from_retrieval(retrieval, sink, window) for retrieval in layout.tolist()]
     state = _EnabledState(model.config._attn_implementation, type(model), pattern, layout, HeadPattern.sparsity_of(layout))
     _attach(model, layouts, state)
     logger.info(

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from duohead.cli_support import run_cli
 from duohead.pattern import HeadPattern
 from duohead.plots import plot_gates
 
@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream at the cut (default 0.5)")
     parser.add_argument("--png", help="also write the gate heat map to this PNG file (needs matplotlib)")
     args = parser.parse_args(argv)
-    try:
-        pattern = HeadPattern.load(args.pattern)
-        print("\n".join(summary_lines(pattern, args.sparsity)))
-        if args.png:
-            print(f"heat map: {plot_gates(pattern.gates, args.png, title=pattern.model.get('name') or Path(args.pattern).stem)}")
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"duohead inspect: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("inspect", lambda: _inspect(args))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    pattern = HeadPattern.load(args.pattern)
+    print("\n".join(summary_lines(pattern, args.sparsity)))
+    if args.png:
+        print(f"heat map: {plot_gates(pattern.gates, args.png, title=pattern.model.get('name') or Path(args.pattern).stem)}")
     return 0

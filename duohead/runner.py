@@ -82,7 +82,7 @@ def new_cache(model: torch.nn.Module, max_length: int | None = None, rollback: i
     """An empty cache for `model`: a `DuoCache` (retrieval buffers sized for `max_length` tokens when given; `crop`
     can take back `rollback` tokens) if duohead is enabled, else a `DynamicCache` (stock full attention)."""
     if is_enabled(model):
-        return DuoCache(model, max_length=max_length, rollback=rollback)
+        return DuoCache.from_model(model, max_length=max_length, rollback=rollback)
     return DynamicCache(config=model.config)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
 from transformers import AutoModelForCausalLM
 
 import duohead
 from duohead import DuoCache, HeadPattern
 from duohead.cache import DuoCacheLayer, cache_argument
 from duohead.runner import draft_from_context, run_prompt
-from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
 
 SINK, WINDOW = 4, 8
 
@@ -60,7 +60,7 @@ def test_streaming_heads_follow_the_lambda_mask(arch, kind):
         assert (expected - stock).abs().max() > 20 * 1e-4 * expected.abs().max()  # the Λ mask changes the output
         assert_close(model(ids).logits, expected)  # no cache
         # with a cache: prefill part of the sequence, then decode the rest token by token
-        cache = DuoCache(model)
+        cache = DuoCache.from_model(model)
         split = SINK + WINDOW + 3
         got = [model(ids[:, :split], **{cache_argument(model): cache}).logits]
         for t in range(split, ids.shape[1]):
@@ -86,9 +86,9 @@ def test_chunked_prefill_equals_one_shot(chunk):
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=3), sink=SINK, window=WINDOW))
     ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        one_shot_cache = DuoCache(model)
+        one_shot_cache = DuoCache.from_model(model)
         one_shot = model(ids, **{cache_argument(model): one_shot_cache}).logits
-        cache = DuoCache(model)
+        cache = DuoCache.from_model(model)
         chunked = torch.cat([model(ids[:, s : s + chunk], **{cache_argument(model): cache}).logits for s in range(0, ids.shape[1], chunk)], dim=1)
         assert_close(chunked, one_shot)
         step = torch.randint(1, 97, (2, 1), generator=torch.Generator().manual_seed(5))
@@ -140,7 +140,7 @@ def test_padding_with_holes_is_rejected():
 def test_kv_memory_streaming_constant_retrieval_linear():
     model = tiny_model("llama", layers=2)
     duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), sink=SINK, window=WINDOW))
-    cache = DuoCache(model)
+    cache = DuoCache.from_model(model)
     seen, samples = 0, {}
     with torch.no_grad():
         for target in [SINK + WINDOW * k for k in (1, 2, 4, 8)] + [8 * (SINK + WINDOW)]:
@@ -159,7 +159,7 @@ def test_kv_memory_streaming_constant_retrieval_linear():
 def test_retrieval_cache_grows_without_copying_every_step():
     model = tiny_model("llama", layers=1)
     duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0]]), sink=SINK, window=WINDOW))
-    cache = DuoCache(model)
+    cache = DuoCache.from_model(model)
     buffers = set()
     with torch.no_grad():
         for _ in range(300):
@@ -279,7 +279,7 @@ def test_crop_takes_tokens_back_exactly():
     duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
     ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(4))  # far past sink + window
     new = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(5))
-    rolled, fresh = DuoCache(model, rollback=3), DuoCache(model)
+    rolled, fresh = DuoCache.from_model(model, rollback=3), DuoCache.from_model(model)
     name = cache_argument(model)
     with torch.no_grad():
         model(ids, **{name: rolled})
@@ -296,7 +296,7 @@ def test_crop_takes_tokens_back_exactly():
 def test_crop_without_rollback_slots_is_refused():
     model = tiny_model("llama")
     duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
-    cache = DuoCache(model)
+    cache = DuoCache.from_model(model)
     assert not cache.is_croppable
     with torch.no_grad():
         model(torch.randint(1, 97, (1, 20)), **{cache_argument(model): cache})

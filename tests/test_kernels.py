@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from tiny_models import masked_attention
 
 from duohead import kernels

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from tiny_models import masked_attention
 
 from duohead.cache import RetrievalKV

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_models import masked_attention
 
 from duohead.cache import StreamingKV

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import torch
 
+from duohead.architecture import check_architecture
 from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
-from duohead.hook import SUPPORTED_ARCHITECTURES
+from duohead.cli_support import DTYPES, run_cli
+from duohead.files import atomic_write_text
 from duohead.inspect import gate_report, histogram_lines
+from duohead.pattern import HeadPattern
 from duohead.plots import plot_gates
-from duohead.pattern import HeadPattern, atomic_write_text
 
 PATTERN = "pattern.json"
 HEATMAP = "gates.png"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INTERRUPTED = 130
 
 
@@ -109,11 +110,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     folder = resolve_model_path(args.model, args.gguf_file)
     model_config = AutoConfig.from_pretrained(folder)
-    if model_config.model_type not in SUPPORTED_ARCHITECTURES:  # before the (slow) weight load
-        raise ValueError(
-            f"calibration does not support architecture {model_config.model_type!r}; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
+    check_architecture(model_config.model_type, "calibration")  # before the (slow) weight load
     ctx_min, ctx_max = _context_range(args, model_config)
     config = TrainConfig(
         steps=args.steps, lr=args.lr, reg=args.reg,
@@ -189,8 +186,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"duohead calibrate: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("calibrate", lambda: run(args))

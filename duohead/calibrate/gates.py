@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from duohead.hook import SUPPORTED_ARCHITECTURES
+from duohead.architecture import check_architecture, check_sink_window, num_kv_heads
 from duohead.kernels.reference import lambda_visible
 
 GATED_ATTENTION = "duohead-calibrate"
@@ -159,13 +159,8 @@ class GatedModel:
 
     def __init__(self, model: torch.nn.Module, *, sink: int, window: int, gradient_checkpointing: bool = True) -> None:
         config = model.config
-        if config.model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"calibration does not support architecture {config.model_type!r}; "
-                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
-        if sink < 0 or window < 1:
-            raise ValueError(f"need sink >= 0 and window >= 1; got sink {sink}, window {window}")
+        check_architecture(config.model_type, "calibration")
+        check_sink_window(sink, window)
         register()
         model.requires_grad_(False)
         if gradient_checkpointing:
@@ -175,9 +170,8 @@ class GatedModel:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.sink, self.window = sink, window
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         device = next(model.parameters()).device
-        self.gates = torch.nn.Parameter(torch.ones(config.num_hidden_layers, num_kv_heads, device=device))
+        self.gates = torch.nn.Parameter(torch.ones(config.num_hidden_layers, num_kv_heads(config), device=device))
 
     @torch.no_grad()
     def teacher_states(self, input_ids: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:

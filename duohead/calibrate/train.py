@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
+from duohead.files import atomic_write
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
@@ -156,14 +156,7 @@ class Calibrator:
             tensors["adam.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             tensors["adam.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
         metadata = {"step": str(self.step_index), "config": json.dumps(asdict(self.config), sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save`; refuses one made with different settings."""
