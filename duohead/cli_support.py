@@ -1,21 +1,45 @@
 """What `duohead generate` and `duohead eval` share besides argument parsing (each CLI parses its own):
 turning user errors into one line, checking inputs before the slow model load, and loading model + pattern.
+
+Importing this module imports neither torch nor transformers (the CLIs check their arguments first).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from duohead.loading import check_gguf, load_model, resolve_model_path
-from duohead.pattern import HeadPattern
+    from duohead.pattern import HeadPattern
 
 DEFAULT_PATTERN = "smollm2-135m-instruct"  # shipped pattern of the default model (patterns/<name>/pattern.json)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)  # ImportError: a missing optional package
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _DtypeTable(Mapping):
+    """dtype name -> torch dtype; the names (argparse choices) are known without importing torch."""
+
+    names = ("float32", "bfloat16", "float16")
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        if name not in self.names:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+DTYPES = _DtypeTable()
 
 
 def run_cli(command: str, body: Callable[[], int]) -> int:
@@ -39,6 +63,8 @@ def check_fraction(name: str, value: float | None) -> None:
 
 def resolve_device(name: str | None) -> torch.device:
     """`name` ("cpu", "cuda", "cuda:1"), or CUDA when available, else CPU."""
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -49,6 +75,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 def check_model_source(model: str | None, gguf_file: str | None) -> None:
     """Fail fast on a missing path or a GGUF file of an architecture duohead does not support."""
+    from duohead.loading import check_gguf, resolve_model_path
+
     if model is None:
         if gguf_file is not None:
             raise ValueError("--gguf-file needs --model FOLDER (the folder that holds the GGUF file)")
@@ -69,6 +97,8 @@ def load_model_for_cli(
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
+    from duohead.loading import load_model, resolve_model_path
+
     check_model_source(model, gguf_file)
     folder = resolve_model_path(model, gguf_file)
     if pattern is not None:
@@ -79,6 +109,8 @@ def load_model_for_cli(
 
 def load_pattern_for_cli(pattern: str | None, model_given: bool) -> HeadPattern:
     """The pattern a CLI asked for: a file or shipped name; without one, the default model's shipped pattern."""
+    from duohead.pattern import HeadPattern
+
     if pattern is None:
         if model_given:
             raise ValueError("pass --pattern FILE|NAME: a head pattern made for this model (e.g. by `duohead calibrate`)")

@@ -18,26 +18,26 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-import duohead
 from duohead import prompts
-from duohead.architecture import num_kv_heads
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
     check_fraction,
     check_model_source,
-    check_prompt_fits,
     load_model_for_cli,
     load_pattern_for_cli,
     resolve_device,
     run_cli,
 )
 from duohead.files import atomic_write_text
-from duohead.plots import have_matplotlib, plot_needle_grid
-from duohead.runner import run_prompt
+
+if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
+    import torch
+    from tqdm import tqdm
+
+    from duohead.pattern import HeadPattern
 
 METHOD_KINDS = ("full", "pattern", "streaming", "random")
 RESULTS_FORMAT = "duohead-eval"
@@ -51,7 +51,7 @@ class Method:
     name: str
     kind: str
     sparsity: float
-    pattern: duohead.HeadPattern | None
+    pattern: HeadPattern | None
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
-    p.add_argument("--pattern", help=f"pattern file or shipped name (default model: {DEFAULT_PATTERN}); needed by method 'pattern'")
-    p.add_argument("--methods", type=_name_list, default=list(METHOD_KINDS), help="comma-separated subset of: " + ",".join(METHOD_KINDS))
+    p.add_argument("--pattern", help=f"pattern file or shipped name (default model: {DEFAULT_PATTERN}); for method 'pattern'")
+    p.add_argument("--methods", type=_name_list, default=list(METHOD_KINDS), help=f"comma-separated: {','.join(METHOD_KINDS)}")
     p.add_argument("--sparsities", type=_float_list, default=[0.5, 0.75], help="for 'pattern' and 'random' (default 0.5,0.75)")
     p.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's, else 64)")
     p.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's, else 256)")
     p.add_argument("--tasks", type=_name_list, default=list(prompts.SAMPLERS), help="passkey,needle (default both)")
-    p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="context lengths in tokens (default 1024,2048,4096)")
+    p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="prompt tokens (default 1024,2048,4096)")
     p.add_argument("--depths", type=_float_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="fact depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="prompts per (task, length, depth) cell (default 1)")
     p.add_argument("--limit", type=int, help="run at most this many prompts per task, spread over the grid")
@@ -131,8 +131,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prefill-chunk must be >= 0 (0 = all at once)")
 
 
-def build_methods(args: argparse.Namespace, pattern: duohead.HeadPattern | None, config) -> list[Method]:
+def build_methods(args: argparse.Namespace, pattern: HeadPattern | None, config) -> list[Method]:
     """The methods asked for, in --methods order; random gates come from --seed."""
+    import torch
+
+    from duohead.architecture import num_kv_heads
+    from duohead.pattern import HeadPattern
+
     layers = config.num_hidden_layers
     kv_heads = num_kv_heads(config)
     sink = args.sink if args.sink is not None else (pattern.sink if pattern else 64)
@@ -144,10 +149,10 @@ def build_methods(args: argparse.Namespace, pattern: duohead.HeadPattern | None,
         elif kind == "pattern":
             methods += [Method(f"pattern@{s:g}", kind, s, pattern) for s in args.sparsities]
         elif kind == "streaming":
-            methods.append(Method("streaming", kind, 1.0, duohead.HeadPattern(torch.zeros(layers, kv_heads), sink=sink, window=window)))
+            methods.append(Method("streaming", kind, 1.0, HeadPattern(torch.zeros(layers, kv_heads), sink=sink, window=window)))
         else:
             gates = torch.rand(layers, kv_heads, generator=torch.Generator().manual_seed(args.seed))
-            random_pattern = duohead.HeadPattern(gates, sink=sink, window=window, provenance={"method": "random", "seed": args.seed})
+            random_pattern = HeadPattern(gates, sink=sink, window=window, provenance={"method": "random", "seed": args.seed})
             methods += [Method(f"random@{s:g}", kind, s, random_pattern) for s in args.sparsities]
     return methods
 
@@ -161,8 +166,20 @@ def select_cells(cells: list, limit: int | None) -> list:
     return [cells[round(i * (len(cells) - 1) / (limit - 1))] for i in range(limit)]
 
 
+def check_lengths(lengths: list[int], max_new_tokens: int, config) -> None:
+    """Raise ValueError, with eval's fix (a smaller --lengths), if the longest prompt plus its new tokens would
+    exceed the model's positions. A sample of length n has at most n tokens (`duohead.prompts`)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) + max_new_tokens > limit:
+        raise ValueError(
+            f"--lengths {max(lengths)} plus --max-new-tokens {max_new_tokens} exceeds this model's {limit} positions; "
+            f"pass --lengths of at most {limit - max_new_tokens}"
+        )
+
+
 def build_prompts(args: argparse.Namespace, tokenizer, config) -> list[Prompt]:
     """Every prompt of the run, tokenized once. Each sample's seed derives from --seed and its cell."""
+    check_lengths(args.lengths, args.max_new_tokens, config)
     out: list[Prompt] = []
     for task in args.tasks:
         cells = [(n, d, k) for n in args.lengths for d in args.depths for k in range(args.samples)]
@@ -170,13 +187,23 @@ def build_prompts(args: argparse.Namespace, tokenizer, config) -> list[Prompt]:
             seed = random.Random(f"{args.seed}/{task}/{length}/{depth}/{k}").randrange(2**31)
             sample = prompts.SAMPLERS[task](tokenizer, length, depth, seed)
             ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
-            check_prompt_fits(ids.shape[1], args.max_new_tokens, config)
             out.append(Prompt(sample, k, ids))
     return out
 
 
-def evaluate_method(model, tokenizer, method: Method, items: list[Prompt], args: argparse.Namespace) -> list[dict]:
-    """Run every prompt under one method; one result row per prompt."""
+def score(answer: str, output: str) -> float:
+    """1.0 when the answer appears in the output (case-insensitive), else 0.0."""
+    return float(answer.lower() in output.lower())
+
+
+def evaluate_method(
+    model, tokenizer, method: Method, items: list[Prompt], args: argparse.Namespace, bar: tqdm | None = None
+) -> list[dict]:
+    """Run every prompt under one method; one result row per prompt. `bar` (tqdm) advances by one per prompt
+    and prints each prompt's line above itself."""
+    import duohead
+    from duohead.runner import run_prompt
+
     if method.pattern is not None:
         duohead.enable(model, method.pattern, sparsity=method.sparsity, sink=args.sink, window=args.window)
     try:
@@ -188,10 +215,12 @@ def evaluate_method(model, tokenizer, method: Method, items: list[Prompt], args:
             rows.append({
                 "task": s.task, "length": s.length, "depth": s.depth, "sample": item.index,
                 "prompt_tokens": result.prompt_tokens, "answer": s.answer, "output": output,
-                "score": float(s.answer.lower() in output.lower()), "prefill_seconds": result.prefill_seconds,
+                "score": score(s.answer, output), "prefill_seconds": result.prefill_seconds,
             })
-            print(f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  score {rows[-1]['score']:.0f}  "
-                  f"answer {s.answer!r} output {output.strip()[:40]!r}", file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.write(f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  "
+                          f"score {rows[-1]['score']:.0f}  answer {s.answer!r} output {output.strip()[:40]!r}", file=sys.stderr)
+                bar.update(1)
         return rows
     finally:
         if method.pattern is not None:
@@ -230,6 +259,14 @@ def format_table(report: dict) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _check_args(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from duohead.plots import have_matplotlib, plot_needle_grid
+
     check_model_source(args.model, args.gguf_file)
     pattern = load_pattern_for_cli(args.pattern, model_given=args.model is not None) if "pattern" in args.methods else None
     out = Path(args.out)
@@ -245,18 +282,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
         "max_new_tokens": args.max_new_tokens, "methods": [],
     }
-    for method in methods:
-        rows = evaluate_method(model, tokenizer, method, items, args)
-        report["methods"].append({
-            "name": method.name, "kind": method.kind, "sparsity": method.sparsity,
-            "summary": summarize(rows, args.tasks, args.lengths, args.depths), "results": rows,
-        })
+    with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True) as bar:
+        for method in methods:
+            rows = evaluate_method(model, tokenizer, method, items, args, bar)
+            report["methods"].append({
+                "name": method.name, "kind": method.kind, "sparsity": method.sparsity,
+                "summary": summarize(rows, args.tasks, args.lengths, args.depths), "results": rows,
+            })
     atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
     print(format_table(report))
     if have_matplotlib():
         for m in report["methods"]:
             grids = {t: m["summary"]["tasks"][t]["grid"] for t in args.tasks}
-            plot_needle_grid(out / f"heatmap_{m['name'].replace('@', '_')}.png", f"{m['name']} (sparsity {m['sparsity']:.2f})", args.lengths, args.depths, grids)
+            title = f"{m['name']} (sparsity {m['sparsity']:.2f})"
+            plot_needle_grid(out / f"heatmap_{m['name'].replace('@', '_')}.png", title, args.lengths, args.depths, grids)
         print(f"wrote {out / 'results.json'} and one heat map per method", file=sys.stderr)
     else:
         print(f"wrote {out / 'results.json'}; install matplotlib for the heat maps", file=sys.stderr)

@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-import duohead
 from duohead import prompts
-from duohead.architecture import layer_layouts
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
@@ -35,7 +32,12 @@ from duohead.cli_support import (
     run_cli,
 )
 from duohead.files import atomic_write_text
-from duohead.runner import RunResult, run_prompt
+
+if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
+    import torch
+
+    from duohead.pattern import HeadPattern
+    from duohead.runner import RunResult
 
 DEMO_SPARSITY = 0.5  # --demo without --sparsity/--threshold streams half of the KV heads
 
@@ -88,7 +90,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--demo uses the default model and its built-in prompt; drop --model/--gguf-file/--prompt-file")
 
 
-def _pattern(args: argparse.Namespace) -> duohead.HeadPattern:
+def _pattern(args: argparse.Namespace) -> HeadPattern:
     return load_pattern_for_cli(args.pattern, model_given=args.model is not None)
 
 
@@ -141,6 +143,8 @@ class TokenPrinter:
 
 
 def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace) -> RunResult:
+    from duohead.runner import run_prompt
+
     print(f"--- {label} ---", flush=True)
     result = run_prompt(
         model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=True,
@@ -172,14 +176,30 @@ def format_report(runs: dict[str, RunResult]) -> str:
     width = max(len(name) for name, _ in rows) + 2
     lines = ["".ljust(width) + "".join(c.ljust(18) for c in cols)]
     lines += [name.ljust(width) + "".join(v.ljust(18) for v in values) for name, values in rows]
-    duo = runs["duohead"]
-    if duo.memory["total_bytes"]:
-        lines.append(f"duohead holds {duo.memory['full_bytes'] / duo.memory['total_bytes']:.2f}x less KV than full attention would")
+    lines.append(kv_comparison(runs["duohead"].memory))
     return "\n".join(lines)
+
+
+def kv_comparison(memory: dict[str, int]) -> str:
+    """One line: how many times less (or more) KV duohead holds than full attention would, from `DuoCache.memory()`."""
+    held, full = memory["total_bytes"], memory["full_bytes"]
+    if held < full:
+        return f"duohead holds {full / held:.2f}x less KV than full attention would"
+    if held > full:
+        return (f"duohead holds {held / full:.2f}x more KV than full attention would: each streaming head's sink + window "
+                "buffer is allocated whole, and this prompt does not fill it")
+    return "duohead holds as much KV as full attention would"
 
 
 def _generate(args: argparse.Namespace) -> int:
     _check_args(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import duohead
+    from duohead.architecture import layer_layouts
+
     if args.demo:
         args.chat = True
         if args.sparsity is None and args.threshold is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from duohead.architecture import LayerLayout, attention_modules, check_architecture, check_sink_window, layer_layouts
-from duohead.attention import ATTENTION_NAME
+from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
 from duohead.pattern import HeadPattern
 
@@ -131,6 +131,7 @@ def _attach(model: torch.nn.Module, layouts: list[LayerLayout], state: _EnabledS
     for attn, layout in zip(attention_modules(model), layouts):
         _permute_heads(attn, list(layout.kv_order))
         attn.duohead_layout = layout
+    register()  # idempotent; `import duohead` alone does not import transformers
     model.set_attn_implementation(ATTENTION_NAME)
     model.__class__ = _generation_class(state.model_class)
     model._duohead = state

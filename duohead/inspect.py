@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from duohead.cli_support import run_cli
-from duohead.pattern import HeadPattern
-from duohead.plots import plot_gates
+
+if TYPE_CHECKING:  # torch loads only once the arguments are checked (a bad one is answered at once)
+    import torch
+
+    from duohead.pattern import HeadPattern
 
 SATURATION = 0.01  # a gate within this of 0 or 1 counts as saturated
 
@@ -54,6 +55,8 @@ def gate_report(gates: torch.Tensor, sparsity: float) -> dict[str, Any]:
 
 def histogram_lines(gates: torch.Tensor, bins: int = 10, width: int = 40) -> list[str]:
     """A text histogram of gates [L, Hkv] over [0, 1]."""
+    import torch
+
     flat = gates.detach().flatten().float().cpu()
     counts = torch.histc(flat, bins=bins, min=0.0, max=1.0).long().tolist()
     top = max(counts) or 1
@@ -75,7 +78,8 @@ def summary_lines(pattern: HeadPattern, sparsity: float) -> list[str]:
         f"provenance: {json.dumps(pattern.provenance, sort_keys=True)}",
         "gate histogram:",
         *histogram_lines(pattern.gates),
-        f"saturated: {report['saturated_at_1']} at 1, {report['saturated_at_0']} at 0 (within {SATURATION}); mean gate {report['mean']}",
+        f"saturated: {report['saturated_at_1']} at 1, {report['saturated_at_0']} at 0 (within {SATURATION}); "
+        f"mean gate {report['mean']}",
     ]
     if "margin" in report:
         tie = f", {report['ties_at_cut']} gates tied at the cut (order by layer, head)" if report["ties_at_cut"] > 1 else ""
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from duohead.pattern import HeadPattern
+    from duohead.plots import plot_gates
+
     pattern = HeadPattern.load(args.pattern)
     print("\n".join(summary_lines(pattern, args.sparsity)))
     if args.png:

@@ -14,17 +14,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from duohead.architecture import check_architecture
-from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
-from duohead.calibrate.gates import GatedModel
-from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
 from duohead.cli_support import DTYPES, run_cli
 from duohead.files import atomic_write_text
-from duohead.inspect import gate_report, histogram_lines
-from duohead.pattern import HeadPattern
-from duohead.plots import plot_gates
 
 PATTERN = "pattern.json"
 HEATMAP = "gates.png"
@@ -82,6 +73,8 @@ def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
 
 
 def _check_out(out: Path, resume: bool, force: bool) -> None:
+    from duohead.calibrate.train import CHECKPOINT
+
     if resume and force:
         raise ValueError("--resume and --force contradict each other; pass one")
     if resume:
@@ -99,10 +92,18 @@ def _write_log(path: Path, lines: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # torch, transformers and the calibration modules load only once the arguments are parsed
     from tqdm import tqdm
     from transformers import AutoConfig
 
+    from duohead.architecture import check_architecture
+    from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
+    from duohead.calibrate.gates import GatedModel
+    from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
+    from duohead.inspect import gate_report, histogram_lines
     from duohead.loading import load_model, resolve_model_path
+    from duohead.pattern import HeadPattern
+    from duohead.plots import plot_gates
 
     out = Path(args.out)
     _check_out(out, args.resume, args.force)
