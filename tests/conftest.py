@@ -1,8 +1,26 @@
-"""Test setup: Triton runs in interpreter mode where there is no GPU (set before anything imports triton)."""
+"""Test setup: Triton runs in interpreter mode where there is no GPU (set before anything imports triton), and the
+fixtures the CLI tests share (the tiny model folder and its pattern, built once per session; see cli_model.py)."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder with the tiny CLI Llama (cli_model.save_tiny_model) and a tokenizer."""
+    from cli_model import save_tiny_model  # imported here: transformers only after TRITON_INTERPRET is set
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pattern_file(tmp_path_factory):
+    """A pattern file for the tiny model: one retrieval and one streaming KV head per layer (threshold 0.5)."""
+    from cli_model import save_tiny_pattern
+
+    return save_tiny_pattern(tmp_path_factory.mktemp("pattern") / "tiny.json")

@@ -6,13 +6,14 @@ import argparse
 import json
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
-from cli_fixtures import KV_HEADS, LAYERS, tiny_model_dir, tiny_pattern_file  # noqa: F401
+from cli_model import KV_HEADS, LAYERS
 from transformers import AutoTokenizer
 
-from duohead import evaluate, prompts
+from duohead import evaluate, prompts, runner
 from duohead.calibrate import haystack as calibration_haystack
 from duohead.plots import have_matplotlib
 
@@ -61,13 +62,49 @@ def test_every_method_sees_the_same_prompts(eval_run):
         assert r["length"] - 100 <= r["prompt_tokens"] <= r["length"]
 
 
-def test_all_retrieval_pattern_scores_like_full(tiny_model_dir, tiny_pattern_file, tmp_path):
+def test_all_retrieval_pattern_scores_like_full(tiny_model_dir, tiny_pattern_file, tmp_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--methods", "full,pattern",
             "--sparsities", "0", "--lengths", "200", "--depths", "0.5", "--tasks", "needle", "--max-new-tokens", "4",
             "--out", str(tmp_path)]
     assert evaluate.main(argv) == 0
     full, pattern = json.loads((tmp_path / "results.json").read_text())["methods"]
     assert [r["output"] for r in full["results"]] == [r["output"] for r in pattern["results"]]
+    # one progress bar over every (method, prompt), with elapsed<remaining time, and a line per prompt above it
+    err = capsys.readouterr().err
+    assert re.search(r"eval: 100%\|[^|]*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert err.count(" needle   len    200 depth 0.50  score 0") == 2
+
+
+def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
+    """eval's scoring path (decode, compare, summarise, results.json) with a stand-in for the model run that
+    answers passkeys (read from the prompt) and gets needles wrong. The tiny random model never answers;
+    the real SmolLM2 does in test_smollm2.py."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def answer_passkeys(model, input_ids, max_new_tokens, **kwargs):
+        key = re.search(r"The pass key is (\d{5})\.", tokenizer.decode(input_ids[0]))
+        reply = f" {key[1]}. Remember it." if key else " I do not know."
+        return SimpleNamespace(tokens=tokenizer(reply).input_ids[:max_new_tokens], prompt_tokens=input_ids.shape[1],
+                               prefill_seconds=0.0)
+
+    monkeypatch.setattr(runner, "run_prompt", answer_passkeys)
+    argv = ["--model", str(tiny_model_dir), "--methods", "full", "--lengths", "200,300", "--depths", "0.2,0.8",
+            "--max-new-tokens", "8", "--out", str(tmp_path)]
+    assert evaluate.main(argv) == 0
+    method = json.loads((tmp_path / "results.json").read_text())["methods"][0]
+    rows = method["results"]
+    assert len(rows) == 8 and {(r["task"], r["score"]) for r in rows} == {("passkey", 1.0), ("needle", 0.0)}
+    assert all(r["output"].strip().startswith(r["answer"]) for r in rows if r["task"] == "passkey")
+    summary = method["summary"]
+    assert (summary["mean"], summary["tasks"]["passkey"]["mean"], summary["tasks"]["needle"]["mean"]) == (0.5, 1.0, 0.0)
+    assert summary["tasks"]["passkey"]["grid"] == [[1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize(("answer", "output", "expected"), [
+    ("48213", " 48213. Remember it.", 1.0), ("Cinnamon", "cinnamon.", 1.0), ("48213", "4821", 0.0), ("Tangerine", "", 0.0),
+])
+def test_score(answer, output, expected):
+    assert evaluate.score(answer, output) == expected
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -136,7 +173,8 @@ BAD_INPUTS = {
     "unknown method": (["--methods", "full,oracle"], "unknown method"),
     "unknown task": (["--tasks", "quiz"], "unknown task"),
     "depth outside [0, 1]": (["--depths", "1.2"], "--depths"),
-    "longer than the positions": (["--lengths", "2000"], "positions"),
+    "longer than the positions": (["--lengths", "300,2000"], "--lengths 2000 plus --max-new-tokens 8 exceeds this model's 600 "
+                                  "positions; pass --lengths of at most 592"),
     "missing pattern": (["--pattern", "/nonexistent/p.json"], "neither a file"),
 }
 

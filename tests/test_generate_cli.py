@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from cli_fixtures import KV_HEADS, LAYERS, MAX_POSITIONS, tiny_model_dir, tiny_pattern_file  # noqa: F401
+from cli_model import KV_HEADS, LAYERS, MAX_POSITIONS, SINK, WINDOW
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import duohead
@@ -61,6 +61,20 @@ def test_generate_matches_hf_generate_and_reports_duocache_bytes(tmp_path, tiny_
     out = capsys.readouterr().out
     assert run["text"] in out  # streamed to stdout
     assert f"{run['kv_memory']['total_bytes'] / 1e6:,.1f} MB" in out
+    assert f"duohead holds {memory['full_bytes'] / memory['total_bytes']:.2f}x less KV than full attention would" in out
+
+
+def test_report_says_more_when_a_short_prompt_holds_more_kv(tmp_path, tiny_model_dir, tiny_pattern_file, capsys):
+    """A prompt shorter than sink + window: each streaming head's ring is allocated whole, so duohead holds more."""
+    report, rc = _run(tmp_path, tiny_model_dir, tiny_pattern_file, prompt="The capital of France is")
+    assert rc == 0
+    memory = report["runs"]["duohead"]["kv_memory"]
+    tokens = report["runs"]["duohead"]["prompt_tokens"] + 5  # the last new token is never written to the cache
+    assert tokens < SINK + WINDOW and memory["full_bytes"] == _full_kv_bytes(tokens)
+    assert memory["total_bytes"] == _full_kv_bytes(tokens) // 2 + _full_kv_bytes(SINK + WINDOW) // 2  # 1 of 2 KV heads streams
+    out = capsys.readouterr().out
+    assert f"duohead holds {memory['total_bytes'] / memory['full_bytes']:.2f}x more KV than full attention would" in out
+    assert "less KV" not in out
 
 
 def test_compare_full_runs_stock_model_side_by_side(tmp_path, tiny_model_dir, tiny_pattern_file):

@@ -1,9 +1,11 @@
-"""Fixtures for the CLI tests: a tiny random Llama saved as a model folder (with the real SmolLM2 tokenizer,
-so chat templates and prompt building are real) and a pattern file for it."""
+"""The tiny model the CLI tests run: a seeded random 2-layer Llama saved as a model folder, with the real SmolLM2
+tokenizer (so chat templates and prompt building are real), and a pattern for it. The fixtures that build them,
+`tiny_model_dir` and `tiny_pattern_file`, are in conftest.py."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -14,10 +16,8 @@ LAYERS, KV_HEADS, SINK, WINDOW = 2, 2, 4, 16
 MAX_POSITIONS = 600
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A folder with a seeded random 2-layer Llama (4 query / 2 KV heads, 600 positions) and a tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
+def save_tiny_model(folder: Path) -> Path:
+    """Write a seeded random 2-layer Llama (4 query / 2 KV heads, 600 positions) and a tokenizer to `folder`."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path())
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -32,9 +32,7 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_pattern_file(tmp_path_factory):
+def save_tiny_pattern(path: Path) -> Path:
     """A pattern for the tiny model: one retrieval and one streaming KV head per layer (threshold 0.5)."""
-    path = tmp_path_factory.mktemp("pattern") / "tiny.json"
     duohead.HeadPattern(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), sink=SINK, window=WINDOW).save(path)
     return path
