@@ -64,17 +64,25 @@ def test_generate_matches_hf_generate_and_reports_duocache_bytes(tmp_path, tiny_
     assert f"duohead holds {memory['full_bytes'] / memory['total_bytes']:.2f}x less KV than full attention would" in out
 
 
-def test_report_says_more_when_a_short_prompt_holds_more_kv(tmp_path, tiny_model_dir, tiny_pattern_file, capsys):
-    """A prompt shorter than sink + window: each streaming head's ring is allocated whole, so duohead holds more."""
+def test_report_compares_kv_in_the_right_direction_for_a_short_prompt(tmp_path, tiny_model_dir, tiny_pattern_file, capsys):
+    """A prompt shorter than sink + window: the report's comparison line states the direction and factor of the bytes
+    it reports (a streaming ring allocated whole holds more than full attention would; "less" would be wrong)."""
     report, rc = _run(tmp_path, tiny_model_dir, tiny_pattern_file, prompt="The capital of France is")
     assert rc == 0
     memory = report["runs"]["duohead"]["kv_memory"]
     tokens = report["runs"]["duohead"]["prompt_tokens"] + 5  # the last new token is never written to the cache
     assert tokens < SINK + WINDOW and memory["full_bytes"] == _full_kv_bytes(tokens)
-    assert memory["total_bytes"] == _full_kv_bytes(tokens) // 2 + _full_kv_bytes(SINK + WINDOW) // 2  # 1 of 2 KV heads streams
-    out = capsys.readouterr().out
-    assert f"duohead holds {memory['total_bytes'] / memory['full_bytes']:.2f}x more KV than full attention would" in out
-    assert "less KV" not in out
+    held, full = memory["total_bytes"], memory["full_bytes"]
+    expected = f"{full / held:.2f}x less" if held < full else f"{held / full:.2f}x more" if held > full else "as much"
+    assert f"duohead holds {expected} KV" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("held", "full", "words"), [
+    (100, 800, "8.00x less KV than"), (1106, 100, "11.06x more KV than"), (300, 300, "as much KV as"),
+])
+def test_kv_comparison_says_less_or_more(held, full, words):
+    line = generate.kv_comparison({"total_bytes": held, "full_bytes": full})
+    assert line.startswith(f"duohead holds {words} full attention would")
 
 
 def test_compare_full_runs_stock_model_side_by_side(tmp_path, tiny_model_dir, tiny_pattern_file):
@@ -105,7 +113,8 @@ def test_chat_prompt_from_stdin(tiny_model_dir, tiny_pattern_file, tmp_path, mon
             "--report-json", str(out)]
     assert generate.main(argv) == 0
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Where does the lighthouse stand?"}], add_generation_prompt=True)
+    message = [{"role": "user", "content": "Where does the lighthouse stand?"}]
+    chat = tokenizer.apply_chat_template(message, add_generation_prompt=True)
     chat_ids = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
     assert json.loads(out.read_text())["runs"]["duohead"]["prompt_tokens"] == len(chat_ids)
 
@@ -136,9 +145,15 @@ BAD_INPUTS = {
     "no pattern for a custom model": (lambda d, p, t: ["--model", str(d)], "pass --pattern"),
     "sparsity above 1": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "1.5"], "[0, 1]"),
     "sparsity below 0": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "-0.1"], "[0, 1]"),
-    "sparsity and threshold": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "0.5", "--threshold", "0.5"], "not both"),
-    "missing prompt file": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-file", str(t / "none.txt")], "prompt file"),
-    "negative prompt lookup": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-lookup", "-1"], "--prompt-lookup must be >= 0"),
+    "sparsity and threshold": (
+        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "0.5", "--threshold", "0.5"], "not both"
+    ),
+    "missing prompt file": (
+        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-file", str(t / "none.txt")], "prompt file"
+    ),
+    "negative prompt lookup": (
+        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-lookup", "-1"], "--prompt-lookup must be >= 0"
+    ),
 }
 
 
