@@ -200,10 +200,22 @@ def test_keys_outside_sink_and_window_are_never_loaded():
 
 
 @runs_kernel
-def test_decode_output_is_a_fresh_tensor_with_q_shape():
-    runs = list(run_chunks(4, 64, 4, 16, [30, 1], [0, 0], torch.float32))
-    got, expected, _ = runs[-1]
-    assert got.shape == expected.shape == (2, 8, 1, 64)
+def test_decode_without_out_allocates_its_output_and_matches_the_oracle():
+    """One decode token after a 30-token prefill (ring wrapped; rows of 30 and 27 real tokens), no `out=`: the kernel
+    returns a new [B, Hq, 1, D] tensor (sharing memory with no input) holding the oracle's values."""
+    gen = torch.Generator().manual_seed(3)
+    seen = [0, 0]
+    k, v = torch.randn(2, 2, 30, 64, generator=gen).to(DEVICE), torch.randn(2, 2, 30, 64, generator=gen).to(DEVICE)
+    cache = StreamingKV(k, 4, 16)
+    cache.append(k, v, make_positions(30, [0, 3], seen).to(DEVICE))
+    q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
+    k1, v1 = torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE), torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE)
+    args = (q, k1, v1, make_positions(1, [0, 0], seen).to(DEVICE), *cache.tensors(), 4, 16, 64**-0.5)
+    got = triton_streaming.streaming_attention(*args)
+    assert got.shape == (2, 8, 1, 64) and got.is_contiguous()
+    inputs = (q, k1, v1, *cache.tensors())
+    assert all(got.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in inputs)
+    torch.testing.assert_close(got, dense_oracle(*args), atol=TOL[torch.float32], rtol=TOL[torch.float32])
 
 
 HOPPER_BUILDS = [("bf16", 4, 1, 128), ("fp16", 3, 100, 80)]  # (dtype, G, Q, D): decode, and prefill with odd G and D
