@@ -156,17 +156,20 @@ def test_kv_memory_streaming_constant_retrieval_linear():
     assert cache.get_seq_length() == seen
 
 
-def test_retrieval_cache_grows_without_copying_every_step():
+def test_retrieval_cache_grows_by_a_quarter_not_per_token():
+    """300 tokens decoded one at a time into a cache without max_length: the retrieval buffer is allocated twice,
+    256 slots then 320 (a quarter more, rounded to 64), never per token. Every buffer seen is kept alive, so a
+    reallocation cannot hide behind the allocator handing out a freed address again."""
     model = tiny_model("llama", layers=1)
     duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0]]), sink=SINK, window=WINDOW))
     cache = DuoCache.from_model(model)
-    buffers = set()
+    buffers = {}  # storage address -> (storage, kept alive; capacity in tokens)
     with torch.no_grad():
         for _ in range(300):
             model(torch.randint(1, 97, (1, 1)), **{cache_argument(model): cache})
-            buffers.add(cache.layers[0].retrieval.keys.data_ptr())
-    assert len(buffers) <= 3  # capacity grows by a quarter: 256 -> 320; never a reallocation per token
-    assert cache.layers[0].retrieval.keys.shape[2] <= 1.25 * 300 + 64
+            keys = cache.layers[0].retrieval.keys
+            buffers.setdefault(keys.untyped_storage().data_ptr(), (keys.untyped_storage(), keys.shape[2]))
+    assert [capacity for _, capacity in buffers.values()] == [256, 320]
 
 
 def test_generate_sizes_the_cache_once():
