@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +67,24 @@ def test_duo_attention_format_round_trip(tmp_path):
     assert torch.equal(HeadPattern.load(tmp_path).gates, loaded.gates)  # load() accepts the folder too
     with pytest.raises(FileExistsError):
         sample_pattern().to_duo_attention(tmp_path)
+
+
+PUBLISHED = Path(__file__).parent / "data" / "duo-attention" / "Meta-Llama-3.1-8B-Instruct"  # MIT, see its README
+
+
+def test_reads_a_published_reference_pattern():
+    """A file the reference wrote (np.savetxt, `%.18e`), not duohead's own writer: every gate exact, sink/window
+    from its config, and it fits Llama-3.1-8B (32 layers x 8 KV heads)."""
+    lines = (PUBLISHED / "full_attention_heads.tsv").read_text().splitlines()
+    assert re.fullmatch(r"\d\.\d{18}e[+-]\d\d(\t\d\.\d{18}e[+-]\d\d)*", lines[0])  # the reference's notation
+    expected = torch.tensor([[float(x) for x in line.split("\t")] for line in lines])
+    assert expected.shape == (32, 8) and bool(((expected >= 0) & (expected <= 1)).all())
+    pattern = HeadPattern.from_duo_attention(PUBLISHED)
+    assert torch.equal(pattern.gates, expected)
+    assert (pattern.sink, pattern.window) == (128, 256)
+    assert int((pattern.gates == 1).sum()) == 57 and int((pattern.gates == 0).sum()) == 7
+    pattern.validate(LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096))
+    assert int((~pattern.binarize(sparsity=0.5)).sum()) == 128
 
 
 def test_validate_against_model_config():
