@@ -23,6 +23,7 @@ from duohead.architecture import LayerLayout, attention_modules, check_architect
 from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
 from duohead.pattern import HeadPattern
+from duohead.sharding import head_shard, permute_heads, rank_layouts
 
 logger = logging.getLogger("duohead")
 
@@ -38,25 +39,6 @@ class _EnabledState:
 
 def is_enabled(model: torch.nn.Module) -> bool:
     return getattr(model, "_duohead", None) is not None
-
-
-def _head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int) -> torch.Tensor:
-    """Row indices of a [num_kv_heads * heads_per_kv * head_dim, ...] projection, KV heads in `kv_order`."""
-    rows = [(kv * heads_per_kv + g) * head_dim + d for kv in kv_order for g in range(heads_per_kv) for d in range(head_dim)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-@torch.no_grad()
-def _permute_heads(attn: torch.nn.Module, kv_order: list[int]) -> None:
-    """Reorder the heads of one attention module so that KV head kv_order[i] moves to place i."""
-    group, head_dim = attn.num_key_value_groups, attn.head_dim
-    q_rows = _head_rows(kv_order, group, head_dim).to(attn.q_proj.weight.device)
-    kv_rows = _head_rows(kv_order, 1, head_dim).to(attn.k_proj.weight.device)
-    for proj, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
-        proj.weight.data = proj.weight.data.index_select(0, rows)
-        if proj.bias is not None:
-            proj.bias.data = proj.bias.data.index_select(0, rows)
-    attn.o_proj.weight.data = attn.o_proj.weight.data.index_select(1, q_rows)
 
 
 class _DuoGenerationMixin:
@@ -113,10 +95,11 @@ def enable(
     sliding = getattr(model.config, "sliding_window", None)
     if sliding is not None and getattr(model.config, "use_sliding_window", True):
         logger.warning("duohead: retrieval heads attend to the whole context, ignoring the model's sliding window of %d", sliding)
+    shard = head_shard(model)  # tensor parallel: this rank's KV heads (refuses a plan duohead cannot follow)
     if is_enabled(model):
         disable(model)
 
-    layouts = [LayerLayout.from_retrieval(retrieval, sink, window) for retrieval in layout.tolist()]
+    layouts = rank_layouts([LayerLayout.from_retrieval(retrieval, sink, window) for retrieval in layout.tolist()], shard)
     state = _EnabledState(model.config._attn_implementation, type(model), pattern, layout, HeadPattern.sparsity_of(layout))
     _attach(model, layouts, state)
     logger.info(
@@ -129,7 +112,7 @@ def enable(
 def _attach(model: torch.nn.Module, layouts: list[LayerLayout], state: _EnabledState) -> None:
     """What `disable` undoes: reorder every layer's heads, attach its layout, switch attention and class."""
     for attn, layout in zip(attention_modules(model), layouts):
-        _permute_heads(attn, list(layout.kv_order))
+        permute_heads(attn, list(layout.kv_order))
         attn.duohead_layout = layout
     register()  # idempotent; `import duohead` alone does not import transformers
     model.set_attn_implementation(ATTENTION_NAME)
@@ -144,7 +127,7 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError("this model is not duohead-enabled; nothing to disable")
     for attn in attention_modules(model):
         order = attn.duohead_layout.kv_order
-        _permute_heads(attn, sorted(range(len(order)), key=order.__getitem__))  # the inverse permutation
+        permute_heads(attn, sorted(range(len(order)), key=order.__getitem__))  # the inverse permutation
         del attn.duohead_layout
     model.__class__ = state.model_class
     model.set_attn_implementation(state.attn_implementation)

@@ -1,0 +1,136 @@
+"""Tensor parallelism: duohead on a model loaded with transformers' `tp_plan="auto"` under `torchrun` (CPU, gloo).
+
+One torchrun launch (2 ranks, tests/tp_worker.py) runs every case; the test compares each rank's output with the
+same model and pattern run in this single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+from tp_worker import padded_batch, tp_greedy
+from transformers import AutoModelForCausalLM
+
+import duohead
+from duohead import HeadPattern
+from duohead.architecture import LayerLayout
+from duohead.sharding import HeadShard, rank_layouts
+
+SINK, WINDOW = 3, 5
+WORLD = 2
+# [layers, 4 KV heads]: rank 0 holds heads 0-1, rank 1 heads 2-3. "balanced" gives each rank as many retrieval heads
+# as the other in every layer (so each rank holds half the KV); "skewed" does not, and moves heads inside rank 1.
+GATES = {
+    "balanced": [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0], [0.9, 0.1, 0.2, 0.8]],
+    "skewed": [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]],
+}
+CASES = [("llama", "balanced"), ("qwen2", "balanced"), ("qwen2", "skewed")]
+
+
+def _torchrun() -> list[str]:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    return [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory):
+    """Build the tiny models and patterns, run tests/tp_worker.py under torchrun once; (folder, cases) for the tests."""
+    root = tmp_path_factory.mktemp("tp")
+    cases = []
+    for arch in ("llama", "qwen2"):
+        tiny_model(arch, heads=8, kv_heads=4).save_pretrained(root / arch)
+    tiny_model("llama", heads=4, kv_heads=1).save_pretrained(root / "one-kv-head")
+    for name, gates in GATES.items():
+        HeadPattern(torch.tensor(gates), sink=SINK, window=WINDOW).save(root / f"{name}.json")
+    HeadPattern(torch.ones(3, 1), sink=SINK, window=WINDOW).save(root / "one-kv-head.json")
+    for arch, pattern in CASES:
+        cases.append({"name": f"{arch}-{pattern}", "model": str(root / arch), "pattern": str(root / f"{pattern}.json")})
+    cases[0]["save"] = True
+    unknown_plan = {"model.layers.*.self_attn.o_proj": "rowwise_rep"}  # o_proj's output replicated, not summed
+    llama_balanced = {"model": str(root / "llama"), "pattern": str(root / "balanced.json")}
+    cases.append({"name": "unknown-plan", **llama_balanced, "plan": unknown_plan})
+    cases.append({"name": "indivisible", "model": str(root / "one-kv-head"), "pattern": str(root / "one-kv-head.json")})
+    (root / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(duohead.__file__).parent.parent)])}
+    command = [*_torchrun(), "--nproc-per-node", str(WORLD), "--standalone", str(Path(__file__).parent / "tp_worker.py"),
+               str(root / "cases.json"), str(root)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def _ranks(root: Path, name: str) -> list[dict]:
+    return [json.loads((root / f"{name}-rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _single_process(root: Path, arch: str, pattern: str):
+    model = AutoModelForCausalLM.from_pretrained(root / arch, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    duohead.enable(model, HeadPattern.load(root / f"{pattern}.json"))
+    return model
+
+
+@pytest.mark.parametrize("arch, pattern", CASES)
+def test_tensor_parallel_greedy_tokens_equal_single_process(tp_run, arch, pattern):
+    tokens, memory = tp_greedy(_single_process(tp_run, arch, pattern))
+    ranks = _ranks(tp_run, f"{arch}-{pattern}")
+    ids, mask = padded_batch()
+    assert not bool(mask.all())  # the batch is padded
+    for rank in ranks:
+        assert rank["tokens"] == tokens  # chunked prefill of a padded batch, then decode
+        assert rank["q_rows"] == [4 * 16] * 3  # each rank computes 4 of the 8 query heads
+        assert rank["restored"]  # disable() put the local shards back exactly
+    for key in memory:  # the ranks' caches hold the heads of the single-process cache between them
+        assert sum(rank["memory"][key] for rank in ranks) == memory[key], key
+        assert all(rank["memory"][key] < memory[key] for rank in ranks if memory[key]), key
+    if pattern == "balanced":
+        for rank in ranks:
+            assert {k: 2 * v for k, v in rank["memory"].items()} == memory
+
+
+def test_each_rank_reorders_only_its_own_heads(tp_run):
+    ranks = _ranks(tp_run, "qwen2-skewed")
+    # global layer 0 [R, R, S, S]: rank 0 both retrieval, rank 1 both streaming; layer 1 [S, S, S, R]: rank 1 swaps
+    assert [rank["layouts"] for rank in ranks] == [
+        [[2, [0, 1]], [0, [0, 1]], [2, [0, 1]]],
+        [[0, [0, 1]], [1, [1, 0]], [2, [0, 1]]],
+    ]
+
+
+def test_tensor_parallel_save_pretrained_writes_the_original_model(tp_run):
+    saved = load_file(tp_run / "llama-balanced-saved" / "model.safetensors")
+    original = load_file(tp_run / "llama" / "model.safetensors")
+    assert saved.keys() == original.keys()
+    for key, tensor in original.items():
+        assert torch.equal(saved[key], tensor), key
+
+
+def test_indivisible_kv_heads_are_refused_with_the_reason(tp_run):
+    for rank in _ranks(tp_run, "indivisible"):
+        assert "1 KV heads do not split evenly over 2 ranks" in rank["error"]
+
+
+def test_a_plan_duohead_does_not_know_is_refused_with_the_reason(tp_run):
+    for rank in _ranks(tp_run, "unknown-plan"):
+        assert "'model.layers.*.self_attn.o_proj' is 'rowwise_rep'" in rank["error"]
+
+
+def test_rank_layouts_slice_the_pattern():
+    layouts = [LayerLayout.from_retrieval([True, False, False, True, True, False], 2, 6)]
+    shards = [HeadShard(r, 3, 6, 2 * r, 2 * r + 2) for r in range(3)]
+    assert [rank_layouts(layouts, s)[0] for s in shards] == [
+        LayerLayout(1, 2, 6, (0, 1)),
+        LayerLayout(1, 2, 6, (1, 0)),
+        LayerLayout(1, 2, 6, (0, 1)),
+    ]
+    assert rank_layouts(layouts, None) is layouts
