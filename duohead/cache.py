@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from duohead import kernels
+from duohead.accounting import kv_bytes
 from duohead.architecture import LayerLayout, layer_layouts
 
 RECORDING_ROLLBACK = 64  # tokens a cache can take back once generate() starts assisted / prompt-lookup decoding
@@ -177,19 +178,13 @@ class DuoCacheLayer(CacheLayerMixin):
         """Bytes of KV held: retrieval (T tokens), streaming (S + W + rollback tokens), and what full attention would hold."""
         if not self.is_initialized:
             return {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0, "reserved_bytes": 0}
-        batch = self.real_seen.shape[0]
-        hr = self.num_retrieval_heads
+        shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
         hs = self.streaming.sink_k.shape[1] if self.streaming else 0
-        per_token_head = 2 * batch * self.head_dim * self.dtype.itemsize  # keys + values
-        retrieval = per_token_head * hr * self.seen
-        streaming = per_token_head * hs * (self.sink + (self.streaming.ring_k.shape[2] if self.streaming else 0))
-        reserved = streaming + (per_token_head * hr * self.retrieval.keys.shape[2] if self.retrieval else 0)
-        return {
-            "retrieval_bytes": retrieval,
-            "streaming_bytes": streaming,
-            "full_bytes": per_token_head * (hr + hs) * self.seen,
-            "reserved_bytes": reserved,
-        }
+        slots = self.sink + self.streaming.ring_k.shape[2] if self.streaming else 0
+        held = kv_bytes(self.num_retrieval_heads, hs, self.seen, slots, *shape)
+        capacity = self.retrieval.keys.shape[2] if self.retrieval else 0
+        reserved = held["streaming_bytes"] + kv_bytes(self.num_retrieval_heads, 0, capacity, 0, *shape)["retrieval_bytes"]
+        return {**held, "reserved_bytes": reserved}
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-dimension operation (select, reorder, repeat) to every stored tensor."""

@@ -4,6 +4,7 @@
     duohead generate ...    long-context generation        (duohead.generate)
     duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
     duohead inspect ...     summarise a pattern file       (duohead.inspect)
+    duohead plan ...        memory per GPU of a deployment (duohead.planner)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "generate": ("duohead.generate", "generate from a long prompt with a head pattern"),
     "eval": ("duohead.evaluate", "passkey / needle-in-a-haystack accuracy grid"),
     "inspect": ("duohead.inspect", "summarise a pattern file (gate histogram, layout, heat map)"),
+    "plan": ("duohead.planner", "weights and KV bytes per GPU for a deployment, from the model config alone"),
 }
 
 

@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 from tp_worker import padded_batch, tp_greedy
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import duohead
 from duohead import HeadPattern
 from duohead.architecture import LayerLayout
+from duohead.planner import weight_bytes_per_rank
 from duohead.sharding import HeadShard, rank_layouts
 
 SINK, WINDOW = 3, 5
@@ -96,6 +97,13 @@ def test_tensor_parallel_greedy_tokens_equal_single_process(tp_run, arch, patter
     if pattern == "balanced":
         for rank in ranks:
             assert {k: 2 * v for k, v in rank["memory"].items()} == memory
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_planner_weight_bytes_per_rank_match_transformers_sharding(tp_run, arch):
+    ranks = _ranks(tp_run, f"{arch}-balanced")
+    config = AutoConfig.from_pretrained(tp_run / arch)
+    assert weight_bytes_per_rank(config, WORLD, itemsize=4) == [rank["weight_bytes"] for rank in ranks]
 
 
 def test_each_rank_reorders_only_its_own_heads(tp_run):

@@ -3,10 +3,10 @@
     torchrun --nproc-per-node 2 tests/tp_worker.py CASES.json OUT_DIR
 
 CASES.json lists {"name", "model", "pattern", "save", "plan"}. For each case the rank loads the model folder with
-`tp_plan=plan` (default "auto"), enables the pattern, runs `tp_greedy` and writes OUT_DIR/<name>-rank<R>.json: the tokens, its
-`DuoCache.memory()`, its layouts, whether `disable` restored its local shards exactly (and, with "save", rank 0's
-`save_pretrained` of the enabled model goes to OUT_DIR/<name>-saved). A case whose enable raises ValueError writes
-the message instead. Keep it free of pytest: it is a plain script.
+`tp_plan=plan` (default "auto"), enables the pattern, runs `tp_greedy` and writes OUT_DIR/<name>-rank<R>.json:
+the tokens, its `DuoCache.memory()`, its layouts, its parameter bytes, whether `disable` restored its local shards
+exactly (with "save", `save_pretrained` of the enabled model writes OUT_DIR/<name>-saved). A case whose enable
+raises ValueError writes the message instead. Keep it free of pytest: it is a plain script.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def run_case(case: dict, out_dir: Path, rank: int) -> dict:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     before = _local_state(model)
+    weight_bytes = sum(t.numel() * t.element_size() for t in before.values())
     try:
         duohead.enable(model, HeadPattern.load(case["pattern"]))
     except ValueError as e:
@@ -79,7 +80,8 @@ def run_case(case: dict, out_dir: Path, rank: int) -> dict:
     duohead.disable(model)
     after = _local_state(model)
     restored = all(torch.equal(before[k], after[k]) for k in before)
-    return {"tokens": tokens, "memory": memory, "layouts": layouts, "q_rows": q_rows, "restored": restored}
+    return {"tokens": tokens, "memory": memory, "layouts": layouts, "q_rows": q_rows, "restored": restored,
+            "weight_bytes": weight_bytes}
 
 
 def main() -> int:

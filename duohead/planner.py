@@ -1,0 +1,315 @@
+"""`duohead plan`: what a deployment needs per GPU, from the model's config alone (no weights are read).
+
+    duohead plan --model examples/configs/llama-3.1-8b-instruct.json --sparsity 0.5 --context 131072
+    duohead plan --model ./Llama-3.1-70B --pattern my-70b.json --sparsity 0.5 --context 131072 --tp 8
+
+Per GPU (per tensor-parallel rank): weight bytes, KV bytes with full attention and with duohead at the given
+context, their ratio, and the longest context that fits `--gpu-memory` either way. KV bytes come from
+`duohead.accounting.kv_bytes`, the formula `DuoCache.memory()` uses, applied to each rank's slice of the layout
+(`duohead.sharding.rank_layouts`), so a rank holding more retrieval heads than the others shows it. Weight bytes
+count the parameters of the model built on the meta device (nothing allocated), each divided as transformers'
+tensor-parallel plan shards it. Not counted: activations, the CUDA context, allocator slack; leave headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from duohead.accounting import kv_bytes
+from duohead.architecture import LayerLayout, check_architecture, check_sink_window, num_kv_heads, text_config
+from duohead.cli_support import DTYPES, check_fraction, run_cli
+from duohead.pattern import HeadPattern
+from duohead.sharding import HeadShard, rank_layouts
+
+DEFAULT_SINK, DEFAULT_WINDOW = 128, 256  # the reference's deployment setting (sink 128, recent 256)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+# tensor-parallel styles that split a parameter, and the dimension they split (weights; biases follow dim 0 or stay whole)
+_SHARD_DIM = {"colwise": 0, "colwise_gather_output": 0, "colwise_rep": 0, "rowwise": 1, "rowwise_rep": 1,
+              "rowwise_split_input": 1, "embedding_rowwise": 0, "embedding_colwise": 1}  # fmt: skip
+
+
+@dataclass
+class RankPlan:
+    """One GPU of the deployment: its weights and its KV cache (bytes) at the planned context."""
+
+    rank: int
+    weight_bytes: int
+    full_kv_bytes: int
+    duohead_kv_bytes: int
+    retrieval_bytes_per_token: int  # how duohead's KV grows with the context (its streaming part is constant)
+    streaming_bytes: int
+    full_bytes_per_token: int
+    max_context_full: int | None  # None: unbounded by KV (never for full attention)
+    max_context_duohead: int | None
+
+
+@dataclass
+class Plan:
+    """A deployment: shapes, settings and one `RankPlan` per GPU."""
+
+    model_type: str
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    tp: int
+    batch: int
+    context: int
+    sink: int
+    window: int
+    streaming_heads: int
+    gpu_memory: int | None
+    max_position_embeddings: int | None
+    ranks: list[RankPlan]
+
+    def fullest(self) -> RankPlan:
+        """The GPU that needs the most memory at the planned context (the one that decides what fits)."""
+        return max(self.ranks, key=lambda r: r.weight_bytes + r.duohead_kv_bytes)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '141GB', '80 GiB', '1e9' -> bytes. Raises ValueError naming the accepted units."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 80GiB or 141GB (units: B, KB .. TB, KiB .. TiB)")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"memory size must be positive; got {text!r}")
+    return int(value)
+
+
+def load_config(model: str) -> Any:
+    """A transformers config from a config.json file, a model folder, or a Hugging Face id already in the local cache
+    (no network: download the id's config.json first)."""
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON model config ({e})") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise ValueError(f"{path}: no 'model_type' field; expected a transformers config.json")
+        check_architecture(data["model_type"], "duohead plan")
+        return AutoConfig.for_model(**data)
+    if path.suffix == ".json" or model.startswith((".", "/")):
+        raise FileNotFoundError(f"model config {model} does not exist (pass a config.json, a model folder or a cached model id)")
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except OSError:
+        raise FileNotFoundError(
+            f"{model} is neither a config.json, a model folder, nor a model id in the local Hugging Face cache; "
+            f"download its config.json (e.g. `hf download {model} config.json`) and pass its path"
+        ) from None
+
+
+def _check_tp(kv_heads: int, tp: int) -> None:
+    if tp < 1 or kv_heads % tp:
+        raise ValueError(f"{kv_heads} KV heads do not split evenly over --tp {tp}; use a number of GPUs that divides {kv_heads}")
+
+
+def spread_layout(layers: int, kv_heads: int, tp: int, sparsity: float) -> torch.Tensor:
+    """A layout [L, Hkv] (True = retrieval) with round(sparsity * L * Hkv) streaming heads spread as evenly as
+    possible over the ranks, then the layers: what to plan with when no calibrated pattern is given."""
+    _check_tp(kv_heads, tp)
+    per_rank = kv_heads // tp
+    places = [(layer, rank * per_rank + h) for h in range(per_rank) for layer in range(layers) for rank in range(tp)]
+    layout = torch.ones(layers, kv_heads, dtype=torch.bool)
+    for layer, head in places[: round(sparsity * layers * kv_heads)]:
+        layout[layer, head] = False
+    return layout
+
+
+def weight_bytes_per_rank(config: Any, tp: int, itemsize: int) -> list[int]:
+    """Parameter bytes on each of `tp` ranks: the model built on the meta device, each parameter split as its
+    tensor-parallel style splits it (torch.chunk sizes along the style's dimension), the rest replicated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    plan = {re.compile(re.escape(key).replace(r"\*", r"\d+") + r"$"): style for key, style in (model.tp_plan or {}).items()}
+    totals = [0] * tp
+    for name, param in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        style = next((s for pattern, s in plan.items() if pattern.match(module)), None) if tp > 1 else None
+        dim = _SHARD_DIM.get(style)
+        if kind == "bias" and dim != 0:
+            dim = None  # a rowwise bias is added once, after the all-reduce: every rank keeps it whole
+        for rank in range(tp):
+            if dim is None or param.ndim <= dim:
+                totals[rank] += param.numel() * itemsize
+            else:
+                size = param.shape[dim]
+                chunk = -(-size // tp)
+                local = max(0, min(chunk, size - rank * chunk))
+                totals[rank] += param.numel() // size * local * itemsize
+    return totals
+
+
+def _max_context(budget: int | None, fixed: int, per_token: int) -> int | None:
+    """Largest T with fixed + T * per_token <= budget (0 if not even T = 0 fits; None: no budget, or T unbounded)."""
+    if budget is None:
+        return None
+    if budget < fixed:
+        return 0
+    return None if per_token == 0 else (budget - fixed) // per_token
+
+
+def plan_deployment(
+    config: Any,
+    layout: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    context: int,
+    tp: int = 1,
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    gpu_memory: int | None = None,
+) -> Plan:
+    """Plan `config` with `layout` ([L, Hkv] bool, True = retrieval) at `context` tokens on `tp` GPUs.
+
+    Raises ValueError where the KV heads do not split evenly over `tp` ranks (as duohead refuses at enable)."""
+    config = text_config(config)
+    check_architecture(getattr(config, "model_type", None), "duohead plan")
+    check_sink_window(sink, window)
+    layers, kv_heads = config.num_hidden_layers, num_kv_heads(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if tuple(layout.shape) != (layers, kv_heads):
+        raise ValueError(f"the layout is {tuple(layout.shape)}; this model has {layers} layers x {kv_heads} KV heads")
+    _check_tp(kv_heads, tp)
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be >= 1; got context {context}, batch {batch}")
+    itemsize = DTYPES[dtype].itemsize
+    weights = weight_bytes_per_rank(config, tp, itemsize)
+    layouts = [LayerLayout.from_retrieval(row, sink, window) for row in layout.tolist()]
+    per_rank = kv_heads // tp
+    ranks = []
+    for rank in range(tp):
+        shard = HeadShard(rank, tp, kv_heads, rank * per_rank, (rank + 1) * per_rank)
+        sizes = {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0}
+        per_token = {"retrieval_bytes": 0, "full_bytes": 0}
+        for lay in rank_layouts(layouts, shard):
+            hr, hs = lay.num_retrieval_heads, len(lay.kv_order) - lay.num_retrieval_heads
+            for key, value in kv_bytes(hr, hs, context, sink + window, head_dim, itemsize, batch).items():
+                sizes[key] += value
+            one = kv_bytes(hr, hs, 1, 0, head_dim, itemsize, batch)
+            per_token = {key: per_token[key] + one[key] for key in per_token}
+        budget = None if gpu_memory is None else gpu_memory - weights[rank]
+        ranks.append(RankPlan(
+            rank=rank,
+            weight_bytes=weights[rank],
+            full_kv_bytes=sizes["full_bytes"],
+            duohead_kv_bytes=sizes["retrieval_bytes"] + sizes["streaming_bytes"],
+            retrieval_bytes_per_token=per_token["retrieval_bytes"],
+            streaming_bytes=sizes["streaming_bytes"],
+            full_bytes_per_token=per_token["full_bytes"],
+            max_context_full=_max_context(budget, 0, per_token["full_bytes"]),
+            max_context_duohead=_max_context(budget, sizes["streaming_bytes"], per_token["retrieval_bytes"]),
+        ))  # fmt: skip
+    return Plan(
+        model_type=config.model_type, layers=layers, query_heads=config.num_attention_heads, kv_heads=kv_heads,
+        head_dim=head_dim, dtype=dtype, tp=tp, batch=batch, context=context, sink=sink, window=window,
+        streaming_heads=int((~layout).sum()), gpu_memory=gpu_memory,
+        max_position_embeddings=getattr(config, "max_position_embeddings", None), ranks=ranks,
+    )  # fmt: skip
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def _tokens(n: int | None) -> str:
+    return "no limit from KV" if n is None else f"{n:,} tokens"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a short table: per GPU (the fullest rank when they differ), full attention beside duohead."""
+    r = plan.fullest()
+    heads = plan.layers * plan.kv_heads
+    lines = [
+        f"model: {plan.model_type}, {plan.layers} layers x {plan.kv_heads} KV heads ({plan.query_heads} query heads), "
+        f"head dim {plan.head_dim}, {plan.dtype}",
+        f"duohead: {plan.streaming_heads} of {heads} KV heads stream (sparsity {plan.streaming_heads / heads:.2f}), "
+        f"sink {plan.sink}, window {plan.window}",
+        f"context {plan.context:,} tokens x batch {plan.batch}, tensor parallel over {plan.tp} GPU(s)",
+        "",
+        (f"per GPU (fullest rank: {r.rank})" if plan.tp > 1 else "per GPU").ljust(30) + "full attention".ljust(20) + "duohead",
+        "weights".ljust(30) + _gib(r.weight_bytes).ljust(20) + _gib(r.weight_bytes),
+        "KV cache".ljust(30) + _gib(r.full_kv_bytes).ljust(20) + _gib(r.duohead_kv_bytes),
+        "total".ljust(30) + _gib(r.weight_bytes + r.full_kv_bytes).ljust(20) + _gib(r.weight_bytes + r.duohead_kv_bytes),
+    ]
+    if r.duohead_kv_bytes:
+        lines.append(f"duohead holds {r.full_kv_bytes / r.duohead_kv_bytes:.2f}x less KV than full attention")
+    if plan.gpu_memory is not None:
+        fit_full = min(p.max_context_full for p in plan.ranks)
+        duo = [p.max_context_duohead for p in plan.ranks if p.max_context_duohead is not None]
+        fit_duo = min(duo) if duo else None
+        lines.append(f"longest context in {_gib(plan.gpu_memory)}".ljust(30) + _tokens(fit_full).ljust(20) + _tokens(fit_duo))
+    if plan.tp > 1 and len({(p.duohead_kv_bytes, p.weight_bytes) for p in plan.ranks}) > 1:
+        lines += ["", "per rank: " + ", ".join(f"{p.rank}: {_gib(p.weight_bytes + p.duohead_kv_bytes)}" for p in plan.ranks)]
+    if plan.max_position_embeddings is not None and plan.context > plan.max_position_embeddings:
+        lines.append(f"note: the model has {plan.max_position_embeddings:,} positions; {plan.context:,} tokens exceed them")
+    lines.append("(not counted: activations, CUDA context, allocator slack)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duohead plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="config.json, model folder, or a model id in the local Hugging Face cache")
+    p.add_argument("--pattern", help="pattern file, reference folder or shipped name (default: streaming heads spread evenly)")
+    p.add_argument("--sparsity", type=float, help="fraction of KV heads that stream, in [0, 1]")
+    p.add_argument("--threshold", type=float, help="with --pattern: a KV head streams iff its gate < threshold")
+    p.add_argument("--sink", type=int, help=f"sink tokens per streaming head (default: the pattern's, else {DEFAULT_SINK})")
+    p.add_argument("--window", type=int, help=f"recent tokens per streaming head (default: the pattern's, else {DEFAULT_WINDOW})")
+    p.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt + generated)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default 1)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights and KV dtype (default bfloat16)")
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB or 141GB: adds the longest context that fits")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of the table")
+    return p
+
+
+def _plan(args: argparse.Namespace) -> int:
+    check_fraction("--sparsity", args.sparsity)
+    gpu_memory = None if args.gpu_memory is None else parse_bytes(args.gpu_memory)
+    config = load_config(args.model)
+    if args.pattern is not None:
+        pattern = HeadPattern.load(args.pattern)
+        pattern.validate(config)
+        layout = pattern.binarize(sparsity=args.sparsity, threshold=args.threshold)
+        sink = pattern.sink if args.sink is None else args.sink
+        window = pattern.window if args.window is None else args.window
+    else:
+        if args.sparsity is None or args.threshold is not None:
+            raise ValueError("without --pattern pass --sparsity S (a threshold needs a pattern's gates)")
+        tc = text_config(config)
+        layout = spread_layout(tc.num_hidden_layers, num_kv_heads(tc), args.tp, args.sparsity)
+        sink = DEFAULT_SINK if args.sink is None else args.sink
+        window = DEFAULT_WINDOW if args.window is None else args.window
+    plan = plan_deployment(
+        config, layout, sink=sink, window=window, context=args.context, tp=args.tp, dtype=args.dtype,
+        batch=args.batch, gpu_memory=gpu_memory,
+    )  # fmt: skip
+    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `duohead plan`; returns the exit code (2 for a user error, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    return run_cli("plan", lambda: _plan(args))
