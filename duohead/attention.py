@@ -103,7 +103,7 @@ def duohead_attention(
         q_pos = layer.real_seen[:, None] + torch.arange(q_len, device=query.device)
         key_is_real = None
     else:
-        q_pos, key_is_real = attention_mask.query_pos, attention_mask.key_is_real
+        q_pos, key_is_real = attention_mask.query_pos.to(query.device), attention_mask.key_is_real.to(query.device)  # device maps
 
     hr = layer.num_retrieval_heads
     split = hr * (query.shape[1] // new_k.shape[1])  # query heads of the retrieval KV heads

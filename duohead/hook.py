@@ -23,7 +23,7 @@ from duohead.architecture import LayerLayout, attention_modules, check_architect
 from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
 from duohead.pattern import HeadPattern
-from duohead.sharding import head_shard, permute_heads, rank_layouts
+from duohead.sharding import check_weights_in_place, head_shard, permute_heads, rank_layouts
 
 logger = logging.getLogger("duohead")
 
@@ -95,6 +95,7 @@ def enable(
     sliding = getattr(model.config, "sliding_window", None)
     if sliding is not None and getattr(model.config, "use_sliding_window", True):
         logger.warning("duohead: retrieval heads attend to the whole context, ignoring the model's sliding window of %d", sliding)
+    check_weights_in_place(model)  # offloaded weights would be restored at each forward, undoing the reorder
     shard = head_shard(model)  # tensor parallel: this rank's KV heads (refuses a plan duohead cannot follow)
     if is_enabled(model):
         disable(model)

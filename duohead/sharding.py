@@ -120,6 +120,33 @@ def head_shard(model: torch.nn.Module) -> HeadShard | None:
     return shard
 
 
+def _hooks(module: torch.nn.Module) -> list:
+    """accelerate's hooks on a module (a `SequentialHook` unpacked)."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def check_weights_in_place(model: torch.nn.Module) -> None:
+    """Raise ValueError if any attention weight is offloaded (accelerate `device_map` with "cpu"/"disk" offload, or
+    weights left on the meta device): accelerate puts the stored weights back at every forward, which would undo
+    the head reorder of `duohead.enable`, so duohead refuses before any forward rather than run wrong heads."""
+    names = {id(module): name for name, module in model.named_modules()}
+    device_map = getattr(model, "hf_device_map", None) or {}
+    for index, attn in enumerate(attention_modules(model)):
+        for module in attn.modules():
+            offloaded = any(getattr(hook, "offload", False) for hook in _hooks(module))
+            if not offloaded and all(p.device.type != "meta" for p in module.parameters(recurse=False)):
+                continue
+            name = names[id(module)]
+            keys = [key for key in device_map if key == "" or name == key or name.startswith(key + ".")]
+            place = f" (device_map: {max(keys, key=len)!r} -> {device_map[max(keys, key=len)]!r})" if keys else ""
+            raise ValueError(
+                f"duohead cannot enable a model whose attention weights are offloaded: {name} of layer {index} is not "
+                f"in device memory{place}. accelerate restores offloaded weights at every forward, which would undo "
+                "duohead's head reorder. Load every layer onto a device (a device_map without 'cpu'/'disk' offload)"
+            )
+
+
 def rank_layouts(layouts: list[LayerLayout], shard: HeadShard | None) -> list[LayerLayout]:
     """Each layer's layout restricted to the rank's KV heads (indices local to the rank), or `layouts` without a shard."""
     if shard is None:
