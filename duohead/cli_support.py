@@ -90,10 +90,12 @@ def check_model_source(model: str | None, gguf_file: str | None) -> None:
 
 
 def load_model_for_cli(
-    model: str | None, gguf_file: str | None, dtype: str, device: torch.device, pattern: HeadPattern | None = None
+    model: str | None, gguf_file: str | None, dtype: str, device: torch.device, pattern: HeadPattern | None = None,
+    tp: bool = False,
 ):
     """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None. Checks the source and validates
-    `pattern` against the model's config before the weights are loaded; no progress bars from transformers."""
+    `pattern` against the model's config before the weights are loaded; no progress bars from transformers.
+    `tp`: tensor parallel under torchrun (see `duohead.ranks`)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -104,7 +106,7 @@ def load_model_for_cli(
     if pattern is not None:
         pattern.validate(AutoConfig.from_pretrained(folder))
     hf_logging.disable_progress_bar()
-    return load_model(folder, dtype=DTYPES[dtype], device=device)
+    return load_model(folder, dtype=DTYPES[dtype], device=device, tp=tp)
 
 
 def load_pattern_for_cli(pattern: str | None, model_given: bool) -> HeadPattern:

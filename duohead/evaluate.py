@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from duohead import prompts
+from duohead import prompts, ranks
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
@@ -106,11 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill forward; 0 = all at once")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument(
+        "--tp", action="store_true",
+        help="tensor parallel over the processes of `torchrun --nproc-per-node N -m duohead eval --tp ...` (rank 0 reports)",
+    )
     p.add_argument("--out", default="eval-results", help="folder for results.json and heat maps (default eval-results)")
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.tp:
+        ranks.world()  # refuses outside torchrun
+        if args.device is not None:
+            raise ValueError("--tp places each rank on its own device (torchrun's LOCAL_RANK); drop --device")
     for name in args.methods:
         if name not in METHOD_KINDS:
             raise ValueError(f"unknown method {name!r} in --methods; choose from {', '.join(METHOD_KINDS)}")
@@ -271,10 +279,11 @@ def _run(args: argparse.Namespace) -> int:
     pattern = load_pattern_for_cli(args.pattern, model_given=args.model is not None) if "pattern" in args.methods else None
     out = Path(args.out)
     device = resolve_device(args.device)
-    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern)
+    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     methods = build_methods(args, pattern, model.config)
     items = build_prompts(args, tokenizer, model.config)
-    print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)
+    if ranks.is_main():
+        print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)
 
     report = {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
@@ -282,13 +291,15 @@ def _run(args: argparse.Namespace) -> int:
         "seed": args.seed, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
         "max_new_tokens": args.max_new_tokens, "methods": [],
     }
-    with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True) as bar:
+    with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True, disable=not ranks.is_main()) as bar:
         for method in methods:
-            rows = evaluate_method(model, tokenizer, method, items, args, bar)
+            rows = evaluate_method(model, tokenizer, method, items, args, bar if ranks.is_main() else None)
             report["methods"].append({
                 "name": method.name, "kind": method.kind, "sparsity": method.sparsity,
                 "summary": summarize(rows, args.tasks, args.lengths, args.depths), "results": rows,
             })
+    if not ranks.is_main():  # every rank ran every prompt (its slice of the heads); rank 0 writes the results
+        return 0
     atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
     print(format_table(report))
     if have_matplotlib():
@@ -305,4 +316,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `duohead eval`; returns the exit code (2 for a user error, printed as one line)."""
     args = build_parser().parse_args(argv)
+    if args.tp:
+        with ranks.main_rank_speaks():
+            return run_cli("eval", lambda: _evaluate(args))
     return run_cli("eval", lambda: _evaluate(args))

@@ -19,7 +19,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from duohead import prompts
+from duohead import prompts, ranks
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's)")
     src.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     src.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    src.add_argument(
+        "--tp", action="store_true",
+        help="tensor parallel over the processes of `torchrun --nproc-per-node N -m duohead generate --tp ...` "
+        "(transformers' tp_plan='auto'; rank 0 prints; the report gives each rank's KV bytes)",
+    )
     run = p.add_argument_group("prompt and generation")
     run.add_argument("--prompt-file", help="read the prompt from this file (default: stdin)")
     run.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
@@ -88,6 +93,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--prefill-chunk must be >= 0 (0 = all at once); got {args.prefill_chunk}")
     if args.demo and (args.model or args.gguf_file or args.prompt_file):
         raise ValueError("--demo uses the default model and its built-in prompt; drop --model/--gguf-file/--prompt-file")
+    if args.tp:
+        ranks.world()  # refuses outside torchrun
+        if args.device is not None:
+            raise ValueError("--tp places each rank on its own device (torchrun's LOCAL_RANK); drop --device")
 
 
 def _pattern(args: argparse.Namespace) -> HeadPattern:
@@ -147,7 +156,7 @@ def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: a
 
     print(f"--- {label} ---", flush=True)
     result = run_prompt(
-        model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=True,
+        model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=ranks.is_main(),
         stop_ids=stop_token_ids(model, tokenizer), on_token=TokenPrinter(tokenizer), lookup=args.prompt_lookup,
     )
     print(flush=True)
@@ -158,8 +167,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def format_report(runs: dict[str, RunResult]) -> str:
-    """The closing report: one column per run (duohead, and full attention with --compare-full)."""
+def format_report(runs: dict[str, RunResult], per_rank: dict[str, list[dict[str, int]]] | None = None) -> str:
+    """The closing report: one column per run (duohead, and full attention with --compare-full). `per_rank`
+    (tensor parallel): each run's `memory()` on every rank, in rank order, shown as one more row."""
     cols = list(runs)
     rows: list[tuple[str, list[str]]] = [
         ("prompt tokens", [str(r.prompt_tokens) for r in runs.values()]),
@@ -173,6 +183,9 @@ def format_report(runs: dict[str, RunResult]) -> str:
         ("KV with full attention", [_mb(r.memory["full_bytes"]) for r in runs.values()]),
         ("peak memory (" + next(iter(runs.values())).peak_memory_kind + ")", [_mb(r.peak_memory_bytes) for r in runs.values()]),
     ]
+    if per_rank:
+        held = [" / ".join(f"{m['total_bytes'] / 1e6:,.1f}" for m in per_rank[name]) + " MB" for name in runs]
+        rows.insert(6, (f"  on each of {len(per_rank['duohead'])} ranks", held))
     width = max(len(name) for name, _ in rows) + 2
     lines = ["".ljust(width) + "".join(c.ljust(18) for c in cols)]
     lines += [name.ljust(width) + "".join(v.ljust(18) for v in values) for name, values in rows]
@@ -210,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     if text is not None and not text.strip():
         raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
     device = resolve_device(args.device)
-    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern)
+    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     if args.demo:
         text, expected = prompts.demo_document(tokenizer)
         print(f"demo: a {prompts.DEMO_TOKENS}-token document hides the code {expected}; the model is asked for it", file=sys.stderr)
@@ -221,17 +234,24 @@ def _run(args: argparse.Namespace) -> int:
     layouts = layer_layouts(model)
     heads = sum(len(lay.kv_order) for lay in layouts)
     streaming = heads - sum(lay.num_retrieval_heads for lay in layouts)
+    if args.tp:  # each rank holds a slice of the heads: count them all
+        streaming, heads = map(sum, zip(*ranks.gather((streaming, heads)), strict=True))
     label = f"duohead ({streaming}/{heads} KV heads streaming, sink {layouts[0].sink}, window {layouts[0].window})"
     runs = {"duohead": _generate_one(label, model, tokenizer, input_ids, args)}
     if args.compare_full:
         duohead.disable(model)
         runs["full attention"] = _generate_one("full attention", model, tokenizer, input_ids, args)
-    print(format_report(runs))
+    per_rank = None
+    if args.tp:  # the report's KV rows are all ranks together, plus one row per rank
+        per_rank = {name: ranks.gather(r.memory) for name, r in runs.items()}
+        for name, r in runs.items():
+            r.memory = {key: sum(m[key] for m in per_rank[name]) for key in r.memory}
+    print(format_report(runs, per_rank))
     if args.demo:
         for name, r in runs.items():
             found = expected in tokenizer.decode(r.tokens, skip_special_tokens=True)
             print(f"demo: {name} {'found' if found else 'did not find'} the code {expected}")
-    if args.report_json:
+    if args.report_json and ranks.is_main():
         report = {
             "sparsity": streaming / heads,
             "sink": layouts[0].sink,
@@ -240,6 +260,7 @@ def _run(args: argparse.Namespace) -> int:
                 name: {**r.report(), "tokens": r.tokens, "text": tokenizer.decode(r.tokens, skip_special_tokens=True)}
                 for name, r in runs.items()
             },
+            **({"kv_per_rank": per_rank} if per_rank else {}),
         }
         atomic_write_text(args.report_json, json.dumps(report, indent=2) + "\n")
     return 0
@@ -248,4 +269,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `duohead generate`; returns the exit code (2 for a user error, printed as one line)."""
     args = build_parser().parse_args(argv)
+    if args.tp:
+        with ranks.main_rank_speaks():
+            return run_cli("generate", lambda: _generate(args))
     return run_cli("generate", lambda: _generate(args))

@@ -100,15 +100,20 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    tp: bool = False,
 ):
     """Load (model, tokenizer) from a local folder or GGUF file; None = the default SmolLM2-135M-Instruct.
 
-    The model is in eval mode with gradients off for its parameters.
+    The model is in eval mode with gradients off for its parameters. `tp`: tensor parallel under torchrun
+    (transformers' `tp_plan="auto"`; each rank holds its slice and transformers picks its device).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_path(path, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    placement = {"tp_plan": "auto"} if tp else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **placement).eval()
+    if not tp:
+        model.to(device)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer

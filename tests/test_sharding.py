@@ -18,11 +18,14 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_model
 from tp_worker import padded_batch, tp_greedy
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import duohead
 from duohead import HeadPattern
 from duohead.architecture import LayerLayout
+from duohead.evaluate import main as eval_main
+from duohead.generate import main as generate_main
+from duohead.loading import resolve_model_path
 from duohead.planner import weight_bytes_per_rank
 from duohead.sharding import HeadShard, rank_layouts
 
@@ -142,3 +145,67 @@ def test_rank_layouts_slice_the_pattern():
         LayerLayout(1, 2, 6, (0, 1)),
     ]
     assert rank_layouts(layouts, None) is layouts
+
+
+# ------------------------------------------------------------------ the CLI under torchrun
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny Llama with 4 KV heads and the real SmolLM2 tokenizer, a mixed pattern and a prompt file."""
+    folder = tmp_path_factory.mktemp("tp-cli")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=16, max_position_embeddings=600, eos_token_id=None, bos_token_id=None,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    HeadPattern(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]]), sink=4, window=16).save(folder / "pattern.json")
+    (folder / "prompt.txt").write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    return folder
+
+
+def _run_torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(duohead.__file__).parent.parent)}
+    done = subprocess.run([*_torchrun(), "--nproc-per-node", str(WORLD), "--standalone", "-m", "duohead", *args],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_generate_under_torchrun_prints_once_with_each_ranks_kv(cli_model, tmp_path, capsys):
+    common = ["--model", str(cli_model), "--pattern", str(cli_model / "pattern.json"), "--prompt-file",
+              str(cli_model / "prompt.txt"), "--max-new-tokens", "6", "--prefill-chunk", "16"]  # fmt: skip
+    done = _run_torchrun(["generate", "--tp", *common, "--report-json", str(tmp_path / "tp.json")])
+    assert done.stdout.count("KV cache held") == 1  # rank 0 reports, rank 1 stays quiet
+    assert f"on each of {WORLD} ranks" in done.stdout
+    assert generate_main([*common, "--report-json", str(tmp_path / "one.json")]) == 0
+    capsys.readouterr()
+    tp, one = (json.loads((tmp_path / name).read_text()) for name in ("tp.json", "one.json"))
+    assert tp["runs"]["duohead"]["tokens"] == one["runs"]["duohead"]["tokens"]
+    assert tp["sparsity"] == one["sparsity"] == 3 / 8
+    per_rank, single = tp["kv_per_rank"]["duohead"], one["runs"]["duohead"]["kv_memory"]
+    for key in ("retrieval_bytes", "streaming_bytes", "full_bytes", "total_bytes"):
+        assert sum(m[key] for m in per_rank) == single[key] == tp["runs"]["duohead"]["kv_memory"][key], key
+    assert [m["full_bytes"] * WORLD for m in per_rank] == [single["full_bytes"]] * WORLD
+
+
+def test_eval_under_torchrun_equals_one_process(cli_model, tmp_path, capsys):
+    common = ["--model", str(cli_model), "--pattern", str(cli_model / "pattern.json"), "--methods", "pattern",
+              "--sparsities", "0.5", "--tasks", "passkey", "--lengths", "200,300", "--depths", "0.5"]  # fmt: skip
+    _run_torchrun(["eval", "--tp", *common, "--out", str(tmp_path / "tp")])
+    assert eval_main([*common, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    tp, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("tp", "one"))
+    outputs = [[r["output"] for r in report["methods"][0]["results"]] for report in (tp, one)]
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+
+
+def test_tp_outside_torchrun_says_how_to_start_it(cli_model, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert generate_main(["--tp", "--model", str(cli_model), "--pattern", str(cli_model / "pattern.json")]) == 2
+    assert "torchrun --nproc-per-node N -m duohead" in capsys.readouterr().err
