@@ -291,14 +291,15 @@ def _run(args: argparse.Namespace) -> int:
         "seed": args.seed, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
         "max_new_tokens": args.max_new_tokens, "methods": [],
     }
-    with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True, disable=not ranks.is_main()) as bar:
+    quiet = not ranks.is_main()  # under torchrun --tp, rank 0 alone shows progress
+    with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True, disable=quiet) as bar:
         for method in methods:
-            rows = evaluate_method(model, tokenizer, method, items, args, bar if ranks.is_main() else None)
+            rows = evaluate_method(model, tokenizer, method, items, args, None if quiet else bar)
             report["methods"].append({
                 "name": method.name, "kind": method.kind, "sparsity": method.sparsity,
                 "summary": summarize(rows, args.tasks, args.lengths, args.depths), "results": rows,
             })
-    if not ranks.is_main():  # every rank ran every prompt (its slice of the heads); rank 0 writes the results
+    if quiet:  # every rank ran every prompt (its slice of the heads); rank 0 writes the results
         return 0
     atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
     print(format_table(report))
