@@ -15,14 +15,14 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+def tiny_model(arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 97, seed: int = 0):
     """A seeded random model (fp32, eval, sdpa) small enough to run hundreds of forwards in seconds."""
     torch.manual_seed(seed)
     extra = {"sliding_window": None} if arch == "mistral" else {}
     if arch == "qwen2":
         extra["use_sliding_window"] = False
     config = ARCHITECTURES[arch](
-        vocab_size=97,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=layers,
