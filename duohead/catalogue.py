@@ -77,7 +77,8 @@ def auto_pattern(config: Any, name_or_path: str | os.PathLike | None) -> tuple[s
 
 def _shape(config: Any) -> str:
     text = text_config(config)
-    return f"{getattr(text, 'model_type', '?')}, {text.num_hidden_layers} layers x {num_kv_heads(text)} KV heads x head dim {head_dim(text)}"
+    layers, kv_heads, dim = text.num_hidden_layers, num_kv_heads(text), head_dim(text)
+    return f"{getattr(text, 'model_type', '?')}, {layers} layers x {kv_heads} KV heads x head dim {dim}"
 
 
 def resolve_pattern(pattern: HeadPattern | str | os.PathLike, config: Any) -> HeadPattern:

@@ -23,7 +23,8 @@ def calibrated_by(pattern: HeadPattern) -> str:
     prov = pattern.provenance
     settings = prov.get("calibration", prov)
     steps = settings.get("num_steps", settings.get("steps"))
-    low, high = settings.get("context_length_min", settings.get("ctx_min")), settings.get("context_length_max", settings.get("ctx_max"))
+    low = settings.get("context_length_min", settings.get("ctx_min"))
+    high = settings.get("context_length_max", settings.get("ctx_max"))
     method = "DuoAttention authors" if "DuoAttention" in str(prov.get("method")) else prov.get("method", "unknown")
     parts = [method] + ([f"{steps} steps"] if steps else []) + ([f"ctx {low}-{high}"] if low and high else [])
     return ", ".join(str(p) for p in parts)
@@ -39,7 +40,7 @@ def list_lines() -> list[str]:
         rows.append((name, p.model.get("hf_id") or p.model.get("name", "?"), f"{p.num_layers} x {p.num_kv_heads} x {dim}",
                      f"{p.sink}/{p.window}", cut, calibrated_by(p)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
 
 
 def tie_line(pattern: HeadPattern, sparsity: float) -> str:
@@ -59,7 +60,8 @@ def tie_line(pattern: HeadPattern, sparsity: float) -> str:
 def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) -> list[str]:
     """What `duohead patterns NAME` prints."""
     prov = pattern.provenance
-    lines = [describe(name, pattern), f"architecture: {pattern.model.get('architecture', '?')}; sink {pattern.sink}, window {pattern.window}"]
+    architecture = pattern.model.get("architecture", "?")
+    lines = [describe(name, pattern), f"architecture: {architecture}; sink {pattern.sink}, window {pattern.window}"]
     lines.append(f"calibrated by: {calibrated_by(pattern)}")
     for key in ("source", "license"):
         if key in prov:
@@ -101,6 +103,7 @@ def _patterns(args: argparse.Namespace) -> int:
         print("\n".join(list_lines()))
         return 0
     if args.name not in patterns:
-        raise ValueError(f"no shipped pattern {args.name!r}; shipped: {', '.join(patterns)} (for a file, use `duohead inspect FILE`)")
+        shipped = ", ".join(patterns)
+        raise ValueError(f"no shipped pattern {args.name!r}; shipped: {shipped} (for a file, use `duohead inspect FILE`)")
     print("\n".join(detail_lines(args.name, patterns[args.name], args.tokens, DTYPES[args.dtype].itemsize)))
     return 0

@@ -116,9 +116,8 @@ class HeadPattern:
         provenance = dict(provenance or {})
         if default_sparsity is None and isinstance(provenance.get("target_sparsity"), (int, float)):
             default_sparsity = provenance["target_sparsity"]
-        if default_sparsity is not None and (
-            isinstance(default_sparsity, bool) or not isinstance(default_sparsity, (int, float)) or not 0.0 <= default_sparsity <= 1.0
-        ):
+        number = isinstance(default_sparsity, (int, float)) and not isinstance(default_sparsity, bool)
+        if default_sparsity is not None and not (number and 0.0 <= default_sparsity <= 1.0):
             raise ValueError(f"{where}field 'default_sparsity' must be a number in [0, 1] or null; got {default_sparsity!r}")
         self.default_sparsity = default_sparsity
         self.gates = gates
@@ -183,7 +182,8 @@ class HeadPattern:
             dim = lambda d: "" if d is None else f" x head dim {d}"
             raise ValueError(
                 f"{where} was made for {made_for} with {mine[0]} layers x {mine[1]} KV heads{dim(mine[2])}; "
-                f"this model ({model_type or '?'}) has {theirs[0]} layers x {theirs[1]} KV heads{dim(theirs[2] if mine[2] else None)}"
+                f"this model ({model_type or '?'}) has {theirs[0]} layers x {theirs[1]} KV heads"
+                f"{dim(theirs[2] if mine[2] else None)}"
             )
         architecture = self.model.get("architecture")
         if architecture is not None and model_type is not None and architecture != model_type:
@@ -207,7 +207,9 @@ class HeadPattern:
         refuse_overwrite(path, overwrite)
         data = self.to_dict()
         data.pop("gates")
-        rows = ",\n    ".join("[" + ", ".join(_float32_text(g) for g in row) + "]" for row in self.gates.tolist())  # one line per layer
+        rows = ",\n    ".join(  # one line per layer
+            "[" + ", ".join(_float32_text(g) for g in row) + "]" for row in self.gates.tolist()
+        )
         head = json.dumps(data, indent=2).removesuffix("\n}")
         atomic_write_text(path, f'{head},\n  "gates": [\n    {rows}\n  ]\n}}\n')
         return path
@@ -289,7 +291,7 @@ class HeadPattern:
             provenance["clipped"] = {
                 "gates": int(outside.sum()),
                 "largest_distance": float(np.float32(torch.maximum(-gates, gates - 1).max().item())),
-                "rule": f"gates within {CLIP_TOLERANCE} outside [0, 1] clipped to [0, 1] on import, as the reference does on load",
+                "rule": f"gates within {CLIP_TOLERANCE} outside [0, 1] clipped to [0, 1] on import, as the reference does on load",  # noqa: E501
             }
             gates = gates.clamp(0.0, 1.0) + 0.0  # + 0.0: no negative zeros
         sink, window = 64, 256

@@ -36,8 +36,8 @@ PUBLISHED = {
         "Llama-3-8B-Instruct-Gradient-1048k", "gradientai/Llama-3-8B-Instruct-Gradient-1048k", [], "llama", 128),
     "llama-3-8b-instruct-gradient-4194k": (
         "Llama-3-8B-Instruct-Gradient-4194k", "gradientai/Llama-3-8B-Instruct-Gradient-4194k", [], "llama", 128),
-    "llama-3.1-8b-instruct": (
-        "Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", ["meta-llama/Meta-Llama-3.1-8B-Instruct"], "llama", 128),
+    "llama-3.1-8b-instruct": ("Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+                              ["meta-llama/Meta-Llama-3.1-8B-Instruct"], "llama", 128),
     "mistral-7b-instruct-v0.2": ("Mistral-7B-Instruct-v0.2", "mistralai/Mistral-7B-Instruct-v0.2", [], "mistral", 128),
     "mistral-7b-instruct-v0.3": ("Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", [], "mistral", 128),
 }
