@@ -284,7 +284,7 @@ class HeadPattern:
             layer, head = ((gates < -CLIP_TOLERANCE) | (gates > 1 + CLIP_TOLERANCE)).nonzero()[0].tolist()
             raise ValueError(
                 f"{tsv}: gates must lie in [0, 1] (within {CLIP_TOLERANCE}, which is clipped as the reference does); "
-                f"layer {layer}, KV head {head} is {gates[layer, head].item()}"
+                f"layer {layer}, KV head {head} is {_float32_text(gates[layer, head].item())}"
             )
         provenance: dict[str, Any] = {"imported_from": str(folder)}
         if outside.any():
