@@ -195,3 +195,16 @@ def test_hugging_face_id_resolves_offline_from_the_cache(tmp_path, tiny_model_di
     assert "generate rc 0" in result.stdout and "missing rc 2" in result.stdout
     assert "tiny-org/not-there does not exist locally, and transformers could not resolve it" in result.stderr
     assert "HF_HUB_OFFLINE is set" in result.stderr
+
+
+def test_cli_pattern_auto(tiny_model_dir, capsys):  # noqa: F811
+    """--pattern auto: the default model gets its shipped pattern; a model nothing is shipped for gets the list and
+    the calibrate command, as one line and exit code 2, before any weights load."""
+    from duohead import generate
+    from duohead.cli_support import load_pattern_for_cli
+
+    assert load_pattern_for_cli("auto", None).to_dict() == HeadPattern.load("smollm2-135m-instruct").to_dict()
+    assert generate.main(["--model", str(tiny_model_dir), "--pattern", "auto", "--prompt-file", __file__]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duohead generate: error: pattern 'auto': no shipped pattern is made for") and err.count("\n") == 1
+    assert "duohead calibrate --model" in err and "smollm2-135m-instruct (HuggingFaceTB/SmolLM2-135M-Instruct" in err
