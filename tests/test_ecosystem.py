@@ -208,3 +208,29 @@ def test_cli_pattern_auto(tiny_model_dir, capsys):  # noqa: F811
     err = capsys.readouterr().err
     assert err.startswith("duohead generate: error: pattern 'auto': no shipped pattern is made for") and err.count("\n") == 1
     assert "duohead calibrate --model" in err and "smollm2-135m-instruct (HuggingFaceTB/SmolLM2-135M-Instruct" in err
+
+
+NO_TRITON_SCRIPT = """
+import sys
+sys.modules["triton"] = None  # as on macOS / Windows, where triton is not a dependency: `import triton` fails
+import torch, duohead
+from tiny_models import tiny_model
+model = duohead.enable(tiny_model("llama"), duohead.HeadPattern(torch.tensor([[0.9, 0.1]] * 3), sink=2, window=4))
+out = model.generate(torch.randint(1, 97, (1, 20)), max_new_tokens=3, do_sample=False)
+print("ok", out.shape[1], "triton" in sys.modules and sys.modules["triton"] is not None)
+"""
+
+
+def test_cpu_path_runs_without_triton(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "DUOHEAD_BACKEND": "auto"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok 23 False"
+
+
+def test_triton_is_a_linux_only_dependency():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [d for d in deps if d.startswith("triton")] == ["triton>=3.4; sys_platform == 'linux'"]
