@@ -65,8 +65,8 @@ def test_patterns_command_shows_one(capsys):
     out = capsys.readouterr().out
     assert "gate histogram:" in out and "[0.9, 1.0]" in out
     # many gates are exactly 1.0 (and bf16-rounded below it): both cuts fall inside a tie, and the output says so
-    assert "cut at 0.5: 128 of 256 KV heads stream; the cut falls inside a tie: 20 heads share gate 0.996094 and 2 of them stream" in out
-    assert "cut at 0.75: 192 of 256 KV heads stream; the cut falls inside a tie: 110 heads share gate 1 and 46 of them stream" in out
+    assert "cut at 0.5: 128 of 256 KV heads stream; the cut falls inside a tie: 20 heads share gate 0.996094 and 2 of them" in out
+    assert "cut at 0.75: 192 of 256 KV heads stream; the cut falls inside a tie: 110 heads share gate 1 and 46 of them" in out
     assert "picked by (layer, head) order" in out
     assert "KV cache at 131,072 tokens, 2 bytes per value, batch 1, cut 0.5: 8.02 GiB (full attention 16.00 GiB)" in out
     assert "source: https://github.com/mit-han-lab/duo-attention" in out and "clipped on import: 5 gates" in out
@@ -84,7 +84,8 @@ def test_tie_structure_counts_equals_at_the_cut_and_binarize_picks_by_layer_head
     assert ties == {"streaming": 3, "cut_gate": 1.0, "tied": 4, "tied_streaming": 1, "inside_tie": True}
     layout = HeadPattern(gates).binarize(sparsity=0.5)
     assert layout.tolist() == [[False, False, True], [True, False, True]]  # the first 1.0 in (layer, head) order streams
-    assert tie_structure(gates, 2 / 6) == {"streaming": 2, "cut_gate": pytest.approx(0.2), "tied": 1, "tied_streaming": 1, "inside_tie": False}
+    below = {"streaming": 2, "cut_gate": pytest.approx(0.2), "tied": 1, "tied_streaming": 1, "inside_tie": False}
+    assert tie_structure(gates, 2 / 6) == below
     assert tie_structure(gates, 0.0)["cut_gate"] is None
 
 
@@ -94,7 +95,7 @@ def test_tie_structure_counts_equals_at_the_cut_and_binarize_picks_by_layer_head
         ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
         ("meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),  # the model's former id
         ("/models/Meta-Llama-3.1-8B-Instruct/", "llama-3.1-8b-instruct"),  # a local folder named after it
-        ("/hf/hub/models--gradientai--Llama-3-8B-Instruct-Gradient-1048k/snapshots/0123abc", "llama-3-8b-instruct-gradient-1048k"),
+        ("/hub/models--gradientai--Llama-3-8B-Instruct-Gradient-1048k/snapshots/0123", "llama-3-8b-instruct-gradient-1048k"),
         ("gradientai/Llama-3-8B-Instruct-Gradient-4194k", "llama-3-8b-instruct-gradient-4194k"),
     ],
 )
@@ -103,8 +104,10 @@ def test_auto_picks_by_name_and_shape(name, expected):
 
 
 def test_auto_picks_mistral_and_mha_shapes():
-    assert auto_pattern(real_config(MistralConfig, name="mistralai/Mistral-7B-Instruct-v0.3"), None)[0] == "mistral-7b-instruct-v0.3"
-    assert auto_pattern(real_config(kv_heads=32, name="togethercomputer/Llama-2-7B-32K-Instruct"), None)[0] == "llama-2-7b-32k-instruct"
+    mistral = real_config(MistralConfig, name="mistralai/Mistral-7B-Instruct-v0.3")
+    assert auto_pattern(mistral, None)[0] == "mistral-7b-instruct-v0.3"
+    llama2 = real_config(kv_heads=32, name="togethercomputer/Llama-2-7B-32K-Instruct")
+    assert auto_pattern(llama2, None)[0] == "llama-2-7b-32k-instruct"
 
 
 def test_auto_refuses_an_unknown_model_with_the_list_and_the_calibrate_command():
@@ -137,7 +140,8 @@ def test_model_key():
 def test_validate_checks_head_dim_and_architecture():
     llama31 = HeadPattern.load("llama-3.1-8b-instruct")
     llama31.validate(real_config())
-    with pytest.raises(ValueError, match="32 layers x 8 KV heads x head dim 128; this model \\(llama\\) has 32 layers x 8 KV heads x head dim 64"):
+    message = "32 layers x 8 KV heads x head dim 128; this model \\(llama\\) has 32 layers x 8 KV heads x head dim 64"
+    with pytest.raises(ValueError, match=message):
         llama31.validate(real_config(head_dim=64))
     with pytest.raises(ValueError, match="a 'llama' model; this model is 'mistral'"):
         llama31.validate(real_config(MistralConfig))
@@ -150,8 +154,10 @@ def test_enable_uses_the_calibrated_cut_by_default():
         model = duohead.enable(tiny_model("llama"), pattern)
         assert model._duohead.sparsity == 0.5
         assert model._duohead.layout.tolist() == [[True, False], [True, False], [True, False]]
-        assert duohead.enable(model, pattern, threshold=0.5)._duohead.sparsity == pytest.approx(1 / 6)  # explicit beats default
-    assert duohead.enable(tiny_model("llama"), HeadPattern(gates))._duohead.sparsity == pytest.approx(1 / 6)  # no cut: threshold 0.5
+        # an explicit threshold beats the default cut
+        assert duohead.enable(model, pattern, threshold=0.5)._duohead.sparsity == pytest.approx(1 / 6)
+    # no cut recorded: threshold 0.5
+    assert duohead.enable(tiny_model("llama"), HeadPattern(gates))._duohead.sparsity == pytest.approx(1 / 6)
 
 
 def test_default_sparsity_saved_loaded_and_checked(tmp_path):
@@ -190,8 +196,8 @@ def test_wheel_contains_the_shipped_patterns(tmp_path):
     shutil.copytree(root / "duohead", src / "duohead", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, capture_output=True)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")]
+    subprocess.run([*build, str(src)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("duohead-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in SHIPPED:

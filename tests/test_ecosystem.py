@@ -17,8 +17,8 @@ from tiny_models import oracle_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, TextStreamer, pipeline
 
 import duohead
-from duohead.architecture import layer_layouts
 from duohead import HeadPattern
+from duohead.architecture import layer_layouts
 from duohead.catalogue import kv_bytes, shipped_patterns
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig}
@@ -138,7 +138,8 @@ def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):  # noqa: F811
     model = duohead.from_pretrained(tiny_model_dir, all_retrieval, torch_dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     with torch.no_grad():
-        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), stock.generate(ids, max_new_tokens=6, do_sample=False))
+        expected = stock.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
         mixed = duohead.enable(model, tiny_pattern_file)
         out = mixed.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert out.past_key_values.layers[0].dtype == torch.bfloat16
@@ -158,7 +159,8 @@ def test_quantized_model_is_refused_with_the_reason(tiny_model_dir, tiny_pattern
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     quant = BitsAndBytesConfig(load_in_4bit=True)
     model.config.quantization_config = quant.to_dict() if as_dict else quant
-    with pytest.raises(ValueError, match="does not support quantized models \\(quantization_config: bitsandbytes\\).*plain weight"):
+    message = "does not support quantized models \\(quantization_config: bitsandbytes\\).*plain weight"
+    with pytest.raises(ValueError, match=message):
         duohead.enable(model, tiny_pattern_file)
     assert not duohead.is_enabled(model)
     model.config.quantization_config = {"quant_method": "gguf"}  # a GGUF checkpoint is dequantised on load: plain weights
@@ -175,7 +177,8 @@ print("enabled", duohead.is_enabled(model), model.config._name_or_path)
 rc = cli.main(["generate", "--model", "tiny-org/tiny-llama", "--pattern", sys.argv[1], "--prompt-file", sys.argv[2],
                "--max-new-tokens", "3", "--device", "cpu"])
 print("generate rc", rc)
-print("missing rc", cli.main(["generate", "--model", "tiny-org/not-there", "--pattern", sys.argv[1], "--prompt-file", sys.argv[2]]))
+missing = ["generate", "--model", "tiny-org/not-there", "--pattern", sys.argv[1], "--prompt-file", sys.argv[2]]
+print("missing rc", cli.main(missing))
 """
 
 
@@ -224,7 +227,8 @@ print("ok", out.shape[1], "triton" in sys.modules and sys.modules["triton"] is n
 def test_cpu_path_runs_without_triton(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "DUOHEAD_BACKEND": "auto"}
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok 23 False"
 
