@@ -1,5 +1,5 @@
 """The shipped head patterns: which model each one fits, `auto` (the pattern for a given model), the tie
-structure of a cut, and the KV bytes a pattern needs at a context length.
+structure of a cut, and the KV bytes a pattern's layout needs at a context length.
 
 Each shipped pattern records its model's identity: `hf_id` (plus `aliases` and `name`), `architecture`
 (model_type), layers x KV heads and head dim. `auto_pattern` picks the one pattern whose identity matches a
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from duohead.accounting import kv_bytes
 from duohead.architecture import head_dim, num_kv_heads, text_config
 from duohead.pattern import HeadPattern, shipped_names
 
@@ -113,17 +114,16 @@ def tie_structure(gates: torch.Tensor, sparsity: float) -> dict[str, Any]:
     }
 
 
-def kv_bytes(
+def layout_kv_bytes(
     layout: torch.Tensor, head_dim: int, sink: int, window: int, tokens: int, itemsize: int, batch: int = 1, rollback: int = 0
 ) -> dict[str, int]:
-    """KV-cache bytes for `tokens` tokens with layout [L, Hkv] (True = retrieval): retrieval heads keep every token,
-    streaming heads S + W + rollback (what `DuoCache.memory()` reports); `full` is full attention."""
-    per_token_head = 2 * batch * head_dim * itemsize  # keys + values
-    retrieval = int(layout.sum())
-    streaming = layout.numel() - retrieval
-    return {
-        "retrieval": per_token_head * retrieval * tokens,
-        "streaming": per_token_head * streaming * (sink + window + rollback),
-        "total": per_token_head * (retrieval * tokens + streaming * (sink + window + rollback)),
-        "full": per_token_head * layout.numel() * tokens,
-    }
+    """KV-cache bytes for `tokens` tokens with layout [L, Hkv] (True = retrieval), summed over layers with the one
+    formula (`duohead.accounting.kv_bytes`): retrieval heads keep every token, streaming heads S + W + rollback.
+    Keys as `DuoCache.memory()`: retrieval_bytes, streaming_bytes, full_bytes, total_bytes."""
+    totals = {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0}
+    for row in layout:
+        retrieval = int(row.sum())
+        layer = kv_bytes(retrieval, row.numel() - retrieval, tokens, sink + window + rollback, head_dim, itemsize, batch)
+        for key, value in layer.items():
+            totals[key] += value
+    return {**totals, "total_bytes": totals["retrieval_bytes"] + totals["streaming_bytes"]}

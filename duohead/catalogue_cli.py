@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from duohead.catalogue import describe, kv_bytes, shipped_patterns, tie_structure
+from duohead.catalogue import describe, layout_kv_bytes, shipped_patterns, tie_structure
 from duohead.cli_support import DTYPES, run_cli
 from duohead.inspect import histogram_lines
 from duohead.pattern import HeadPattern
@@ -75,10 +75,10 @@ def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) ->
     lines += [tie_line(pattern, s) for s in TIE_CUTS]
     head_dim = pattern.model.get("head_dim")
     if head_dim and cut is not None:
-        b = kv_bytes(pattern.binarize(sparsity=cut), head_dim, pattern.sink, pattern.window, tokens, itemsize)
+        b = layout_kv_bytes(pattern.binarize(sparsity=cut), head_dim, pattern.sink, pattern.window, tokens, itemsize)
         lines.append(
-            f"KV cache at {tokens:,} tokens, {itemsize} bytes per value, batch 1, cut {cut:g}: {b['total'] / 2**30:.2f} GiB "
-            f"(full attention {b['full'] / 2**30:.2f} GiB)"
+            f"KV cache at {tokens:,} tokens, {itemsize} bytes per value, batch 1, cut {cut:g}: {b['total_bytes'] / 2**30:.2f} GiB "
+            f"(full attention {b['full_bytes'] / 2**30:.2f} GiB)"
         )
     hf_id = pattern.model.get("hf_id")
     if hf_id:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 import duohead
 from duohead import HeadPattern
 from duohead.architecture import layer_layouts
-from duohead.catalogue import kv_bytes, shipped_patterns
+from duohead.catalogue import layout_kv_bytes, shipped_patterns
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig}
 SHIPPED = shipped_patterns()
@@ -96,9 +96,9 @@ def test_every_shipped_shape_prefills_and_decodes(name):
     assert torch.equal(oracle_next, tokens[0, -3:])
     # the cache holds what the byte formula says
     seen = tokens.shape[1] - 1
-    expected = kv_bytes(state.layout, pattern.model["head_dim"], SINK, WINDOW, seen, itemsize=4)
-    memory = out.past_key_values.memory()
-    assert memory["total_bytes"] == expected["total"] and memory["full_bytes"] == expected["full"]
+    expected = layout_kv_bytes(state.layout, pattern.model["head_dim"], SINK, WINDOW, seen, itemsize=4)
+    assert out.past_key_values.memory() == {**expected, "reserved_bytes": out.past_key_values.memory()["reserved_bytes"]}
+    assert expected["retrieval_bytes"] == 2 * 4 * pattern.model["head_dim"] * int(state.layout.sum()) * seen  # by hand
 
 
 # ---------------------------------------------------------------- ecosystem paths (tiny Llama + SmolLM2 tokenizer)
