@@ -204,3 +204,13 @@ def test_wheel_contains_the_shipped_patterns(tmp_path):
         assert f"duohead/patterns/{name}/pattern.json" in names
     assert "duohead/patterns/llama-3.1-8b-instruct/LICENSE" in names
     assert len(shipped_patterns()) == 7
+
+
+def test_plan_uses_the_pattern_cut_and_shipped_names(capsys):
+    from duohead.planner import main as plan_main
+
+    config = str(Path(__file__).parent / "data" / "llama-3.1-8b-instruct-config.json")
+    assert plan_main(["--model", config, "--pattern", "llama-3.1-8b-instruct", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert "duohead: 128 of 256 KV heads stream (sparsity 0.50), sink 128, window 256" in out
+    assert "KV cache                      16.00 GiB           8.02 GiB" in out  # as `duohead patterns NAME` says
