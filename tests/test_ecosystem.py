@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_fixtures import tiny_model_dir, tiny_pattern_file  # noqa: F401
 from tiny_models import oracle_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, TextStreamer, pipeline
 
@@ -106,7 +105,7 @@ def test_every_shipped_shape_prefills_and_decodes(name):
 PROMPT = "The lighthouse keeper wrote in the log every night."
 
 
-def test_pipeline_accepts_an_enabled_model(tiny_model_dir, tiny_pattern_file, capfd):  # noqa: F811
+def test_pipeline_accepts_an_enabled_model(tiny_model_dir, tiny_pattern_file, capfd):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = duohead.from_pretrained(tiny_model_dir, tiny_pattern_file)
     capfd.readouterr()
@@ -120,7 +119,7 @@ def test_pipeline_accepts_an_enabled_model(tiny_model_dir, tiny_pattern_file, ca
     assert text == tokenizer.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_text_streamer_prints_the_generated_text(tiny_model_dir, tiny_pattern_file, capsys):  # noqa: F811
+def test_text_streamer_prints_the_generated_text(tiny_model_dir, tiny_pattern_file, capsys):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = duohead.from_pretrained(tiny_model_dir, tiny_pattern_file)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -131,7 +130,7 @@ def test_text_streamer_prints_the_generated_text(tiny_model_dir, tiny_pattern_fi
     assert printed.strip() == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):  # noqa: F811
+def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):
     ids = AutoTokenizer.from_pretrained(tiny_model_dir)(PROMPT, return_tensors="pt").input_ids
     stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
     all_retrieval = HeadPattern(torch.ones(2, 2), sink=4, window=16)
@@ -145,7 +144,7 @@ def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):  # noqa: F811
     assert out.past_key_values.layers[0].dtype == torch.bfloat16
 
 
-def test_static_cache_is_refused_with_the_reason(tiny_model_dir, tiny_pattern_file):  # noqa: F811
+def test_static_cache_is_refused_with_the_reason(tiny_model_dir, tiny_pattern_file):
     model = duohead.from_pretrained(tiny_model_dir, tiny_pattern_file)
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(ValueError, match=r"cache_implementation='static'\) is not supported: an enabled model keeps its own"):
@@ -153,7 +152,7 @@ def test_static_cache_is_refused_with_the_reason(tiny_model_dir, tiny_pattern_fi
 
 
 @pytest.mark.parametrize("as_dict", [True, False])
-def test_quantized_model_is_refused_with_the_reason(tiny_model_dir, tiny_pattern_file, as_dict):  # noqa: F811
+def test_quantized_model_is_refused_with_the_reason(tiny_model_dir, tiny_pattern_file, as_dict):
     from transformers import BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -182,7 +181,7 @@ print("missing rc", cli.main(missing))
 """
 
 
-def test_hugging_face_id_resolves_offline_from_the_cache(tmp_path, tiny_model_dir, tiny_pattern_file):  # noqa: F811
+def test_hugging_face_id_resolves_offline_from_the_cache(tmp_path, tiny_model_dir, tiny_pattern_file):
     snapshot = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
     shutil.copytree(tiny_model_dir, repo / "snapshots" / snapshot)
@@ -200,7 +199,7 @@ def test_hugging_face_id_resolves_offline_from_the_cache(tmp_path, tiny_model_di
     assert "HF_HUB_OFFLINE is set" in result.stderr
 
 
-def test_cli_pattern_auto(tiny_model_dir, capsys):  # noqa: F811
+def test_cli_pattern_auto(tiny_model_dir, capsys):
     """--pattern auto: the default model gets its shipped pattern; a model nothing is shipped for gets the list and
     the calibrate command, as one line and exit code 2, before any weights load."""
     from duohead import generate
