@@ -25,7 +25,7 @@ SHIPPED = shipped_patterns()
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def real_shape_model(pattern: HeadPattern, q_heads: int, device: str = "cpu"):
+def real_shape_model(pattern: HeadPattern, q_heads: int):
     """A seeded random model with the pattern's model identity: architecture, layers x KV heads x head dim, and
     name; hidden 2 x query heads, MLP 64, vocabulary 97 so it runs on a CPU in seconds."""
     m = pattern.model
@@ -37,8 +37,7 @@ def real_shape_model(pattern: HeadPattern, q_heads: int, device: str = "cpu"):
         max_position_embeddings=1024, **extra,
     )
     config._name_or_path = m["hf_id"]
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -54,10 +53,10 @@ ONE_PER_SHAPE = ["llama-3.1-8b-instruct", "mistral-7b-instruct-v0.2", "llama-2-7
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_auto_enables_every_shipped_pattern_on_its_model(name):
-    """Every shipped pattern: "auto" finds it from the model's name and shape and applies its default cut (weights on
-    the meta device: nothing is computed; the next test runs one pattern of each shape)."""
+    """Every shipped pattern: "auto" finds it from the model's name and shape and applies its default cut (no forward
+    here; the next test runs one pattern of each shape)."""
     pattern = SHIPPED[name]
-    model = duohead.enable(real_shape_model(pattern, Q_HEADS.get(name, 32), device="meta"), "auto")
+    model = duohead.enable(real_shape_model(pattern, Q_HEADS.get(name, 32)), "auto")
     assert model._duohead.pattern.to_dict() == pattern.to_dict()
     assert torch.equal(model._duohead.layout, pattern.binarize(sparsity=pattern.default_sparsity))
     assert [lay.num_retrieval_heads for lay in layer_layouts(model)] == model._duohead.layout.sum(1).tolist()
