@@ -1,7 +1,7 @@
 """duohead: per-head KV caches for long-context inference (retrieval heads: full KV; streaming heads: sink + window).
 
     import duohead
-    model = duohead.from_pretrained("path/to/model", pattern="patterns/smollm2-135m-instruct/pattern.json", sparsity=0.5)
+    model = duohead.from_pretrained("meta-llama/Llama-3.1-8B-Instruct", pattern="auto")  # the shipped pattern for it
     model.generate(**inputs)   # uses a DuoCache
 
 `import duohead` imports neither torch nor transformers (so the `duohead` command answers a bad argument at

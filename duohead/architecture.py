@@ -35,6 +35,12 @@ def num_kv_heads(config: Any) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+def head_dim(config: Any) -> int:
+    """Dimension D of one attention head: `head_dim`, or hidden_size / num_attention_heads where it is unset."""
+    config = text_config(config)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def check_sink_window(sink: Any, window: Any, where: str = "") -> None:
     """Raise ValueError unless sink is an integer >= 0 and window an integer >= 1 (tokens). `where` prefixes errors."""
     if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:

@@ -5,6 +5,7 @@
     duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
     duohead inspect ...     summarise a pattern file       (duohead.inspect)
     duohead plan ...        memory per GPU of a deployment (duohead.planner)
+    duohead patterns [NAME] the shipped patterns           (duohead.catalogue_cli)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "eval": ("duohead.evaluate", "passkey / needle-in-a-haystack accuracy grid"),
     "inspect": ("duohead.inspect", "summarise a pattern file (gate histogram, layout, heat map)"),
     "plan": ("duohead.planner", "weights and KV bytes per GPU for a deployment, from the model config alone"),
+    "patterns": ("duohead.catalogue_cli", "list the shipped head patterns, or show one (ties, KV bytes)"),
 }
 
 

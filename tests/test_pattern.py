@@ -60,7 +60,8 @@ def test_save_refuses_to_overwrite(tmp_path):
 
 def test_duo_attention_format_round_trip(tmp_path):
     sample_pattern().to_duo_attention(tmp_path)
-    assert (tmp_path / "full_attention_heads.tsv").read_text().splitlines()[0] == "1.0\t0.25\t0.0"
+    first_row = "1.000000000000000000e+00\t2.500000000000000000e-01\t0.000000000000000000e+00"  # np.savetxt's %.18e, as the reference writes
+    assert (tmp_path / "full_attention_heads.tsv").read_text().splitlines()[0] == first_row
     assert json.loads((tmp_path / "config.json").read_text()) == {"sink_size": 16, "recent_size": 64}
     loaded = HeadPattern.from_duo_attention(tmp_path)
     assert torch.equal(loaded.gates, sample_pattern().gates) and (loaded.sink, loaded.window) == (16, 64)

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     report = gate_report(calibrator.gates, cut)
     pattern = HeadPattern(
         calibrator.gates.cpu(), sink=args.sink, window=args.window,
-        model={"name": folder.name, "architecture": model.config.model_type},
+        model={"name": Path(str(folder)).name, "architecture": model.config.model_type},  # folder or Hugging Face id
         provenance={
             "method": "duohead calibrate (passkey distillation)",
             "mode": "target-sparsity" if config.target_sparsity is not None else "fixed L1",
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     pattern.save(out / PATTERN, overwrite=True)
     print(f"pattern: {out / PATTERN}\nlog: {out / LOG}")
     try:
-        print(f"heat map: {plot_gates(calibrator.gates, out / HEATMAP, title=f'{folder.name}: gates after {config.steps} steps')}")
+        print(f"heat map: {plot_gates(calibrator.gates, out / HEATMAP, title=f'{Path(str(folder)).name}: gates after {config.steps} steps')}")
     except ImportError as e:
         print(f"heat map skipped: {e}")
     print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))

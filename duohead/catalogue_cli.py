@@ -1,0 +1,109 @@
+"""`duohead patterns [NAME]`: the shipped head patterns, or one of them in detail.
+
+    duohead patterns                          one line per shipped pattern
+    duohead patterns llama-3.1-8b-instruct    identity, provenance, gate histogram, ties at 50% / 75%, KV bytes
+
+The detail view's KV bytes use the pattern's default cut and the byte formula of `DuoCache.memory()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from duohead.catalogue import describe, layout_kv_bytes, shipped_patterns, tie_structure
+from duohead.cli_support import DTYPES, run_cli
+from duohead.inspect import histogram_lines
+from duohead.pattern import HeadPattern
+
+TIE_CUTS = (0.5, 0.75)
+
+
+def calibrated_by(pattern: HeadPattern) -> str:
+    """A short account of what calibrated a pattern: method, steps and context range."""
+    prov = pattern.provenance
+    settings = prov.get("calibration", prov)
+    steps = settings.get("num_steps", settings.get("steps"))
+    low = settings.get("context_length_min", settings.get("ctx_min"))
+    high = settings.get("context_length_max", settings.get("ctx_max"))
+    method = "DuoAttention authors" if "DuoAttention" in str(prov.get("method")) else prov.get("method", "unknown")
+    parts = [method] + ([f"{steps} steps"] if steps else []) + ([f"ctx {low}-{high}"] if low and high else [])
+    return ", ".join(str(p) for p in parts)
+
+
+def list_lines() -> list[str]:
+    """One row per shipped pattern."""
+    header = ("name", "model", "layers x KV x dim", "sink/window", "cut", "calibrated by")
+    rows = [header]
+    for name, p in shipped_patterns().items():
+        dim = p.model.get("head_dim", "?")
+        cut = "-" if p.default_sparsity is None else f"{p.default_sparsity:g}"
+        rows.append((name, p.model.get("hf_id") or p.model.get("name", "?"), f"{p.num_layers} x {p.num_kv_heads} x {dim}",
+                     f"{p.sink}/{p.window}", cut, calibrated_by(p)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+
+
+def tie_line(pattern: HeadPattern, sparsity: float) -> str:
+    """How the cut at `sparsity` falls among equal gates, in words."""
+    t = tie_structure(pattern.gates, sparsity)
+    head = f"cut at {sparsity:g}: {t['streaming']} of {pattern.gates.numel()} KV heads stream"
+    if t["cut_gate"] is None:
+        return head
+    if not t["inside_tie"]:
+        return f"{head}; no tie at the cut: all {t['tied']} head(s) at the highest streaming gate {t['cut_gate']:.6g} stream"
+    return (
+        f"{head}; the cut falls inside a tie: {t['tied']} heads share gate {t['cut_gate']:.6g} and {t['tied_streaming']} of them "
+        "stream, picked by (layer, head) order (earlier layers first)"
+    )
+
+
+def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) -> list[str]:
+    """What `duohead patterns NAME` prints."""
+    prov = pattern.provenance
+    architecture = pattern.model.get("architecture", "?")
+    lines = [describe(name, pattern), f"architecture: {architecture}; sink {pattern.sink}, window {pattern.window}"]
+    lines.append(f"calibrated by: {calibrated_by(pattern)}")
+    for key in ("source", "license"):
+        if key in prov:
+            lines.append(f"{key}: {prov[key]}")
+    if "clipped" in prov:
+        lines.append(f"clipped on import: {prov['clipped']['gates']} gates by at most {prov['clipped']['largest_distance']:.3g}")
+    cut = pattern.default_sparsity
+    lines.append(f"default cut: sparsity {cut:g} (used when enable() gets no sparsity/threshold)" if cut is not None
+                 else "default cut: none recorded (threshold 0.5)")
+    lines += ["gate histogram:", *histogram_lines(pattern.gates)]
+    lines += [tie_line(pattern, s) for s in TIE_CUTS]
+    head_dim = pattern.model.get("head_dim")
+    if head_dim and cut is not None:
+        b = layout_kv_bytes(pattern.binarize(sparsity=cut), head_dim, pattern.sink, pattern.window, tokens, itemsize)
+        lines.append(
+            f"KV cache at {tokens:,} tokens, {itemsize} bytes per value, batch 1, cut {cut:g}: {b['total_bytes'] / 2**30:.2f} GiB "
+            f"(full attention {b['full_bytes'] / 2**30:.2f} GiB)"
+        )
+    hf_id = pattern.model.get("hf_id")
+    if hf_id:
+        lines.append(f"use: duohead generate --model {hf_id} --pattern {name}   (or --pattern auto)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="duohead patterns", description="List the shipped head patterns, or show one.")
+    parser.add_argument("name", nargs="?", help="a shipped pattern to show in detail")
+    parser.add_argument("--tokens", type=int, default=131072, help="context length for the KV bytes (default 131072)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="KV dtype for the bytes (default bfloat16)")
+    args = parser.parse_args(argv)
+    return run_cli("patterns", lambda: _patterns(args))
+
+
+def _patterns(args: argparse.Namespace) -> int:
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1; got {args.tokens}")
+    patterns = shipped_patterns()
+    if args.name is None:
+        print("\n".join(list_lines()))
+        return 0
+    if args.name not in patterns:
+        shipped = ", ".join(patterns)
+        raise ValueError(f"no shipped pattern {args.name!r}; shipped: {shipped} (for a file, use `duohead inspect FILE`)")
+    print("\n".join(detail_lines(args.name, patterns[args.name], args.tokens, DTYPES[args.dtype].itemsize)))
+    return 0
