@@ -70,7 +70,7 @@ def test_duo_attention_format_round_trip(tmp_path):
         sample_pattern().to_duo_attention(tmp_path)
 
 
-PUBLISHED = Path(__file__).parent / "data" / "duo-attention" / "Meta-Llama-3.1-8B-Instruct"  # MIT, see its README
+PUBLISHED = Path(__file__).parent / "data" / "published-patterns" / "Meta-Llama-3.1-8B-Instruct"  # MIT, see its README
 
 
 def test_reads_a_published_reference_pattern():
