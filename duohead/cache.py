@@ -129,33 +129,112 @@ class PendingKV:
 
 class DuoCacheLayer(CacheLayerMixin):
     """One decoder layer's cache: `RetrievalKV` for the first `num_retrieval_heads` KV heads,
-    `StreamingKV` for the rest. Filled by `duohead.attention`; `update` only defers."""
+    `StreamingKV` for the rest. Filled by `duohead.attention`; `update` only defers.
+
+    Dynamic (default): while every streaming head still sees every token (T <= S + W slots), all heads' KV sit
+    in one `unsplit` buffer and the attention runs as one call, exactly what full attention computes; the first
+    forward past S + W splits it into retrieval KV and sink + ring (allocated then). `seen` is a Python int.
+
+    Static (`static=True`, needs `max_length`): every buffer is allocated at the first forward, `seen` is a
+    0-dim device tensor, writes are index writes at `seen` and `slot_real` [B, C] keeps which retrieval slots
+    hold real tokens, so a decode step has fixed shapes, no host sync and no data-dependent branch: it can be
+    compiled (`torch.compile(..., fullgraph=True)`) and replayed.
+    """
 
     is_sliding = False
-    is_compileable = False
 
-    def __init__(self, num_retrieval_heads: int, sink: int, window: int, max_length: int | None = None, rollback: int = 0):
+    def __init__(
+        self,
+        num_retrieval_heads: int,
+        sink: int,
+        window: int,
+        max_length: int | None = None,
+        rollback: int = 0,
+        static: bool = False,
+    ):
         super().__init__()
+        if static and not max_length:
+            raise ValueError("a static DuoCache needs max_length (tokens, padding included) to size its buffers")
         self.num_retrieval_heads, self.sink, self.window = num_retrieval_heads, sink, window
         self.max_length = max_length  # expected tokens (slots); sizes the retrieval buffer up front
         self.rollback = rollback  # tokens `crop` can take back: streaming heads keep W + rollback recent tokens
+        self.static = static
+        self.is_compileable = static
+        self.unsplit: RetrievalKV | None = None  # all heads' KV while T <= S + W (dynamic only)
         self.retrieval: RetrievalKV | None = None
         self.streaming: StreamingKV | None = None
+        self.slot_real: torch.Tensor | None = None  # static only: [B, C] bool, which retrieval slots hold real tokens
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row
-        self.seen = 0  # slots seen, padding included
+        self.seen: int | torch.Tensor = 0  # slots seen, padding included (a 0-dim device tensor when static)
+        self.num_kv_heads = 0
         self.head_dim = 0
         self.dtype = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        batch, heads, q_len, self.head_dim = key_states.shape
+        batch, self.num_kv_heads, q_len, self.head_dim = key_states.shape
+        hr = self.num_retrieval_heads
+        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if self.static:
+            capacity = _round_up(self.max_length)
+            self.seen = torch.zeros((), dtype=torch.long, device=self.device)
+            self.slot_real = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+            if hr > 0:  # zeros: the attention reads every slot (masked), and 0 x NaN of stale memory would be NaN
+                self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=capacity)
+                self.retrieval.keys.zero_()
+                self.retrieval.values.zero_()
+            if self.num_kv_heads > hr:
+                self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window, self.rollback)
+            if not torch.compiler.is_compiling():  # fixed addresses let a compiled step be replayed (CUDA graphs)
+                for tensor in self._tensors():
+                    torch._dynamo.mark_static_address(tensor)
+        elif self.num_kv_heads > hr and q_len <= self.sink + self.window:
+            short = self.sink + self.window if self.max_length is None else min(self.sink + self.window, self.max_length)
+            self.unsplit = RetrievalKV.empty(key_states, capacity=_round_up(max(q_len, short)))
+        else:
+            self._allocate_split(key_states, q_len)
+        self.is_initialized = True
+
+    def _allocate_split(self, like: torch.Tensor, tokens: int) -> None:
+        """Allocate retrieval KV (sized for max_length, else `tokens`, at least 256) and sink + ring (dynamic)."""
         hr = self.num_retrieval_heads
         if hr > 0:
-            self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=_round_up(max(q_len, self.max_length or 256)))
-        if heads > hr:
-            self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window, self.rollback)
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.is_initialized = True
+            self.retrieval = RetrievalKV.empty(like[:, :hr], capacity=_round_up(max(tokens, self.max_length or 256)))
+        if like.shape[1] > hr:
+            self.streaming = StreamingKV(like[:, hr:], self.sink, self.window, self.rollback)
+
+    def needs_split(self, q_len: int) -> bool:
+        """Whether `q_len` more slots take the unsplit layer past S + W (then call `split` before storing them)."""
+        return self.unsplit is not None and self.seen + q_len > self.sink + self.window
+
+    def split(self, key_is_real: torch.Tensor | None) -> None:
+        """Move the unsplit KV into retrieval KV and sink + ring. key_is_real [B, >= seen] bool (None: no padding)
+        gives the stored tokens' real positions. Once per layer, in eager mode (the reference append reads the host)."""
+        held = self.unsplit.length
+        keys, values = self.unsplit.keys[:, :, :held], self.unsplit.values[:, :, :held]
+        self.unsplit = None
+        self._allocate_split(keys, held + 1)
+        hr = self.num_retrieval_heads
+        if self.retrieval is not None:
+            self.retrieval.append(keys[:, :hr], values[:, :hr])
+        if key_is_real is None:
+            pos = torch.arange(held, device=keys.device).expand(keys.shape[0], held)
+        else:
+            real = key_is_real[:, :held]
+            pos = (real.long().cumsum(dim=1) - 1).masked_fill(~real, -1)
+        self.streaming.append(keys[:, hr:], values[:, hr:], pos)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer holds (for static addresses)."""
+        held = [self.real_seen]
+        if self.static:
+            held += [self.seen, self.slot_real]
+        for kv in (self.unsplit, self.retrieval):
+            if kv is not None:
+                held += [kv.keys, kv.values]
+        if self.streaming is not None:
+            held += self.streaming.tensors()
+        return held
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[PendingKV, PendingKV]:
         """Defer: the duohead attention stores the tokens (it knows the padding). Returns the pending tokens twice,
@@ -169,19 +248,26 @@ class DuoCacheLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(cached + new slots, 0); a 0-dim tensor for a static layer, which tells the mask function to read only the
+        new tokens' columns of attention_mask (the cache keeps the earlier slots' padding)."""
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.max_length if self.static else -1
 
     def memory(self) -> dict[str, int]:
-        """Bytes of KV held: retrieval (T tokens), streaming (S + W + rollback tokens), and what full attention would hold."""
+        """Bytes of KV held: retrieval (T tokens), streaming (S + W + rollback tokens), and what full attention would
+        hold. While the layer is unsplit (T <= S + W) every head holds its T tokens, as with full attention."""
         if not self.is_initialized:
             return {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0, "reserved_bytes": 0}
+        seen = int(self.seen)
         shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
-        hs = self.streaming.sink_k.shape[1] if self.streaming else 0
+        if self.unsplit is not None:  # every head holds its T tokens, as with full attention
+            held = kv_bytes(self.num_kv_heads, 0, seen, 0, *shape)
+            return {**held, "reserved_bytes": kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]}
+        hs = self.num_kv_heads - self.num_retrieval_heads
         slots = self.sink + self.streaming.ring_k.shape[2] if self.streaming else 0
-        held = kv_bytes(self.num_retrieval_heads, hs, self.seen, slots, *shape)
+        held = kv_bytes(self.num_retrieval_heads, hs, seen, slots, *shape)
         capacity = self.retrieval.keys.shape[2] if self.retrieval else 0
         reserved = held["streaming_bytes"] + kv_bytes(self.num_retrieval_heads, 0, capacity, 0, *shape)["retrieval_bytes"]
         return {**held, "reserved_bytes": reserved}
@@ -190,13 +276,17 @@ class DuoCacheLayer(CacheLayerMixin):
         """Apply a batch-dimension operation (select, reorder, repeat) to every stored tensor."""
         if not self.is_initialized:
             return
-        if self.retrieval is not None:
-            length = self.retrieval.length
-            self.retrieval = RetrievalKV(fn(self.retrieval.keys), fn(self.retrieval.values))
-            self.retrieval.length = length
+        for name in ("unsplit", "retrieval"):
+            kv = getattr(self, name)
+            if kv is not None:
+                mapped = RetrievalKV(fn(kv.keys), fn(kv.values))
+                mapped.length = kv.length
+                setattr(self, name, mapped)
         if self.streaming is not None:
             s = self.streaming
             s.sink_k, s.sink_v, s.sink_pos, s.ring_k, s.ring_v, s.ring_pos = map(fn, s.tensors())
+        if self.slot_real is not None:
+            self.slot_real = fn(self.slot_real)
         self.real_seen = fn(self.real_seen)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -209,9 +299,13 @@ class DuoCacheLayer(CacheLayerMixin):
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     @property
+    def has_streaming_heads(self) -> bool:
+        return self.num_kv_heads > self.num_retrieval_heads
+
+    @property
     def is_croppable(self) -> bool:
         """Whether `crop` can take tokens back: always for retrieval heads; streaming heads need rollback slots."""
-        return self.rollback > 0 or (self.is_initialized and self.streaming is None)
+        return self.rollback > 0 or (self.is_initialized and not self.has_streaming_heads)
 
     def activate_past_recording(self) -> None:
         """transformers' hook before assisted / prompt-lookup decoding, which rolls back rejected draft tokens:
@@ -229,9 +323,10 @@ class DuoCacheLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError(f"DuoCache.crop takes 0 or a negative number of tokens to remove; got {tokens_to_remove}")
         count = -tokens_to_remove
-        if count > self.seen:
-            raise ValueError(f"cannot remove {count} tokens from a cache holding {self.seen}")
-        if self.streaming is not None and count > self.rollback:  # (an empty layer already failed on count > seen)
+        seen = int(self.seen)
+        if count > seen:
+            raise ValueError(f"cannot remove {count} tokens from a cache holding {seen}")
+        if self.has_streaming_heads and count > self.rollback:  # (an empty layer already failed on count > seen)
             raise ValueError(
                 f"DuoCache can take back at most {self.rollback} tokens (streaming heads keep window + {self.rollback} "
                 f"recent tokens); asked for {count}. Create it with duohead.DuoCache.from_model(model, rollback={count}) or more"
@@ -244,15 +339,22 @@ class DuoCacheLayer(CacheLayerMixin):
         count = -tokens_to_remove
         if count == 0 or not self.is_initialized:
             return
-        self.seen -= count
-        self.real_seen = (self.real_seen - count).clamp_min(0)
-        if self.retrieval is not None:
-            self.retrieval.length -= count
+        if self.static:
+            end = int(self.seen)
+            self.slot_real[:, end - count : end] = False
+            self.seen.sub_(count)
+            self.real_seen.sub_(count).clamp_(min=0)
+        else:
+            self.seen -= count
+            self.real_seen = (self.real_seen - count).clamp_min(0)
+        for kv in (self.unsplit, self.retrieval):
+            if kv is not None and not self.static:
+                kv.length -= count
         if self.streaming is not None:
             self.streaming.drop_from(self.real_seen)
 
     def reset(self) -> None:
-        self.__init__(self.num_retrieval_heads, self.sink, self.window, self.max_length, self.rollback)
+        self.__init__(self.num_retrieval_heads, self.sink, self.window, self.max_length, self.rollback, self.static)
 
 
 class DuoCache(Cache):
@@ -265,16 +367,20 @@ class DuoCache(Cache):
     `rollback` (tokens) is how many of the newest tokens `crop` can take back (speculative decoding rejects
     draft tokens): streaming heads then keep window + rollback recent tokens. Assisted and prompt-lookup
     decoding in `generate()` raise it to at least `RECORDING_ROLLBACK` by themselves.
+    `static=True` (needs `max_length`) makes every decode step fixed-shape and free of host syncs, for
+    `torch.compile` (`generate(..., cache_implementation="static")` creates one); see `DuoCacheLayer`.
     """
 
-    def __init__(self, layouts: Sequence[LayerLayout], max_length: int | None = None, rollback: int = 0):
-        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length, rollback) for lay in layouts]
+    def __init__(self, layouts: Sequence[LayerLayout], max_length: int | None = None, rollback: int = 0, static: bool = False):
+        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length, rollback, static) for lay in layouts]
         super().__init__(layers=layers)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0) -> DuoCache:
+    def from_model(
+        cls, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0, static: bool = False
+    ) -> DuoCache:
         """An empty cache for a model prepared with `duohead.enable` (its layouts read off its attention modules)."""
-        return cls(layer_layouts(model), max_length=max_length, rollback=rollback)
+        return cls(layer_layouts(model), max_length=max_length, rollback=rollback, static=static)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Take back the newest -tokens_to_remove tokens in every layer, or raise ValueError and change nothing."""

@@ -6,7 +6,8 @@
 
 The prompt is prefilled chunk by chunk into a `DuoCache` (a progress bar on stderr), then decoded greedily
 with the new text streamed to stdout (`--prompt-lookup N`: speculative decoding with drafts copied from the
-prompt, same tokens, fewer forwards). The report gives prompt tokens, prefill time, decode tokens/s, KV
+prompt, same tokens, fewer forwards; `--compile`: the decode step compiled with torch.compile on a static
+cache, same tokens). The report gives prompt tokens, prefill time, decode tokens/s, KV
 bytes (duohead's and what full attention would hold, from `DuoCache.memory()`) and peak memory (RSS on
 CPU, max allocated on CUDA). `--compare-full` reruns the prompt with full attention (the unmodified model,
 via `duohead.disable`) and prints both side by side.
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative decoding: each step also checks up to N draft tokens copied from the prompt; "
         "same output as plain greedy, fewer forwards when the answer quotes the prompt (default 0: off)",
     )
+    run.add_argument(
+        "--compile", action="store_true",
+        help="compile the decode step (torch.compile, static cache; full attention uses transformers' StaticCache); "
+        "the first step includes the compilation and is left out of decode tok/s",
+    )
     run.add_argument("--compare-full", action="store_true", help="also run with full attention and compare")
     run.add_argument("--report-json", help="also write the report as JSON to this file")
     run.add_argument(
@@ -89,6 +95,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if args.prompt_lookup < 0:
         raise ValueError(f"--prompt-lookup must be >= 0 (0 = off); got {args.prompt_lookup}")
+    if args.compile and args.prompt_lookup:
+        raise ValueError("--compile decodes one token per step; drop --prompt-lookup or --compile")
     if args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 0 (0 = all at once); got {args.prefill_chunk}")
     if args.demo and (args.model or args.gguf_file or args.prompt_file):
@@ -158,6 +166,7 @@ def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: a
     result = run_prompt(
         model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=ranks.is_main(),
         stop_ids=stop_token_ids(model, tokenizer), on_token=TokenPrinter(tokenizer), lookup=args.prompt_lookup,
+        compile=args.compile,
     )
     print(flush=True)
     return result

@@ -43,22 +43,37 @@ def is_enabled(model: torch.nn.Module) -> bool:
 
 
 class _DuoGenerationMixin:
-    """Mixed into an enabled model's class: `generate()` gets a `DuoCache` unless the caller passed a cache."""
+    """Mixed into an enabled model's class: `generate()` gets a `DuoCache` unless the caller passed a cache;
+    `cache_implementation="static"` gives a static one, whose decode steps generate() compiles where
+    `generation_config.compile_config` allows it (transformers' own rule)."""
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         name = cache_argument(self)
-        if model_kwargs.get(name) is None and generation_config.cache_implementation not in (None, "dynamic"):
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get(name) is None and implementation not in (None, "dynamic", "static"):
             raise ValueError(
-                f"duohead: generate(cache_implementation={generation_config.cache_implementation!r}) is not supported: an "
-                "enabled model keeps its own per-head cache (DuoCache: full KV for retrieval heads, sink + window for "
-                "streaming heads); drop cache_implementation, or call duohead.disable(model) first"
+                f"duohead: generate(cache_implementation={implementation!r}) is not supported: an enabled model keeps its "
+                "own per-head cache (DuoCache: full KV for retrieval heads, sink + window for streaming heads); use "
+                "None / 'dynamic', or 'static' (a static DuoCache, for compiled decoding), or call duohead.disable(model) first"
             )
-        wants_default = generation_config.use_cache is not False and generation_config.cache_implementation in (None, "dynamic")
-        if model_kwargs.get(name) is None and wants_default:
+        wanted = generation_config.use_cache is not False and implementation in (None, "dynamic", "static")
+        if model_kwargs.get(name) is None and wanted:
             prepare = super()._prepare_cache_for_generation
             bound = inspect.signature(prepare).bind(generation_config, model_kwargs, *args, **kwargs).arguments
-            model_kwargs[name] = DuoCache.from_model(self, max_length=bound.get("max_cache_length"))
+            max_length = bound.get("max_cache_length")
+            if implementation == "static":
+                max_length = max(max_length, getattr(generation_config, "max_cache_len", None) or 0)
+                model_kwargs[name] = DuoCache.from_model(self, max_length=max_length, static=True)
+                return None  # transformers would refuse a cache together with cache_implementation
+            model_kwargs[name] = DuoCache.from_model(self, max_length=max_length)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def create_masks_for_generate(self, *args, attention_mask=None, inputs_embeds=None, **kwargs):
+        """generate() asks for a prepared mask when the cache is compileable (a static DuoCache): the new tokens'
+        columns of the 2-D mask, so the compiled step sees the same shape every step (the cache keeps the rest)."""
+        if attention_mask is None or attention_mask.ndim != 2:
+            return attention_mask
+        return attention_mask[:, -inputs_embeds.shape[1] :].contiguous()  # a view's stride would change every step
 
     def save_pretrained(self, *args, **kwargs):
         """Save the model as it was before `duohead.enable` (original head order and attention implementation),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from duohead.cache import DuoCache, cache_argument
 from duohead.hook import is_enabled
@@ -78,17 +78,27 @@ def kv_memory(cache) -> dict[str, int]:
 # ------------------------------------------------------------------ prefill and decode
 
 
-def new_cache(model: torch.nn.Module, max_length: int | None = None, rollback: int = 0):
+def new_cache(model: torch.nn.Module, max_length: int | None = None, rollback: int = 0, static: bool = False):
     """An empty cache for `model`: a `DuoCache` (retrieval buffers sized for `max_length` tokens when given; `crop`
-    can take back `rollback` tokens) if duohead is enabled, else a `DynamicCache` (stock full attention)."""
+    can take back `rollback` tokens) if duohead is enabled, else a `DynamicCache` (stock full attention).
+    `static` (needs `max_length`): fixed-shape caches for a compiled decode step, a static `DuoCache` or
+    transformers' `StaticCache`."""
     if is_enabled(model):
-        return DuoCache.from_model(model, max_length=max_length, rollback=rollback)
+        return DuoCache.from_model(model, max_length=max_length, rollback=rollback, static=static)
+    if static:
+        return StaticCache(config=model.config, max_cache_len=max_length)
     return DynamicCache(config=model.config)
 
 
-def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, **kwargs):
-    """One forward with a cache, under the cache argument's name in this transformers release."""
-    return model(input_ids=input_ids, use_cache=True, **{cache_argument(model): cache}, **kwargs)
+def compiled_forward(model: torch.nn.Module) -> Callable:
+    """`model.forward` compiled whole (fullgraph) for fixed shapes: a decode step on a static cache compiles once."""
+    return torch.compile(model.forward, fullgraph=True, dynamic=False)
+
+
+def _forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, forward: Callable | None = None, **kwargs):
+    """One forward with a cache, under the cache argument's name in this transformers release (`forward`: a
+    compiled `model.forward`, or None for the model itself)."""
+    return (forward or model)(input_ids=input_ids, use_cache=True, **{cache_argument(model): cache}, **kwargs)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -154,6 +164,7 @@ def decode(
     on_token: Callable[[int], None] | None = None,
     prompt_ids: torch.Tensor | None = None,
     lookup: int = 0,
+    forward: Callable | None = None,
 ) -> tuple[list[int], list[float], int]:
     """Greedy decoding from the prompt's last logits [1, V]; stops after `max_new_tokens` or at a stop id.
 
@@ -161,7 +172,7 @@ def decode(
     the text so far (`draft_from_context`); the drafts the model agrees with are kept, the rest are cropped from
     the cache (it must allow `crop` of `lookup` tokens). The tokens are exactly those of plain greedy decoding.
     Returns (new token ids, seconds of each forward, draft tokens accepted). The first token comes from
-    `first_logits`; every later one from a timed forward.
+    `first_logits`; every later one from a timed forward, through `forward` (e.g. `compiled_forward(model)`) if given.
     """
     device = first_logits.device
     context = prompt_ids[0].cpu() if prompt_ids is not None else torch.empty(0, dtype=torch.long)
@@ -183,7 +194,7 @@ def decode(
             draft = draft_from_context(torch.cat([context, torch.tensor(tokens)]), min(lookup, max_new_tokens - len(tokens)))
         _sync(device)
         start = time.perf_counter()
-        step_logits = _forward(model, torch.tensor([[token, *draft]], device=device), cache).logits[0]  # [1 + k, V]
+        step_logits = _forward(model, torch.tensor([[token, *draft]], device=device), cache, forward).logits[0]  # [1 + k, V]
         _sync(device)
         step_seconds.append(time.perf_counter() - start)
         predicted = step_logits.argmax(dim=-1).tolist()
@@ -211,13 +222,15 @@ class RunResult:
     memory: dict[str, int]  # kv_memory() after the run
     peak_memory_bytes: int
     peak_memory_kind: str  # "rss" (CPU) or "cuda_allocated"
+    compiled: bool = False  # decode steps ran compiled; the first of them includes the compilation
 
     @property
     def decode_tokens_per_second(self) -> float | None:
         """Tokens per second of decode forwards: every token but the first (which the prefill gives) came from
-        one of them (None without a timed step)."""
-        total = sum(self.decode_step_seconds)
-        return (len(self.tokens) - 1) / total if total > 0 else None
+        one of them (None without a timed step). A compiled run leaves out its first step (the compilation)."""
+        skip = 1 if self.compiled else 0
+        total = sum(self.decode_step_seconds[skip:])
+        return (len(self.tokens) - 1 - skip) / total if total > 0 else None
 
     def report(self) -> dict:
         """A JSON-ready summary (the closing report of `duohead generate`)."""
@@ -231,6 +244,8 @@ class RunResult:
             "kv_memory": dict(self.memory),
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory_kind": self.peak_memory_kind,
+            "compiled": self.compiled,
+            "first_decode_step_seconds": self.decode_step_seconds[0] if self.decode_step_seconds else None,
         }
 
 
@@ -245,15 +260,20 @@ def run_prompt(
     on_token: Callable[[int], None] | None = None,
     cache=None,
     lookup: int = 0,
+    compile: bool = False,
 ) -> RunResult:
     """Prefill input_ids [1, T] (chunked), decode greedily, and measure time, KV bytes and peak memory.
 
     `lookup` > 0 drafts that many tokens per step from the prompt (see `decode`). `cache` defaults to
     `new_cache(model)` sized for the prompt and the new tokens; pass one to inspect it afterwards.
+    `compile`: a static cache and a compiled decode step (`compiled_forward`); the prefill stays eager.
     """
+    if compile and lookup:
+        raise ValueError("compiled decoding takes one token per step; it cannot be combined with prompt lookup")
     device = _device_of(model)
     input_ids = input_ids.to(device)
-    cache = new_cache(model, input_ids.shape[1] + max_new_tokens, rollback=lookup) if cache is None else cache
+    if cache is None:
+        cache = new_cache(model, input_ids.shape[1] + max_new_tokens, rollback=lookup, static=compile)
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
@@ -261,7 +281,8 @@ def run_prompt(
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     tokens, steps, accepted = decode(
-        model, cache, logits, max_new_tokens, stop_ids=stop_ids, on_token=on_token, prompt_ids=input_ids, lookup=lookup
+        model, cache, logits, max_new_tokens, stop_ids=stop_ids, on_token=on_token, prompt_ids=input_ids, lookup=lookup,
+        forward=compiled_forward(model) if compile else None,
     )
     return RunResult(
         tokens=tokens,
@@ -272,4 +293,5 @@ def run_prompt(
         memory=kv_memory(cache),
         peak_memory_bytes=peak_memory_bytes(device),
         peak_memory_kind="cuda_allocated" if device.type == "cuda" else "rss",
+        compiled=compile,
     )
