@@ -102,7 +102,7 @@ def test_padding_and_cache_follow_the_layers_device(monkeypatch):
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, :4] = 0
     padding = duohead_mask(2, 10, 10, attention_mask=mask)  # on the CPU, where the mask was made
-    assert padding.query_pos.device.type == "cpu"
+    assert padding.query_is_real.device.type == "cpu"
     query = torch.empty(2, 4, 10, 16, device="meta")
     keys = torch.empty(2, 2, 10, 16, device="meta")
     layer = DuoCacheLayer(1, SINK, WINDOW)

@@ -143,11 +143,12 @@ def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):
     assert out.past_key_values.layers[0].dtype == torch.bfloat16
 
 
-def test_static_cache_is_refused_with_the_reason(tiny_model_dir, tiny_pattern_file):
+def test_other_cache_implementations_are_refused_with_the_reason(tiny_model_dir, tiny_pattern_file):
+    """"static" gives a static DuoCache (tests/test_compile.py); any other implementation is refused."""
     model = duohead.from_pretrained(tiny_model_dir, tiny_pattern_file)
     ids = torch.tensor([[5, 6, 7, 8]])
-    with pytest.raises(ValueError, match=r"cache_implementation='static'\) is not supported: an enabled model keeps its own"):
-        model.generate(ids, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(ValueError, match=r"cache_implementation='offloaded'\) is not supported: an enabled model keeps its own"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="offloaded")
 
 
 @pytest.mark.parametrize("as_dict", [True, False])

@@ -51,7 +51,7 @@ def _meta_cache(layouts: list[LayerLayout], kv_heads: int, tokens: int, head_dim
     (shapes only: 128K tokens of an 8B model allocate nothing)."""
     cache = DuoCache(layouts, max_length=tokens)
     for layer in cache.layers:
-        states = torch.empty(1, kv_heads, 1, head_dim, dtype=dtype, device="meta")
+        states = torch.empty(1, kv_heads, tokens, head_dim, dtype=dtype, device="meta")  # past S + W: split at once
         layer.lazy_initialization(states, states)
         layer.seen = tokens  # what the attention leaves after `tokens` tokens
     return cache
