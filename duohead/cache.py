@@ -264,7 +264,8 @@ class DuoCacheLayer(CacheLayerMixin):
         shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
         if self.unsplit is not None:  # every head holds its T tokens, as with full attention
             held = kv_bytes(self.num_kv_heads, 0, seen, 0, *shape)
-            return {**held, "reserved_bytes": kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]}
+            reserved = kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]
+            return {**held, "reserved_bytes": reserved}
         hs = self.num_kv_heads - self.num_retrieval_heads
         slots = self.sink + self.streaming.ring_k.shape[2] if self.streaming else 0
         held = kv_bytes(self.num_retrieval_heads, hs, seen, slots, *shape)
