@@ -169,12 +169,9 @@ def duohead_attention(
         if layer.streaming is not None:
             s = layer.streaming
             k_s, v_s = new_k[:, hr:], new_v[:, hr:]
-            kernels.streaming_attention(
-                query[:, split:], k_s, v_s, q_pos,
-                s.sink_k, s.sink_v, s.sink_pos, s.ring_k, s.ring_v, s.ring_pos,
-                layer.sink, layer.window, scaling, out=by_head[:, split:],
+            kernels.streaming_attention_and_append(  # attend, then store (one launch at decode with Triton)
+                query[:, split:], k_s, v_s, q_pos, *s.tensors(), layer.sink, layer.window, scaling, out=by_head[:, split:]
             )
-            s.append(k_s, v_s, q_pos)
     if layer.static:
         layer.seen.add_(q_len)
     else:

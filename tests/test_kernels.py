@@ -161,6 +161,36 @@ def test_triton_append_stores_what_the_reference_stores(sink, window, chunks, pa
 
 
 @runs_kernel
+@pytest.mark.parametrize("fn", ["append", "attention_and_append"])
+def test_append_reads_each_rows_positions_through_their_strides(fn):
+    """A decode step's positions arrive as a [B, 1] view with a row stride (the attention slices them out of the
+    mask's [B, T]); here every other element in memory holds a far larger number. Each row must read its own
+    position (the kernel once read element b of the view as if unit-stride: row 1 saw 10**6 and skipped its write).
+    Left-padded batch of 3 (rows of different lengths), ring wrapped."""
+    gen = torch.Generator().manual_seed(11)
+    batch, sink, ring = 3, 2, 8
+    seen = [0] * batch
+    ours = theirs = None
+    for i, q_len in enumerate([13, 1, 1, 1]):
+        k, v = (torch.randn(batch, 2, q_len, 16, generator=gen).to(DEVICE) for _ in range(2))
+        pos = make_positions(q_len, [0, 4, 9] if i == 0 else [0] * batch, seen).to(DEVICE)
+        if q_len == 1:
+            wide = torch.full((batch, 4), 10**6, dtype=torch.long, device=DEVICE)
+            wide[:, :1] = pos
+            pos = wide[:, :1]  # strides (4, 1)
+        if ours is None:
+            ours, theirs = StreamingKV(k, sink, ring), StreamingKV(k, sink, ring)
+        if fn == "append":
+            triton_streaming.streaming_append(k, v, pos, *ours.tensors())
+        else:
+            q = torch.randn(batch, 4, q_len, 16, generator=gen).to(DEVICE)
+            triton_streaming.streaming_attention_and_append(q, k, v, pos, *ours.tensors(), sink, ring, 0.25)
+        reference.streaming_append(k, v, pos, *theirs.tensors())
+        for name, a, b in zip(("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"), ours.tensors(), theirs.tensors()):
+            assert torch.equal(a, b), (i, name)
+
+
+@runs_kernel
 def test_right_padding_and_empty_rows_give_zeros():
     """Right padding, and a row that is all padding in one chunk: padding queries output exactly 0."""
     runs = list(run_chunks(2, 64, 1, 16, [12], [4, 12, 0], torch.float32, right=True))

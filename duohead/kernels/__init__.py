@@ -166,18 +166,32 @@ def retrieval_attention(
     return reference.retrieval_attention(q, k, v, key_is_real, scaling)  # SDPA (flash / memory-efficient on CUDA)
 
 
-def _streaming_module(device: torch.device) -> ModuleType:
+_FP32_ON_CUDA = (
+    "fp32 streaming heads on CUDA run the torch reference: the Triton kernel's fp32 tiles spill registers "
+    "(a static read of the compiled kernel: 7.9 KB of stack in decode, 21 KB in prefill); use bf16/fp16 for Triton"
+)
+
+
+def _streaming_module(device: torch.device, dtype: torch.dtype) -> ModuleType:
     """Where streaming heads run: `triton_streaming` (CUDA with triton under "auto"; forced "triton"/"flashinfer"),
-    else `reference`."""
+    else `reference`. fp32 on CUDA always runs the reference (`_FP32_ON_CUDA`), logged once."""
     backend = get_backend()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _has("triton") else "torch"
     if backend == "torch":
         return reference
     _require(backend, device)
+    if device.type == "cuda" and dtype == torch.float32:
+        _warn_once(_FP32_ON_CUDA)
+        return reference
     from duohead.kernels import triton_streaming
 
     return triton_streaming
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning("duohead: %s", message)
 
 
 def streaming_attention(
@@ -203,7 +217,7 @@ def streaming_attention(
     or None. -> out, or a new [B, Hq, Q, D] tensor. See `duohead.kernels.reference.streaming_attention`.
     """
     args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling)
-    return _streaming_module(q.device).streaming_attention(*args, out=out)
+    return _streaming_module(q.device, q.dtype).streaming_attention(*args, out=out)
 
 
 def streaming_append(
@@ -220,7 +234,38 @@ def streaming_append(
     """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""
-    _streaming_module(keys.device).streaming_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    _streaming_module(keys.device, keys.dtype).streaming_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+
+
+def streaming_attention_and_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attend, then store: `streaming_attention` of the new tokens, then `streaming_append` of their keys/values.
+
+    Shapes as in `streaming_attention`. -> out, or a new [B, Hq, Q, D] tensor. With Triton, a decode step (Q = 1)
+    is one fused launch (split over keys, plus a combine, when B * Hkv programs leave the GPU idle); the
+    reference (and Triton for Q > 1) runs the two calls.
+    """
+    module = _streaming_module(q.device, q.dtype)
+    cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    if module is reference:
+        out = reference.streaming_attention(q, k, v, q_pos, *cache, sink, window, scaling, out=out)
+        reference.streaming_append(k, v, q_pos, *cache)
+        return out
+    return module.streaming_attention_and_append(q, k, v, q_pos, *cache, sink, window, scaling, out=out)
 
 
 __all__ = [
@@ -232,5 +277,6 @@ __all__ = [
     "set_backend",
     "streaming_append",
     "streaming_attention",
+    "streaming_attention_and_append",
     "use_backend",
 ]

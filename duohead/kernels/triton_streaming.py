@@ -25,6 +25,7 @@ sink ∪ window are never loaded: the work is O(Q * (S + W)).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,13 +40,14 @@ def _attend_range(
     acc, m_i, l_i, q, q_pos,
     k_base, v_base, pos_base, stride_kt, stride_vt, stride_pt,
     start, end, sink, window, qk_scale,
-    offs_d, d_mask,
+    offs_d, d_mask, skip,
     BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2)."""
+    """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
+    Slot `skip` (-1: none) is neither loaded nor seen."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
+        n_mask = (offs_n < end) & (offs_n != skip)
         k_pos = tl.load(pos_base + offs_n * stride_pt, mask=n_mask, other=-1)
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         if IEEE_DOT:
@@ -128,13 +130,13 @@ def _streaming_attention_kernel(
         acc, m_i, l_i, q, q_pos,
         SinkK + b * stride_skb + h * stride_skh, SinkV + b * stride_svb + h * stride_svh, SinkPos + b * stride_spb,
         stride_skt, stride_svt, stride_spt, 0, sink_end.to(tl.int32), sink, window, qk_scale,
-        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+        offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, q_pos,
         RingK + b * stride_rkb + h * stride_rkh, RingV + b * stride_rvb + h * stride_rvh, RingPos + b * stride_rpb,
         stride_rkt, stride_rvt, stride_rpt, 0, ring_end.to(tl.int32), sink, window, qk_scale,
-        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+        offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
     new_k = K + b * stride_kb + h * stride_kh
     new_v = V + b * stride_vb + h * stride_vh
@@ -142,12 +144,12 @@ def _streaming_attention_kernel(
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, q_pos, new_k, new_v, new_pos, stride_kt, stride_vt, stride_pt,
         new_sink_start.to(tl.int32), new_sink_end.to(tl.int32), sink, window, qk_scale,
-        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+        offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, q_pos, new_k, new_v, new_pos, stride_kt, stride_vt, stride_pt,
         new_win_start.to(tl.int32), new_win_end.to(tl.int32), sink, window, qk_scale,
-        offs_d, d_mask, BLOCK_N, IEEE_DOT,
+        offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a row that saw nothing has acc = 0
@@ -207,18 +209,28 @@ def streaming_attention(
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D], sink_pos [B, S];
     ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]; out [B, Hq, Q, D] or None (allocated).
-    -> [B, Hq, Q, D]. Semantics of `duohead.kernels.reference.streaming_attention`; one launch.
+    -> [B, Hq, Q, D]. Semantics of `duohead.kernels.reference.streaming_attention`; one launch
+    (under torch.compile: the op duohead::streaming_attention).
     """
-    batch, num_q_heads, q_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
     if out is None:
         out = q.new_empty(q.shape)
-    if num_q_heads == 0 or q_len == 0 or batch == 0:
-        return out
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
     if out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
+    args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    if torch.compiler.is_compiling():
+        torch.ops.duohead.streaming_attention(*args, out, sink, window, scaling)
+    else:
+        _launch_attention(*args, sink, window, scaling, out)
+    return out
+
+
+def _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out) -> None:
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_q_heads == 0 or q_len == 0 or batch == 0:
+        return
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
     q, k, v, sink_k, sink_v, ring_k, ring_v = map(_last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
     group = num_q_heads // num_kv_heads
     cfg = launch_config(group, q_len, head_dim)
@@ -231,7 +243,6 @@ def streaming_attention(
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=1 if q.dtype == torch.float32 else 2,
     )
-    return out
 
 
 @triton.jit
@@ -246,6 +257,7 @@ def _streaming_append_kernel(
     stride_rkb, stride_rkh, stride_rkt,
     stride_rvb, stride_rvh, stride_rvt,
     stride_rpb, stride_rpt,
+    stride_nb,
     num_kv_heads, q_len, sink_slots, ring_slots,
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -258,7 +270,7 @@ def _streaming_append_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     p = tl.load(Pos + b * stride_pb + t * stride_pt, mask=t < q_len, other=-1)
-    newest = tl.load(Newest + b)
+    newest = tl.load(Newest + b * stride_nb)  # a strided view when it is pos[:, 0]
     to_sink = (p >= 0) & (p < sink_slots)
     to_ring = (p >= sink_slots) & (p > newest - ring_slots)  # the last R real tokens: no ring slot is written twice
     sink_slot = tl.where(to_sink, p, 0)
@@ -291,8 +303,16 @@ def streaming_append(
     """Store new tokens in the streaming cache, in place: semantics of `duohead.kernels.reference.streaming_append`.
 
     keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding); the cache tensors as in
-    `streaming_attention` (last dims contiguous). One launch (plus a row-wise max for Q > 1), no host sync.
+    `streaming_attention` (last dims contiguous). One launch (plus a row-wise max for Q > 1), no host sync
+    (under torch.compile: the op duohead::streaming_append).
     """
+    if torch.compiler.is_compiling():
+        torch.ops.duohead.streaming_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    else:
+        _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+
+
+def _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos) -> None:
     batch, num_kv_heads, q_len, head_dim = keys.shape
     if batch == 0 or num_kv_heads == 0 or q_len == 0:
         return
@@ -304,7 +324,317 @@ def streaming_append(
     grid = (triton.cdiv(q_len, block_t), batch * num_kv_heads)
     _streaming_append_kernel[grid](
         keys, values, pos, newest, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos,
-        *_strides(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos),
+        *_strides(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), newest.stride(0),
         num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2],
         BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
     )
+
+
+# ---- decode: attention and cache write in one launch, split over keys ----
+
+
+@triton.jit
+def _streaming_decode_kernel(
+    Q, K, V, QPos, SinkK, SinkV, SinkPos, RingK, RingV, RingPos, Out, PartAcc, PartML,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh,
+    stride_vb, stride_vh,
+    stride_pb,
+    stride_skb, stride_skh, stride_skt,
+    stride_svb, stride_svh, stride_svt,
+    stride_spb, stride_spt,
+    stride_rkb, stride_rkh, stride_rkt,
+    stride_rvb, stride_rvh, stride_rvt,
+    stride_rpb, stride_rpt,
+    stride_ob, stride_oh,
+    num_kv_heads, sink_slots, ring_slots, sink, window, qk_scale, keys_per_split,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Grid (SPLITS, B * Hkv). Program (s, b, h) attends the G query heads of KV head h over keys
+    [s * keys_per_split, (s + 1) * keys_per_split) of the sequence sink slots | ring slots | the new token, and split 0
+    stores the new token's key/value (and, for h = 0, its position) in the slot it takes. That slot's old content
+    is never visible (a ring slot holds position p - R with R >= W; a sink slot p is empty), so every program skips
+    it and the write races with no reader. SPLITS = 1 writes Out; else partial (acc, m, l) for the combine."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_head = h * GROUP + rows
+
+    p = tl.load(QPos + b * stride_pb)  # the new token's real position (-1: padding)
+    real = p >= 0
+    q_pos = tl.zeros([ROWS], dtype=tl.int64) + p
+    q = tl.load(Q + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    sink_slot = tl.where(real & (p < sink_slots), p, -1)  # where the new token goes; -1: not there
+    ring_slot = tl.where(real & (p >= sink_slots), (p - sink_slots) % tl.maximum(ring_slots, 1), -1)
+
+    n_keys = tl.where(real, sink_slots + ring_slots + 1, 0)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos,
+        SinkK + b * stride_skb + h * stride_skh, SinkV + b * stride_svb + h * stride_svh, SinkPos + b * stride_spb,
+        stride_skt, stride_svt, stride_spt,
+        tl.minimum(lo, sink_slots).to(tl.int32), tl.maximum(tl.minimum(hi, sink_slots), 0).to(tl.int32),
+        sink, window, qk_scale, offs_d, d_mask, sink_slot, BLOCK_N, IEEE_DOT,
+    )
+    ring_lo = tl.minimum(tl.maximum(lo - sink_slots, 0), ring_slots)
+    ring_hi = tl.minimum(tl.maximum(hi - sink_slots, 0), ring_slots)
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos,
+        RingK + b * stride_rkb + h * stride_rkh, RingV + b * stride_rvb + h * stride_rvh, RingPos + b * stride_rpb,
+        stride_rkt, stride_rvt, stride_rpt, ring_lo.to(tl.int32), ring_hi.to(tl.int32),
+        sink, window, qk_scale, offs_d, d_mask, ring_slot, BLOCK_N, IEEE_DOT,
+    )
+    new_k = K + b * stride_kb + h * stride_kh
+    new_v = V + b * stride_vb + h * stride_vh
+    self_slot = sink_slots + ring_slots
+    has_self = (lo <= self_slot) & (self_slot < hi)
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, q_pos, new_k, new_v, QPos + b * stride_pb, 0, 0, 0,
+        0, tl.where(has_self, 1, 0).to(tl.int32), sink, window, qk_scale, offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
+    )
+
+    if SPLITS == 1:
+        out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding token saw nothing: acc = 0
+        o_ptrs = Out + b * stride_ob + q_head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    else:
+        part = pid_bh.to(tl.int64) * SPLITS + pid_s
+        tl.store(PartAcc + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
+        tl.store(PartML + (part * 2) * ROWS + rows, m_i)
+        tl.store(PartML + (part * 2 + 1) * ROWS + rows, l_i)
+
+    if pid_s == 0:  # the cache write: after this program's reads; other programs skip the slot
+        p_d = tl.zeros([BLOCK_D], dtype=tl.int64) + p  # the scalars as vectors over D: masks of one shape
+        sink_d = d_mask & (p_d >= 0) & (p_d < sink_slots)
+        ring_d = d_mask & (p_d >= sink_slots)
+        kv = tl.load(new_k + offs_d, mask=sink_d | ring_d, other=0.0)
+        vv = tl.load(new_v + offs_d, mask=sink_d | ring_d, other=0.0)
+        tl.store(SinkK + b * stride_skb + h * stride_skh + sink_slot * stride_skt + offs_d, kv, mask=sink_d)
+        tl.store(SinkV + b * stride_svb + h * stride_svh + sink_slot * stride_svt + offs_d, vv, mask=sink_d)
+        tl.store(RingK + b * stride_rkb + h * stride_rkh + ring_slot * stride_rkt + offs_d, kv, mask=ring_d)
+        tl.store(RingV + b * stride_rvb + h * stride_rvh + ring_slot * stride_rvt + offs_d, vv, mask=ring_d)
+        if h == 0:  # positions are per row, shared by the heads; one lane writes
+            first = offs_d == 0
+            tl.store(SinkPos + b * stride_spb + sink_slot * stride_spt + offs_d * 0, p_d, mask=first & sink_d)
+            tl.store(RingPos + b * stride_rpb + ring_slot * stride_rpt + offs_d * 0, p_d, mask=first & ring_d)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PartAcc, PartML, Out, stride_ob, stride_oh, num_kv_heads,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Grid (B * Hkv): merge the SPLITS partial softmax states of one KV head's G query heads and write Out."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for s in range(SPLITS):
+        part = pid_bh.to(tl.int64) * SPLITS + s
+        m_s = tl.load(PartML + (part * 2) * ROWS + rows)
+        l_s = tl.load(PartML + (part * 2 + 1) * ROWS + rows)
+        acc_s = tl.load(PartAcc + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    q_head = h * GROUP + rows
+    o_ptrs = Out + b * stride_ob + q_head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """Programs that fill the device: its SM count on CUDA; 4 under the CPU interpreter (so tests split)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def decode_splits(rows: int, keys: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) for a decode over `keys` keys with B * Hkv = `rows` programs per split: enough splits
+    for about two programs per SM, each at least one key tile; a multiple of BLOCK_N keys per split."""
+    tiles = triton.cdiv(keys, block_n)
+    wanted = max(1, min(tiles, triton.cdiv(2 * _multiprocessors(device), max(rows, 1))))
+    per_split = triton.cdiv(tiles, wanted) * block_n
+    return triton.cdiv(keys, per_split), per_split
+
+
+def streaming_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+    out: torch.Tensor,
+    splits: int | None = None,
+) -> None:
+    """One decode step of the streaming heads: Λ attention of one new token per row over the cache and itself,
+    then its key/value stored in the cache, in place; writes out.
+
+    q, out [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; q_pos [B, 1] (any strides); the cache tensors as in
+    `streaming_attention`. Semantics of `reference.streaming_attention` then `reference.streaming_append`.
+    One launch when B * Hkv programs fill the GPU, else the keys are split (`splits`: None = by device) and a
+    second small launch combines the splits. No host sync.
+    """
+    batch, num_q_heads, _, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if batch == 0 or num_kv_heads == 0:
+        return
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    q, k, v, sink_k, sink_v, ring_k, ring_v = map(_last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
+    group = num_q_heads // num_kv_heads
+    rows, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
+    block_n = 16 if _interpreted() else 64
+    keys = sink_k.shape[2] + ring_k.shape[2] + 1
+    if splits is None:
+        splits, per_split = decode_splits(batch * num_kv_heads, keys, block_n, q.device)
+    else:
+        per_split = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n
+        splits = triton.cdiv(keys, per_split)
+    part_acc = part_ml = out  # unused placeholders when not split
+    if splits > 1:
+        part_acc = torch.empty(batch * num_kv_heads * splits * rows * block_d, device=q.device, dtype=torch.float32)
+        part_ml = torch.empty(batch * num_kv_heads * splits * 2 * rows, device=q.device, dtype=torch.float32)
+    _streaming_decode_kernel[(splits, batch * num_kv_heads)](
+        q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out, part_acc, part_ml,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_pos.stride(0),
+        *_strides(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out.stride(0), out.stride(1),
+        num_kv_heads, sink_k.shape[2], ring_k.shape[2], sink, window, scaling * 1.4426950408889634, per_split,
+        GROUP=group, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits,
+        IEEE_DOT=q.dtype == torch.float32, num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2,
+    )
+    if splits > 1:
+        _combine_splits_kernel[(batch * num_kv_heads,)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), num_kv_heads,
+            GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, num_warps=4,
+        )
+
+
+def streaming_attention_and_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    sink_pos: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`streaming_attention` then `streaming_append` of the same new tokens: q, out [B, Hq, Q, D]; k, v
+    [B, Hkv, Q, D]; q_pos [B, Q]; the cache as in `streaming_attention`. -> out (allocated if None).
+    Decode (Q = 1) is one fused launch (`streaming_decode`); longer chunks are the two launches."""
+    if out is None:
+        out = q.new_empty(q.shape)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
+    cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    if q.shape[2] == 1:
+        if torch.compiler.is_compiling():
+            torch.ops.duohead.streaming_decode(q, k, v, q_pos, *cache, out, sink, window, scaling)
+        else:
+            streaming_decode(q, k, v, q_pos, *cache, sink, window, scaling, out)
+        return out
+    streaming_attention(q, k, v, q_pos, *cache, sink, window, scaling, out=out)
+    streaming_append(k, v, q_pos, *cache)
+    return out
+
+
+# ---- torch.library ops: what torch.compile traces (opaque to it; their fakes check shapes and write nothing) ----
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("duohead::streaming_attention", mutates_args=("out",))
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
+    ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor, out: Tensor, sink: int, window: int, scaling: float,
+) -> None:
+    _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out)
+
+
+@torch.library.custom_op("duohead::streaming_append", mutates_args=("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"))
+def _append_op(
+    keys: Tensor, values: Tensor, pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
+    ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor,
+) -> None:
+    _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+
+
+@torch.library.custom_op(
+    "duohead::streaming_decode", mutates_args=("out", "sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
+)
+def _decode_op(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
+    ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor, out: Tensor, sink: int, window: int, scaling: float,
+) -> None:
+    streaming_decode(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out)
+
+
+def check_shapes(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: tuple[Tensor, ...], out: Tensor | None) -> None:
+    """Raise ValueError unless q, out [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D],
+    sink_pos [B, S]; ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W] agree (the ops' fake implementations)."""
+    sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos = cache
+    batch, heads, q_len, head_dim = k.shape
+    expected = {
+        "v": (v.shape, k.shape), "q_pos": (q_pos.shape, (batch, q_len)),
+        "sink_v": (sink_v.shape, sink_k.shape), "ring_v": (ring_v.shape, ring_k.shape),
+        "sink_k": (sink_k.shape[:2] + sink_k.shape[3:], (batch, heads, head_dim)),
+        "ring_k": (ring_k.shape[:2] + ring_k.shape[3:], (batch, heads, head_dim)),
+        "sink_pos": (sink_pos.shape, (batch, sink_k.shape[2])), "ring_pos": (ring_pos.shape, (batch, ring_k.shape[2])),
+    }
+    if q is not None:
+        expected["q"] = ((q.shape[0], q.shape[2], q.shape[3]), (batch, q_len, head_dim))
+        if out is not None:
+            expected["out"] = (out.shape, q.shape)
+    for name, (got, want) in expected.items():
+        if tuple(got) != tuple(want):
+            raise ValueError(f"duohead streaming op: {name} has shape {list(got)}; expected {list(want)}")
+
+
+@_attention_op.register_fake
+def _(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out, sink, window, scaling) -> None:
+    check_shapes(q, k, v, q_pos, (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out)
+
+
+@_append_op.register_fake
+def _(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos) -> None:
+    check_shapes(None, keys, values, pos, (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), None)
+
+
+@_decode_op.register_fake
+def _(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out, sink, window, scaling) -> None:
+    check_shapes(q, k, v, q_pos, (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out)
+    if q.shape[2] != 1:
+        raise ValueError(f"duohead::streaming_decode takes one new token per row; got Q = {q.shape[2]}")
