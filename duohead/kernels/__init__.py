@@ -99,6 +99,7 @@ def interpreter_problem() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decided once at trace time, never traced into
 def _triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA, or on the CPU in interpreter mode (TRITON_INTERPRET=1 before triton is imported)."""
     if not _has("triton"):
