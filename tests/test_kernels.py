@@ -258,7 +258,7 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
     from triton.compiler import ASTSource
 
     def build(kernel, dtype: str, constexprs: dict, num_warps: int) -> None:
-        pointers = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64"}
+        pointers = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64", "PartAcc": "*fp32", "PartML": "*fp32"}
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -282,6 +282,11 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
         build(triton_streaming._streaming_attention_kernel, dtype, constexprs, cfg["num_warps"])
         block_t = min(64, triton.next_power_of_2(q_len))
         build(triton_streaming._streaming_append_kernel, dtype, dict(BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"]), 4)
+        rows = max(16, triton.next_power_of_2(group))
+        for splits in (1, 4):  # the fused decode, unsplit and split (+ its combine)
+            build(triton_streaming._streaming_decode_kernel, dtype, dict(GROUP=group, ROWS=rows, BLOCK_N=64, HEAD_DIM=head_dim,
+                  BLOCK_D=cfg["BLOCK_D"], SPLITS=splits, IEEE_DOT=dtype == "fp32"), 4)
+        build(triton_streaming._combine_splits_kernel, dtype, dict(GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS=4), 4)
 
 
 def test_kernel_compiles_for_hopper():
