@@ -4,8 +4,8 @@ Cache states are built the way `DuoCache` builds them: earlier chunks go through
 rings have wrapped and rows of different lengths (left padding, q_pos = -1) share one batch.
 
 The oracle is the Λ rule applied densely (`lambda_visible` + `masked_attention` over cache and new tokens);
-`reference.streaming_attention` is checked too on chunks without padding (with padding it counts a short row's
-last token twice when the row has fewer real tokens than min(sink, Q); reported to the lead).
+`reference.streaming_attention` is checked against it on every chunk too, padded ones included (left and right
+padding, in the first chunk and in later chunks over a filled cache).
 """
 
 from __future__ import annotations
@@ -37,11 +37,16 @@ def make_positions(chunk: int, pads: list[int], seen: list[int], right: bool = F
     from `seen[b]` real tokens; `seen` is advanced in place."""
     pos = torch.full((len(pads), chunk), -1, dtype=torch.long)
     for b, pad in enumerate(pads):
-        n = chunk - pad
-        cols = slice(0, n) if right else slice(pad, chunk)
+        n = max(chunk - pad, 0)  # a pad as long as the chunk: the row is all padding in it
+        cols = slice(0, n) if right else slice(chunk - n, chunk)
         pos[b, cols] = torch.arange(seen[b], seen[b] + n)
         seen[b] += n
     return pos
+
+
+def fp32(tensors):
+    """Floating tensors in float32 (the oracle's precision), others unchanged."""
+    return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 def dense_oracle(q, k, v, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling):
@@ -53,9 +58,9 @@ def dense_oracle(q, k, v, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_po
     return masked_attention(q, keys, values, visible, scaling)
 
 
-def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=False, seed=0, rollback=0):
-    """Feed `chunks` new-token counts through both implementations; yield (kernel, reference, q_pos) per chunk.
-    `pads` gives the first chunk's padding per row (later chunks are unpadded)."""
+def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=False, seed=0, rollback=0, later_pads=None):
+    """Feed `chunks` new-token counts through both implementations; yield (kernel, oracle, q_pos) per chunk.
+    `pads` gives the first chunk's padding per row, `later_pads` (default none) every later chunk's."""
     gen = torch.Generator().manual_seed(seed)
     batch, num_kv_heads = len(pads), 2
     cache, seen = None, [0] * batch
@@ -63,13 +68,13 @@ def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=Fals
         shape = (batch, num_kv_heads, q_len, head_dim)
         q = torch.randn(batch, num_kv_heads * group, q_len, head_dim, generator=gen).to(DEVICE, dtype)
         k, v = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
-        pos = make_positions(q_len, pads if i == 0 else [0] * batch, seen, right).to(DEVICE)
+        pos = make_positions(q_len, pads if i == 0 else (later_pads or [0] * batch), seen, right).to(DEVICE)
         if cache is None:
             cache = StreamingKV(k, sink, window, rollback)
         args = (q, k, v, pos, *cache.tensors()[:3], *cache.tensors()[3:], sink, window, head_dim**-0.5)
-        expected = dense_oracle(*args)
-        if bool((pos >= 0).all()):
-            torch.testing.assert_close(reference.streaming_attention(*args).float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        expected = dense_oracle(*fp32(args))
+        reference_out = reference.streaming_attention(*fp32(args[:10]), *args[10:])
+        torch.testing.assert_close(reference_out, expected, atol=TOL[torch.float32], rtol=TOL[torch.float32])
         out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
         got = triton_streaming.streaming_attention(*args, out=out)
         assert got.data_ptr() == out.data_ptr()
@@ -98,6 +103,27 @@ CASES = [
 def test_triton_streaming_matches_reference(group, head_dim, sink, window, chunks, pads, dtype):
     for got, expected, _ in run_chunks(group, head_dim, sink, window, chunks, pads, dtype):
         torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@runs_kernel
+@pytest.mark.parametrize("right", [False, True])
+def test_padding_in_later_chunks_over_a_filled_cache(right):
+    """Every chunk padded (left or right, rows padded differently, a row with fewer real tokens than the sink in
+    its first chunk): the reference and the kernel both equal the oracle, chunk after chunk."""
+    chunks, pads, later = [6, 9, 5, 1], [0, 4, 5], [2, 0, 3]
+    for got, expected, pos in run_chunks(2, 64, 4, 8, chunks, pads, torch.float32, right=right, later_pads=later):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+        assert bool((got[(pos < 0)[:, None, :, None].expand_as(got)] == 0).all())
+
+
+BF16_CASES = [(4, 128, 4, 64, [300, 77, 1, 1], [0, 5]), (8, 64, 1, 16, [40, 1], [3, 0]), (1, 128, 0, 16, [33, 2], [0, 0])]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 Triton runs only on CUDA: the interpreter's bf16 tl.dot is wrong, and this machine has no GPU")
+@pytest.mark.parametrize("group,head_dim,sink,window,chunks,pads", BF16_CASES)
+def test_triton_streaming_in_bf16(group, head_dim, sink, window, chunks, pads):
+    for got, expected, _ in run_chunks(group, head_dim, sink, window, chunks, pads, torch.bfloat16):
+        torch.testing.assert_close(got.float(), expected.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
 
 
 @runs_kernel

@@ -64,7 +64,7 @@ def decode_steps(group, head_dim, sink, window, prefill, steps, dtype, *, rollba
 # (group, head_dim, sink, window, prefill, steps, rollback, splits, dtype)
 CASES = [
     (1, 64, 4, 16, 3, 4, 0, None, torch.float32),  # T below sink: the new tokens go to the sink
-    (4, 64, 4, 16, 40, 3, 0, None, torch.float32),  # ring wrapped, split by device (4 "SMs" on the interpreter)
+    (4, 64, 4, 16, 40, 3, 0, None, torch.float32),  # ring wrapped, splits chosen by the device (none on the interpreter)
     (2, 128, 0, 16, 30, 3, 0, 2, torch.float16),  # no sink, two splits
     (8, 64, 1, 1, 9, 3, 0, 1, torch.float32),  # window 1, one split: the fused path without a combine
     (3, 80, 2, 16, 25, 3, 5, 3, torch.float32),  # odd G and D, a ring with rollback slots hidden by the window

@@ -89,20 +89,34 @@ def test_flashinfer_matches_reference(group, head_dim, chunks):
 
 
 class FakePagedWrapper:
-    """A CPU stand-in for FlashInfer's paged wrappers with their semantics (HND pages, bottom-right causal),
-    to test duohead's glue: argument order, page indices, output layout and one plan per step."""
+    """A CPU stand-in for FlashInfer's paged wrappers with their documented semantics (HND pages, bottom-right causal;
+    decode in CUDA-graph mode: fixed buffers, indptr [B + 1] and last_page_len [B] fix the batch size, the index
+    buffer must hold every page index of a plan), to test duohead's glue: argument order, page indices, output
+    layout, one plan per step, bounded wrapper cache."""
 
     plans: list[tuple] = []
+    created = 0
 
     def __init__(self, workspace, kv_layout, **kwargs):
         assert kv_layout == "HND"
         self.decode = "use_tensor_cores" in kwargs
+        if self.decode:
+            assert kwargs["use_cuda_graph"] is True
+            self.buffers = kwargs["paged_kv_indptr_buffer"], kwargs["paged_kv_indices_buffer"], kwargs["paged_kv_last_page_len_buffer"]
+            assert len(self.buffers[0]) == len(self.buffers[2]) + 1
+        FakePagedWrapper.created += 1
 
     def plan(self, *args, **kwargs):
         if self.decode:
             args = (None, *args)  # no qo_indptr: one query per row
         self.qo_indptr, self.indptr, self.indices, self.last, self.num_q_heads, self.num_kv_heads, self.head_dim, self.page = args
         self.scale = kwargs["sm_scale"]
+        if self.decode:  # FlashInfer copies the plan into the fixed buffers; they must fit
+            indptr_buf, indices_buf, last_buf = self.buffers
+            assert len(self.indptr) == len(indptr_buf) and len(self.indices) <= len(indices_buf)
+            indptr_buf.copy_(self.indptr)
+            indices_buf[: len(self.indices)] = self.indices
+            last_buf.copy_(self.last)
         FakePagedWrapper.plans.append((self.decode, int(self.last[0]), len(self.indices)))
 
     def run(self, q, paged_kv, out):
@@ -118,23 +132,56 @@ class FakePagedWrapper:
         return out
 
 
-def test_flashinfer_glue_with_a_fake_flashinfer(monkeypatch):
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
     import types
 
     fake = types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=FakePagedWrapper, BatchPrefillWithPagedKVCacheWrapper=FakePagedWrapper)
     monkeypatch.setitem(sys.modules, "flashinfer", fake)
     monkeypatch.setattr(flashinfer_retrieval, "supports", lambda *a: True)
-    monkeypatch.setattr(flashinfer_retrieval, "_wrappers", {})
-    FakePagedWrapper.plans = []
+    monkeypatch.setattr(flashinfer_retrieval, "_wrappers", flashinfer_retrieval.OrderedDict())
+    FakePagedWrapper.plans, FakePagedWrapper.created = [], 0
+
+
+def test_flashinfer_glue_with_a_fake_flashinfer(fake_flashinfer):
     gen = torch.Generator().manual_seed(5)
     layers = [RetrievalKV.empty(torch.empty(2, 2, 1, 16), capacity=320) for _ in range(3)]
-    for step, q_len in enumerate([300, 7, 1, 1]):  # prefill, chunked prefill, two decode steps
+    for q_len in [300, 7, 1, 1]:  # prefill, chunked prefill, two decode steps
         for cache in layers:
             k, v = (torch.randn(2, 2, q_len, 16, generator=gen) for _ in range(2))
             keys, values = cache.append(k, v)
             q = torch.randn(2, 8, q_len, 16, generator=gen)
-            out = torch.full((2, q_len, 8, 16), float("nan"))
-            got = flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25, out=out)
+            got = flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)
             torch.testing.assert_close(got, reference.retrieval_attention(q, keys, values, None, 0.25), atol=1e-5, rtol=1e-5)
     # one plan per step, shared by the three layers; capacity 320 -> pages of 64 tokens
     assert FakePagedWrapper.plans == [(False, 44, 10), (False, 51, 10), (True, 52, 10), (True, 53, 10)]
+    assert FakePagedWrapper.created == 2  # one prefill wrapper (re-planned for Q = 7), one decode wrapper
+
+
+def test_flashinfer_wrappers_do_not_grow_with_query_lengths(fake_flashinfer, monkeypatch):
+    """Chunks of ever new lengths re-plan one prefill wrapper; many head shapes keep at most MAX_WRAPPERS."""
+    monkeypatch.setattr(flashinfer_retrieval, "MAX_WRAPPERS", 3)
+    cache = RetrievalKV.empty(torch.empty(1, 2, 1, 16), capacity=512)
+    for q_len in range(2, 12):
+        keys, values = cache.append(torch.randn(1, 2, q_len, 16), torch.randn(1, 2, q_len, 16))
+        flashinfer_retrieval.retrieval_attention(torch.randn(1, 4, q_len, 16), keys, values, None, 0.25)
+    assert len(flashinfer_retrieval._wrappers) == 1 and FakePagedWrapper.created == 1
+    for heads in (2, 4, 6, 8, 10):
+        flashinfer_retrieval.retrieval_attention(torch.randn(1, heads, 3, 16), keys, values, None, 0.25)
+    assert len(flashinfer_retrieval._wrappers) == 3
+
+
+def test_flashinfer_never_plans_inside_a_graph_capture(fake_flashinfer, monkeypatch):
+    """A step planned before the capture runs inside it (the replayed graph reads the fixed buffers); a step that
+    needs a new plan raises with the fix instead of planning on the host mid-capture."""
+    cache = RetrievalKV.empty(torch.empty(1, 2, 1, 16), capacity=256)
+    keys, values = cache.append(torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16))
+    q = torch.randn(1, 4, 1, 16)
+    flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)  # the eager step plans
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    expected = reference.retrieval_attention(q, keys, values, None, 0.25)
+    torch.testing.assert_close(flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25), expected, atol=1e-5, rtol=1e-5)
+    keys, values = cache.append(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    with pytest.raises(RuntimeError, match="cannot plan inside a CUDA-graph capture"):
+        flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)

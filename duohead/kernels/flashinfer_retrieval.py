@@ -11,16 +11,19 @@ b*(Hkv*C/P) + [0, ceil(T/P)), the last one holding T - (ceil(T/P) - 1) * P token
 64, 32, ..., 1 that divides C, so long rows split into many pages and FlashInfer's split-KV scheduler
 keeps the whole GPU busy in decode.
 
-One plan serves every layer of a step: wrappers are cached by the static problem (kind, B, Q, Hq, Hkv, D,
-dtype, scale) and re-planned only when T or the page geometry changes. Written against the keyword APIs
-that flashinfer 0.6.x and 0.7.x share (`plan(indptr, indices, last_page_len, ...)`, `run(q, (k, v), out=)`).
-Inputs FlashInfer cannot take (padding, fp32, other head dims, CPU) are the caller's to route elsewhere:
-see `supports`.
+One plan serves every layer of a step: wrappers are cached by the static problem (kind, B, Hq, Hkv, D, dtype,
+scale; at most `MAX_WRAPPERS`, least recently used first out) and re-planned only when Q, T or the page geometry
+changes. Decode wrappers are FlashInfer's CUDA-graph variant (`use_cuda_graph=True` with fixed index buffers): a
+captured step replays as long as it was planned before the capture (`plan` raises inside a capture instead of
+planning there). Written against the keyword APIs that flashinfer 0.6.x and 0.7.x share
+(`plan(indptr, indices, last_page_len, ...)`, `run(q, (k, v), out=)`). Inputs FlashInfer cannot take (padding,
+fp32, other head dims, CPU) are the caller's to route elsewhere: see `supports`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,7 @@ import torch
 PAGE_SIZES = (64, 32, 16, 8, 4, 2, 1)
 HEAD_DIMS = (64, 128, 256)
 WORKSPACE_BYTES = 128 << 20
+MAX_WRAPPERS = 8  # planned wrappers kept (each holds FlashInfer's plan and a few small index buffers)
 PREFILL_BACKEND = "fa2"  # shares one compiled module with tensor-core decode; "auto" lets FlashInfer pick (FA3 on Hopper)
 _UINT32_MAX = (1 << 32) - 1
 
@@ -112,11 +116,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_is_real: tor
 @dataclass
 class _Planned:
     wrapper: Any
-    geometry: tuple[int, int, int] | None = None
+    geometry: tuple[int, ...] | None = None
+    index_capacity: int = 0  # decode: length of the fixed page-index buffer
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
-_wrappers: dict[tuple, _Planned] = {}
+_wrappers: OrderedDict[tuple, _Planned] = OrderedDict()
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -125,38 +130,60 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _workspaces[device]
 
 
-def _planned(q: torch.Tensor, k: torch.Tensor, pages: PagedView, scaling: float) -> Any:
-    """A wrapper planned for this problem; layers with the same heads share one plan per step."""
+def _new_wrapper(decode: bool, device: torch.device, batch: int, pages: int, tensor_cores: bool) -> _Planned:
+    """A decode wrapper in CUDA-graph mode (fixed buffers for indptr [B + 1], `pages` page indices and
+    last_page_len [B]), or a prefill wrapper."""
     import flashinfer
 
+    workspace = _workspace(device)
+    if not decode:
+        return _Planned(flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND", backend=PREFILL_BACKEND))
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "HND", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=device),
+        paged_kv_indices_buffer=torch.zeros(pages, dtype=torch.int32, device=device),
+        paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=device),
+    )
+    return _Planned(wrapper, index_capacity=pages)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> Any:
+    """The wrapper for this problem, planned for it: q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (see `supports`).
+    Layers with the same heads share one plan per step. Call it before capturing a CUDA graph of a step (a first
+    eager step does); inside a capture a problem that needs a new plan raises RuntimeError."""
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    pages = paged_view(k, v)
     decode = q_len == 1
-    key = (decode, q.device, batch, q_len, num_q_heads, num_kv_heads, head_dim, q.dtype, float(scaling))
+    key = (decode, q.device, batch, num_q_heads, num_kv_heads, head_dim, q.dtype, float(scaling))
+    geometry = (q_len, *pages.geometry)
     entry = _wrappers.get(key)
-    if entry is None:
-        workspace = _workspace(q.device)
-        if decode:
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "HND", use_tensor_cores=num_q_heads // num_kv_heads >= 4
-            )
-        else:
-            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND", backend=PREFILL_BACKEND)
-        entry = _wrappers[key] = _Planned(wrapper)
-    if entry.geometry != pages.geometry:
-        indptr, indices, last_page_len = pages.plan_tensors(batch)
-        common = dict(sm_scale=float(scaling), q_data_type=q.dtype, kv_data_type=k.dtype)
-        if decode:
-            entry.wrapper.plan(
-                indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, pages.page_size, **common,
-            )
-        else:
-            qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len
-            entry.wrapper.plan(
-                qo_indptr, indptr, indices, last_page_len,
-                num_q_heads, num_kv_heads, head_dim, pages.page_size, causal=True, **common,
-            )
-        entry.geometry = pages.geometry
+    if entry is not None and entry.geometry == geometry:
+        _wrappers.move_to_end(key)
+        return entry.wrapper
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "FlashInfer cannot plan inside a CUDA-graph capture: run the step once eagerly (or call "
+            "duohead.kernels.flashinfer_retrieval.plan(q, k, v, scaling)) before capturing it"
+        )
+    needed = batch * pages.row_pages
+    if entry is None or (decode and entry.index_capacity < needed):
+        entry = _new_wrapper(decode, q.device, batch, needed, num_q_heads // num_kv_heads >= 4)
+        _wrappers[key] = entry
+        while len(_wrappers) > MAX_WRAPPERS:
+            _wrappers.popitem(last=False)
+    _wrappers.move_to_end(key)
+    indptr, indices, last_page_len = pages.plan_tensors(batch)
+    common = dict(sm_scale=float(scaling), q_data_type=q.dtype, kv_data_type=k.dtype)
+    if decode:
+        entry.wrapper.plan(indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, pages.page_size, **common)
+    else:
+        qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len
+        entry.wrapper.plan(
+            qo_indptr, indptr, indices, last_page_len,
+            num_q_heads, num_kv_heads, head_dim, pages.page_size, causal=True, **common,
+        )
+    entry.geometry = geometry
     return entry.wrapper
 
 
@@ -166,24 +193,19 @@ def retrieval_attention(
     v: torch.Tensor,
     key_is_real: torch.Tensor | None,
     scaling: float,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens, with FlashInfer.
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (the last Q slots are the queries' own keys); key_is_real must be None
-    (padding is not supported here; check `supports` first); out: a contiguous [B, Q, Hq, D] buffer or None.
-    -> [B, Hq, Q, D], a view of that [B, Q, Hq, D] buffer.
+    (padding is not supported here; check `supports` first). -> [B, Hq, Q, D], a view of a new [B, Q, Hq, D] tensor.
     Query slot T - Q + i sees key slots <= T - Q + i (FlashInfer's bottom-right causal alignment).
     """
     if not supports(q, k, v, key_is_real):
         raise ValueError("flashinfer retrieval_attention: unsupported input (needs CUDA, fp16/bf16, D in 64/128/256, no padding)")
     batch, num_q_heads, q_len, head_dim = q.shape
+    wrapper = plan(q, k, v, scaling)
     pages = paged_view(k, v)
-    wrapper = _planned(q, k, pages, scaling)
     q_flat = q.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim).contiguous()  # [B*Q, Hq, D]
-    if out is None:
-        out = torch.empty_like(q_flat)
-    elif out.shape != (batch, q_len, num_q_heads, head_dim) or not out.is_contiguous() or out.dtype != q.dtype:
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {[batch, q_len, num_q_heads, head_dim]}")
-    wrapper.run(q_flat, (pages.keys, pages.values), out=out.view(batch * q_len, num_q_heads, head_dim))
+    out = torch.empty_like(q_flat)
+    wrapper.run(q_flat, (pages.keys, pages.values), out=out)
     return out.view(batch, q_len, num_q_heads, head_dim).transpose(1, 2)

@@ -463,8 +463,8 @@ def _combine_splits_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
-    """Programs that fill the device: its SM count on CUDA; 4 under the CPU interpreter (so tests split)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    """Streaming multiprocessors on CUDA; 1 under the CPU interpreter (which runs programs one by one: no splits)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def decode_splits(rows: int, keys: int, block_n: int, device: torch.device) -> tuple[int, int]:
