@@ -1,19 +1,26 @@
 """One-call GPU check of duohead's kernels: every GPU path against the torch reference, then timings.
 
-Run it through benchmarks/gpu_check.sh (that file's header has the device-tool call). Sections:
-1. correctness on random inputs (outputs poisoned with NaN first): Triton streaming prefill / chunked prefill /
-   decode (bf16, fp16) and its cache writes (bit-exact), FlashInfer retrieval prefill / chunked prefill / decode, the SDPA fallback, and the
-   "auto" dispatch, each against the torch reference computed in float32; then the whole model path (a 2-layer
-   random Llama of the same attention shapes: DuoCache, prefill + decode) against stock transformers and the
-   torch backend;
+Run it through benchmarks/gpu_check.sh (that file's header has the device-tool call). First the toolchain: nvcc's
+version (FlashInfer compiles its kernels with it on first use) and one FlashInfer warm-up; if that fails, the
+failure is reported once and every later row runs without FlashInfer (SDPA for retrieval heads). Sections:
+1. correctness on random inputs (outputs poisoned with NaN first): Triton streaming attend-then-store (prefill /
+   chunked prefill: attention + cache write; decode: the fused kernel, split and unsplit; outputs and caches,
+   bf16 and fp16) and its cache writes alone (bit-exact), FlashInfer retrieval prefill / chunked prefill / decode,
+   the SDPA fallback, and the "auto" dispatch, each against the torch reference computed in float32; then the
+   whole model path (a 2-layer random Llama of the same attention shapes: DuoCache, prefill + decode) against
+   stock transformers and the torch backend;
 2. the card's copy bandwidth (a large device-to-device copy, read + write bytes);
-3. (a) a decode step of all layers' attention, duohead vs full attention, at each context and streaming
-   fraction, with bytes moved, achieved bytes/s and the bandwidth floor; eager and CUDA-graph replay;
-4. (b) one layer's prefill attention, duohead vs full attention.
-Full results go to OUT/gpu_check.json (rewritten after every section); a short table is printed last.
+3. (a) a decode step of all layers' attention including the new token's cache writes, duohead vs full attention,
+   at each context and streaming fraction, with bytes moved, the share of copy bandwidth reached and the floor;
+   eager and CUDA-graph replay;
+4. (b) one layer's prefill attention, duohead vs full attention;
+5. (c) a whole-model decode step at the longest context (random Llama, `--model-layers` layers of the benchmark's
+   shapes): stock transformers with its StaticCache vs duohead at 50% streaming, eager and CUDA-graph replay.
+Full results go to OUT/gpu_check.json (rewritten after every section); a short table is printed last; error texts
+are cut to one short line.
 
 `--dry-run` runs the same code on the CPU at tiny shapes: the Triton interpreter for streaming heads and the
-torch reference in place of FlashInfer, timed with perf_counter. tests/test_gpu_check.py runs it.
+torch reference in place of FlashInfer, timed with perf_counter. tests/test_kernels_gpu_check.py runs it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +46,7 @@ import torch
 
 from duohead import kernels
 from duohead.cache import RetrievalKV, StreamingKV
+from duohead.files import atomic_write_text
 from duohead.kernels import flashinfer_retrieval, reference
 
 
@@ -99,6 +109,41 @@ def fp32(*tensors):
     return [t.float() if t.is_floating_point() else t for t in tensors]
 
 
+def short(error: BaseException | str, limit: int = 160) -> str:
+    """An error as one line of at most `limit` characters (the table and the JSON stay readable)."""
+    text = " ".join((error if isinstance(error, str) else f"{type(error).__name__}: {error}").split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- 0. toolchain ----
+
+
+def nvcc_version() -> str | None:
+    """The release line of `nvcc --version` (FlashInfer's JIT compiles with it), or None if there is no nvcc."""
+    candidates = [shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")]
+    path = next((c for c in candidates if c and os.path.exists(c)), None)
+    if path is None:
+        return None
+    try:
+        lines = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{path} ({short(e)})"
+    release = [line for line in lines if "release" in line]
+    return f"{path}: {(release or lines or ['?'])[-1].strip()}"
+
+
+def warm_up_flashinfer(device: torch.device, shapes: Shapes) -> str | None:
+    """Run FlashInfer's prefill and decode once on a small cache (its JIT compiles here); the error, or None."""
+    try:
+        for chunks in ((96,), (96, 1)):
+            q, k, v = retrieval_inputs(device, shapes.dtype, shapes, chunks)
+            flashinfer_retrieval.retrieval_attention(q, k, v, None, shapes.head_dim**-0.5)
+        torch.cuda.synchronize(device)
+    except Exception as e:  # no nvcc, a compile error, an unsupported GPU: reported once, then rows run without it
+        return short(e, 300)
+    return None
+
+
 # ---- 1. correctness ----
 
 
@@ -118,23 +163,31 @@ def chunk_positions(q_len: int, first: bool, seen: list[int], device) -> torch.T
 
 
 def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
-    """Triton Λ attention over a cache built chunk by chunk (left padding, wrapped ring), vs the reference."""
+    """Triton attend-then-store over a cache built chunk by chunk (left padding, wrapped ring) vs the reference pair
+    (attention, then append): chunks run attention + cache write, decode steps the fused kernel (split as the device
+    chooses, then unsplit). max_error over outputs; cache_mismatches must be 0."""
     from duohead.kernels import triton_streaming
 
     sink, window, chunks = streaming_setup(dry)
-    cache, seen, worst = None, [0, 0], 0.0
+    scale = shapes.head_dim**-0.5
+    ours, theirs, seen, worst, mismatches, decode_steps = None, None, [0, 0], 0.0, 0, 0
     for i, q_len in enumerate(chunks):
         q = randn(2, shapes.num_q_heads, q_len, shapes.head_dim, device=device, dtype=dtype)
         k, v = (randn(2, shapes.num_kv_heads, q_len, shapes.head_dim, device=device, dtype=dtype) for _ in range(2))
         pos = chunk_positions(q_len, i == 0, seen, device)
-        if cache is None:
-            cache = StreamingKV(k, sink, window)
-        args = (q, k, v, pos, *cache.tensors(), sink, window, shapes.head_dim**-0.5)
-        expected = reference.streaming_attention(*fp32(*args[:10]), *args[10:])
-        got = triton_streaming.streaming_attention(*args, out=torch.full_like(q, float("nan")))
+        if ours is None:
+            ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
+        expected = reference.streaming_attention(*fp32(q, k, v, pos, *theirs.tensors()), sink, window, scale)
+        reference.streaming_append(k, v, pos, *theirs.tensors())
+        got = torch.full_like(q, float("nan"))
+        if q_len == 1 and decode_steps % 2:
+            triton_streaming.streaming_decode(q, k, v, pos, *ours.tensors(), sink, window, scale, got, splits=1)
+        else:
+            triton_streaming.streaming_attention_and_append(q, k, v, pos, *ours.tensors(), sink, window, scale, out=got)
+        decode_steps += q_len == 1
         worst = max(worst, max_error(got, expected))
-        cache.append(k, v, pos)
-    return {"max_error": worst, "chunks": list(chunks)}
+        mismatches += sum(int((a != b).sum()) for a, b in zip(ours.tensors(), theirs.tensors()))
+    return {"max_error": worst if mismatches == 0 else float("inf"), "cache_mismatches": mismatches, "chunks": list(chunks)}
 
 
 def check_append(device, dtype, shapes: Shapes, dry: bool) -> dict:
@@ -165,21 +218,19 @@ def retrieval_inputs(device, dtype, shapes: Shapes, chunks: tuple[int, ...]):
     return q, keys, values
 
 
-def check_retrieval(fn, device, dtype, shapes: Shapes, chunks: tuple[int, ...], poison: bool) -> dict:
+def check_retrieval(fn, device, dtype, shapes: Shapes, chunks: tuple[int, ...]) -> dict:
     q, k, v = retrieval_inputs(device, dtype, shapes, chunks)
     scale = shapes.head_dim**-0.5
     expected = reference.retrieval_attention(*fp32(q, k, v), None, scale)
-    kwargs = {}
-    if poison:
-        kwargs["out"] = torch.full((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), float("nan"), device=device, dtype=dtype)
-    return {"max_error": max_error(fn(q, k, v, None, scale, **kwargs), expected), "chunks": list(chunks)}
+    return {"max_error": max_error(fn(q, k, v, None, scale), expected), "chunks": list(chunks)}
 
 
-def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: bool) -> list[dict]:
-    """Every GPU path vs the reference; a failing check is recorded, never fatal."""
+def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: bool, flashinfer_skipped: str | None) -> list[dict]:
+    """Every GPU path vs the reference; a failing check is recorded, never fatal. FlashInfer's rows are skipped
+    with `flashinfer_skipped` as the reason when that is set."""
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
     model_tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # relative to the largest logit
-    use_flashinfer = device.type == "cuda" and flashinfer_retrieval.available()
+    use_flashinfer = flashinfer_skipped is None
     prefill, chunked, decode = ((96,), (96, 17), (150, 1)) if dry else ((333,), (333, 64), (1000, 1))
     plan = [("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)]
     plan.append(("triton streaming append", shapes.dtype, lambda: check_append(device, shapes.dtype, shapes, dry)))
@@ -187,9 +238,8 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
         if name.startswith("flashinfer") and not use_flashinfer:
             continue
         for label, chunks in (("prefill", prefill), ("chunked prefill", chunked), ("decode", decode)):
-            poison = name.startswith("flashinfer")
-            plan.append((f"{name} {label}", shapes.dtype, lambda fn=fn, c=chunks, p=poison: check_retrieval(fn, device, shapes.dtype, shapes, c, p)))
-    plan.append(("auto dispatch retrieval decode", shapes.dtype, lambda: check_retrieval(kernels.retrieval_attention, device, shapes.dtype, shapes, decode, False)))
+            plan.append((f"{name} {label}", shapes.dtype, lambda fn=fn, c=chunks: check_retrieval(fn, device, shapes.dtype, shapes, c)))
+    plan.append(("auto dispatch retrieval decode", shapes.dtype, lambda: check_retrieval(kernels.retrieval_attention, device, shapes.dtype, shapes, decode)))
     results = []
     for name, dtype, run in plan:
         t0 = time.perf_counter()
@@ -197,7 +247,7 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
             row = run()
             row["ok"] = row["max_error"] <= tol[dtype]
         except Exception as e:  # recorded and shown in the table; the timings still run
-            row = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            row = {"ok": False, "error": short(e)}
         row.update(name=name, dtype=str(dtype).removeprefix("torch."), tolerance=tol[dtype], seconds=round(time.perf_counter() - t0, 2))
         print(f"[check] {row}", flush=True)
         results.append(row)
@@ -206,15 +256,14 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
         model_rows = check_model(device, shapes, duo_backend, dry)
     except Exception as e:
         traceback.print_exc()
-        model_rows = [{"name": "model", "max_error": float("inf"), "error": f"{type(e).__name__}: {e}"[:500]}]
+        model_rows = [{"name": "model", "max_error": float("inf"), "error": short(e)}]
     for row in model_rows:
         row.update(ok=row["max_error"] <= model_tol[shapes.dtype], dtype=str(shapes.dtype).removeprefix("torch."),
                    tolerance=model_tol[shapes.dtype], seconds=round(time.perf_counter() - t0, 2))
         print(f"[check] {row}", flush=True)
     results += model_rows
     if not use_flashinfer:
-        reason = "no CUDA device" if device.type != "cuda" else "flashinfer not installed"
-        results.append({"name": "flashinfer retrieval", "ok": None, "skipped": reason})
+        results.append({"name": "flashinfer retrieval", "ok": None, "skipped": flashinfer_skipped})
     return results
 
 
@@ -227,21 +276,13 @@ def check_model(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     (max |difference| / max |logit|): the all-retrieval pattern vs stock transformers (sdpa, DynamicCache), and a
     50% pattern on `duo_backend` vs the torch reference on the same device."""
     import duohead
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+    from transformers import DynamicCache
 
     from duohead.cache import cache_argument
 
-    torch.manual_seed(0)
-    hidden = shapes.num_q_heads * shapes.head_dim
     tokens = 64 if dry else 3000
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden if dry else 14336, num_hidden_layers=2,
-        num_attention_heads=shapes.num_q_heads, num_key_value_heads=shapes.num_kv_heads, head_dim=shapes.head_dim,
-        max_position_embeddings=2 * tokens,
-    )
-    with torch.device(device):  # random init on the device: fast for 8B-shaped layers
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=shapes.dtype).eval()
-    ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+    model = random_llama(device, shapes, 2, 2 * tokens, dry)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
 
     def step_logits(make_cache) -> torch.Tensor:
         cache, name = make_cache(), cache_argument(model)
@@ -271,7 +312,22 @@ def check_model(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     return rows
 
 
-# ---- 2-4. timings ----
+def random_llama(device: torch.device, shapes: Shapes, layers: int, positions: int, dry: bool) -> torch.nn.Module:
+    """A random-weight Llama (seed 0) with the benchmark's attention shapes, `layers` layers and a 512-token vocab."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    hidden = shapes.num_q_heads * shapes.head_dim
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden if dry else 14336, num_hidden_layers=layers,
+        num_attention_heads=shapes.num_q_heads, num_key_value_heads=shapes.num_kv_heads, head_dim=shapes.head_dim,
+        max_position_embeddings=positions,
+    )
+    with torch.device(device):  # random init on the device: fast for 8B-shaped layers
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=shapes.dtype).eval()
+
+
+# ---- 2-5. timings ----
 
 
 def copy_bandwidth(device: torch.device, clock: Clock, dry: bool) -> float:
@@ -297,49 +353,59 @@ def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> list[t
     return cache.tensors()
 
 
-def graph_ms(step, clock: Clock) -> float | str:
-    """Median time of a CUDA-graph replay of `step` (kernels only, no Python), or why it could not be captured."""
+def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
+    """Median time of a CUDA-graph replay of `step` (kernels only, no Python), or why it could not be captured.
+    One eager step first (FlashInfer plans, Triton compiles), then `before_capture` (e.g. take that token back)."""
     try:
-        step()  # plans and compiles outside the capture
+        step()
+        if before_capture is not None:
+            before_capture()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
         return clock(graph.replay)
     except Exception as e:
-        return f"{type(e).__name__}: {e}"[:200]
+        return short(e)
 
 
 def decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, full_backend: str, duo_backend: str) -> list[dict]:
-    """(a) One decode step of every layer's attention at each context and streaming fraction."""
+    """(a) One decode step of every layer's attention at each context and streaming fraction, the new token's cache
+    writes included on both sides (full: one slot of the KV buffer; duohead: the retrieval slot, and the streaming
+    heads' fused attend-then-store)."""
     group, d, item = shapes.num_q_heads // shapes.num_kv_heads, shapes.head_dim, shapes.dtype.itemsize
     scale = d**-0.5
     rows = []
     for context in shapes.contexts:
         kv = [randn(2, 1, shapes.num_kv_heads, context, d, device=device, dtype=shapes.dtype) for _ in range(shapes.layers)]
+        new_kv = randn(2, 1, shapes.num_kv_heads, 1, d, device=device, dtype=shapes.dtype)
         q = randn(1, shapes.num_q_heads, 1, d, device=device, dtype=shapes.dtype)
 
         def full_step():
             for buf in kv:
+                buf[:, :, :, -1:].copy_(new_kv)  # the new token's slot (the buffer holds exactly `context` tokens)
                 kernels.retrieval_attention(q, buf[0], buf[1], None, scale)
 
         with kernels.use_backend(full_backend):
             full_ms = clock(full_step)
             full_graph = graph_ms(full_step, clock) if device.type == "cuda" else None
-        full_bytes = shapes.layers * 2 * shapes.num_kv_heads * context * d * item
+        written = shapes.layers * 2 * shapes.num_kv_heads * d * item
+        full_bytes = shapes.layers * 2 * shapes.num_kv_heads * context * d * item + written
         for fraction in shapes.fractions:
             hs = round(fraction * shapes.num_kv_heads)
             hr = shapes.num_kv_heads - hs
-            new_k, new_v = (randn(1, hs, 1, d, device=device, dtype=shapes.dtype) for _ in range(2))
             pos = torch.full((1, 1), context - 1, dtype=torch.long, device=device)
             states = [streaming_state(hs, context - 1, shapes, device) for _ in range(shapes.layers)] if hs else []
 
             def retrieval_part():
                 for buf in kv:
+                    buf[:, :, :hr, -1:].copy_(new_kv[:, :, :hr])
                     kernels.retrieval_attention(q[:, : hr * group], buf[0][:, :hr], buf[1][:, :hr], None, scale)
 
             def streaming_part():
                 for state in states:
-                    kernels.streaming_attention(q[:, hr * group :], new_k, new_v, pos, *state, shapes.sink, shapes.window, scale)
+                    kernels.streaming_attention_and_append(
+                        q[:, hr * group :], new_kv[0][:, hr:], new_kv[1][:, hr:], pos, *state, shapes.sink, shapes.window, scale
+                    )
 
             def duo_step():
                 if hr:
@@ -351,7 +417,11 @@ def decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, full_ba
                 duo_ms = clock(duo_step)
                 parts = {"retrieval_ms": clock(retrieval_part) if hr else 0.0, "streaming_ms": clock(streaming_part) if hs else 0.0}
                 duo_graph = graph_ms(duo_step, clock) if device.type == "cuda" else None
-            duo_bytes = shapes.layers * 2 * (hr * context + hs * (shapes.sink + shapes.window)) * d * item
+            duo_bytes = shapes.layers * 2 * (hr * context + hs * (shapes.sink + shapes.window)) * d * item + written
+
+            def of_copy(nbytes: int, ms) -> float | None:
+                return nbytes / (ms / 1e3) / bandwidth if isinstance(ms, float) else None
+
             rows.append({
                 "context": context, "streaming_fraction": fraction, "retrieval_kv_heads": hr, "streaming_kv_heads": hs,
                 "full_ms": full_ms, "duo_ms": duo_ms, "speedup": full_ms / duo_ms, **parts,
@@ -359,7 +429,8 @@ def decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, full_ba
                 "full_bytes": full_bytes, "duo_bytes": duo_bytes,
                 "full_GBps": full_bytes / full_ms / 1e6, "duo_GBps": duo_bytes / duo_ms / 1e6,
                 "duo_floor_ms": duo_bytes / bandwidth * 1e3, "full_floor_ms": full_bytes / bandwidth * 1e3,
-                "duo_of_copy_bw": duo_bytes / (duo_ms / 1e3) / bandwidth,
+                "full_of_copy_bw": of_copy(full_bytes, full_ms), "duo_of_copy_bw": of_copy(duo_bytes, duo_ms),
+                "full_graph_of_copy_bw": of_copy(full_bytes, full_graph), "duo_graph_of_copy_bw": of_copy(duo_bytes, duo_graph),
             })
             print(f"[decode] {rows[-1]}", flush=True)
         del kv
@@ -397,30 +468,103 @@ def prefill_bench(device, shapes: Shapes, clock: Clock, full_backend: str, duo_b
     return rows
 
 
+def model_decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, duo_backend: str, layers: int, dry: bool) -> list[dict]:
+    """(c) A whole-model decode step at the longest context: a random Llama (`layers` layers of the benchmark's
+    shapes), stock transformers with its StaticCache (sdpa) vs duohead at 50% streaming on `duo_backend`, both
+    prefilled in chunks, then timed eagerly and as a CUDA-graph replay of one captured step (a replay repeats that
+    step at the same position: a timing, not a generation). Bytes: weights + the KV each side reads."""
+    import duohead
+    from transformers import StaticCache
+
+    from duohead.cache import cache_argument
+
+    context, chunk = max(shapes.contexts), (64 if dry else 8192)
+    model = random_llama(device, shapes, layers, context + 128, dry)
+    name = cache_argument(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + 1), device=device)
+    next_id = ids[:, context:]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_token = 2 * shapes.head_dim * shapes.dtype.itemsize * layers  # bytes per token per KV head, all layers
+    rows = []
+
+    def prefill(cache) -> None:
+        for start in range(0, context, chunk):
+            end = min(start + chunk, context)
+            model(ids[:, start:end], **{name: cache}, use_cache=True, cache_position=torch.arange(start, end, device=device))
+
+    def row(label: str, step, kv_bytes: int, before_capture=None) -> dict:
+        eager = clock(step)
+        graph = graph_ms(step, clock, before_capture) if device.type == "cuda" else None
+        total = weights + kv_bytes
+        return {"model": label, "context": context, "layers": layers, "eager_ms": eager, "graph_ms": graph, "bytes": total,
+                "floor_ms": total / bandwidth * 1e3, "graph_of_copy_bw": total / (graph / 1e3) / bandwidth if isinstance(graph, float) else None}
+
+    with torch.no_grad():
+        static = StaticCache(config=model.config, max_cache_len=context + 1)
+        prefill(static)
+        position = torch.tensor([context], device=device)
+        stock = lambda: model(next_id, **{name: static}, use_cache=True, cache_position=position)  # noqa: E731
+        rows.append(row("stock transformers (StaticCache, sdpa)", stock, shapes.num_kv_heads * (context + 1) * kv_token))
+        del static
+        pattern = duohead.HeadPattern(torch.rand(layers, shapes.num_kv_heads), sink=shapes.sink, window=shapes.window)
+        duohead.enable(model, pattern, sparsity=0.5)
+        try:
+            with kernels.use_backend(duo_backend):
+                cache = duohead.DuoCache.from_model(model, max_length=context + 96, rollback=1)
+                prefill(cache)
+                duo = lambda: model(next_id, **{name: cache}, use_cache=True)  # noqa: E731
+                hs = shapes.num_kv_heads // 2
+                kv_bytes = ((shapes.num_kv_heads - hs) * (context + 1) + hs * (shapes.sink + shapes.window)) * kv_token
+                rows.append(row(f"duohead 50% streaming ({duo_backend})", duo, kv_bytes, before_capture=lambda: cache.crop(-1)))
+        finally:
+            duohead.disable(model)
+    rows[-1]["speedup_eager"] = rows[0]["eager_ms"] / rows[-1]["eager_ms"]
+    if isinstance(rows[0]["graph_ms"], float) and isinstance(rows[-1]["graph_ms"], float):
+        rows[-1]["speedup_graph"] = rows[0]["graph_ms"] / rows[-1]["graph_ms"]
+    for r in rows:
+        print(f"[model decode] {r}", flush=True)
+    return rows
+
+
 # ---- report ----
 
 
 def table(report: dict) -> str:
+    def fmt(x, spec: str, width: int) -> str:
+        return format(x, spec) if isinstance(x, float) else f"{'-':>{width}}"
+
     lines = [f"duohead gpu_check  {report['device']}  {report['date']}  (full = {report['full_backend']}, duohead = {report['duo_backend']})"]
+    lines.append(f"nvcc: {report['nvcc'] or 'not found'}; flashinfer: {report['flashinfer']}")
     lines.append(f"copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s")
     failed = [c["name"] + (f" ({c['error']})" if "error" in c else f" err={c.get('max_error')}") for c in report["checks"] if c.get("ok") is False]
     skipped = [f"{c['name']}: {c['skipped']}" for c in report["checks"] if c.get("ok") is None]
     passed = sum(1 for c in report["checks"] if c.get("ok"))
     lines.append(f"correctness: {passed} passed, {len(failed)} failed" + (": " + "; ".join(failed) if failed else "") + ("; skipped " + "; ".join(skipped) if skipped else ""))
-    lines.append("decode step, all layers' attention (ms; graph = CUDA-graph replay)")
-    lines.append(f"{'context':>8} {'stream':>6} {'full':>8} {'duo':>8} {'speedup':>7} {'full_g':>8} {'duo_g':>8} {'speedup_g':>9} {'duo GB/s':>9} {'of copy':>7} {'floor':>7}")
+    lines.append("decode step, all layers' attention + cache writes (ms; _g = CUDA-graph replay; bw = share of copy bandwidth)")
+    lines.append(f"{'context':>8} {'stream':>6} {'full':>8} {'duo':>8} {'speedup':>7} {'full_g':>8} {'duo_g':>8} {'speedup_g':>9} "
+                 f"{'full bw':>7} {'duo bw':>7} {'duo_g bw':>8} {'floor':>7}")
     for r in report["decode"]:
         fg, dg = r["full_graph_ms"], r["duo_graph_ms"]
-        graphs = isinstance(fg, float) and isinstance(dg, float)
-        g = f"{fg:8.3f} {dg:8.3f} {fg / dg:9.2f}" if graphs else f"{'-':>8} {'-':>8} {'-':>9}"
+        ratio = fg / dg if isinstance(fg, float) and isinstance(dg, float) else None
         lines.append(
-            f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:8.3f} {r['duo_ms']:8.3f} {r['speedup']:7.2f} {g} "
-            f"{r['duo_GBps']:9.0f} {r['duo_of_copy_bw']:7.0%} {r['duo_floor_ms']:7.3f}"
+            f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:8.3f} {r['duo_ms']:8.3f} {r['speedup']:7.2f} "
+            f"{fmt(fg, '8.3f', 8)} {fmt(dg, '8.3f', 8)} {fmt(ratio, '9.2f', 9)} {fmt(r['full_of_copy_bw'], '7.0%', 7)} "
+            f"{fmt(r['duo_of_copy_bw'], '7.0%', 7)} {fmt(r['duo_graph_of_copy_bw'], '8.0%', 8)} {r['duo_floor_ms']:7.3f}"
         )
     lines.append("prefill, one layer's attention (ms)")
     lines.append(f"{'context':>8} {'stream':>6} {'full':>9} {'duo':>9} {'speedup':>7}")
     for r in report["prefill"]:
         lines.append(f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:9.2f} {r['duo_ms']:9.2f} {r['speedup']:7.2f}")
+    if report["model_decode"]:
+        lines.append("whole-model decode step (ms; graph = replay of one captured step)")
+        lines.append(f"{'model':>44} {'context':>8} {'eager':>8} {'graph':>8} {'floor':>7} {'graph bw':>8}")
+        for r in report["model_decode"]:
+            graph = r["graph_ms"] if isinstance(r["graph_ms"], float) or r["graph_ms"] is None else f"error: {r['graph_ms']}"
+            lines.append(f"{r['model']:>44} {r['context']:>8} {r['eager_ms']:8.2f} {fmt(graph, '8.2f', 8)} {r['floor_ms']:7.2f} "
+                         f"{fmt(r['graph_of_copy_bw'], '8.0%', 8)}" + (f"  {graph}" if isinstance(graph, str) else ""))
+        last = report["model_decode"][-1]
+        graph_ratio = f"{last['speedup_graph']:.2f}x" if "speedup_graph" in last else "-"
+        lines.append(f"duohead vs stock: eager {last.get('speedup_eager', float('nan')):.2f}x, graph replay {graph_ratio}")
     lines += [f"ERROR {e}" for e in report.get("errors", [])]
     lines.append(f"total {report.get('seconds', '?')} s; full results in gpu_check.json")
     return "\n".join(lines)
@@ -431,6 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="folder for gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, torch reference")
     parser.add_argument("--contexts", type=lambda s: tuple(int(x) for x in s.split(",")), help="override, e.g. 32768,131072")
+    parser.add_argument("--model-layers", type=int, default=2, help="layers of the whole-model decode row (8B shapes)")
     parser.add_argument("--prefill-backend", default="fa2", choices=["fa2", "auto"],
                         help="FlashInfer prefill backend: fa2 (one JIT module shared with decode) or auto (FA3 on Hopper)")
     return parser.parse_args(argv)
@@ -445,7 +590,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.contexts:
         shapes = Shapes(**{**asdict(shapes), "contexts": args.contexts})
     flashinfer_retrieval.PREFILL_BACKEND = args.prefill_backend
-    has_flashinfer = device.type == "cuda" and flashinfer_retrieval.available()
+    nvcc = nvcc_version() if device.type == "cuda" else None
+    print(f"[toolchain] nvcc: {nvcc or 'not found (FlashInfer cannot JIT-compile kernels it does not ship prebuilt)'}", flush=True)
+    if device.type != "cuda":
+        flashinfer_skipped = "no CUDA device"
+    elif not flashinfer_retrieval.available():
+        flashinfer_skipped = "flashinfer not installed"
+    else:
+        failure = warm_up_flashinfer(device, shapes)
+        flashinfer_skipped = None if failure is None else f"warm-up failed: {failure}"
+        print(f"[toolchain] flashinfer warm-up: {'ok' if failure is None else failure} (later rows run "
+              f"{'with' if failure is None else 'without'} FlashInfer)", flush=True)
+    has_flashinfer = flashinfer_skipped is None
     full_backend = "flashinfer" if has_flashinfer else ("triton" if device.type == "cuda" else "torch")
     duo_backend = "flashinfer" if has_flashinfer else "triton"
     clock = Clock(device, warmup=0 if args.dry_run else 5, iters=1 if args.dry_run else 20)
@@ -461,26 +617,28 @@ def main(argv: list[str] | None = None) -> dict:
                      "flashinfer": _version("flashinfer") if has_flashinfer else None},
         "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
         "full_backend": full_backend, "duo_backend": duo_backend, "prefill_backend": args.prefill_backend,
-        "checks": [], "copy_bandwidth_GBps": 0.0, "decode": [], "prefill": [],
+        "nvcc": nvcc, "flashinfer": "ok" if has_flashinfer else flashinfer_skipped,
+        "checks": [], "copy_bandwidth_GBps": 0.0, "decode": [], "prefill": [], "model_decode": [],
     }
 
     def save():
-        path.write_text(json.dumps(report, indent=1, default=str))
+        atomic_write_text(path, json.dumps(report, indent=1, default=str))
 
     t0 = time.perf_counter()
-    report["checks"] = correctness(device, shapes, duo_backend, args.dry_run)
+    report["checks"] = correctness(device, shapes, duo_backend, args.dry_run, flashinfer_skipped)
     save()
     bandwidth = copy_bandwidth(device, clock, args.dry_run)
     report["copy_bandwidth_GBps"] = bandwidth / 1e9
     for section, bench in (
         ("decode", lambda: decode_bench(device, shapes, clock, bandwidth, full_backend, duo_backend)),
         ("prefill", lambda: prefill_bench(device, shapes, clock, full_backend, duo_backend, args.dry_run)),
+        ("model_decode", lambda: model_decode_bench(device, shapes, clock, bandwidth, duo_backend, args.model_layers, args.dry_run)),
     ):
         try:
             report[section] = bench()
         except Exception as e:  # keep what the other sections measured; the table says what failed
             traceback.print_exc()
-            report.setdefault("errors", []).append(f"{section}: {type(e).__name__}: {e}"[:500])
+            report.setdefault("errors", []).append(f"{section}: {short(e, 300)}")
         save()
     report["seconds"] = round(time.perf_counter() - t0, 1)
     save()
