@@ -1,13 +1,13 @@
 """Attention kernels for retrieval and streaming heads, chosen by backend, device and availability.
 
 `retrieval_attention`, `streaming_attention` and `streaming_append` have the signatures of their twins in
-`duohead.kernels.reference`, the oracle and the CPU path. Backends:
+`duohead.kernels.reference`, the oracle and the CPU path; `streaming_attention_and_append` is "attend, then store"
+(the attention's call for streaming heads: with Triton one fused launch per decode step). Backends:
 
     torch       the reference everywhere (SDPA for retrieval heads, blocked torch for streaming heads)
     triton      streaming heads (attention and cache writes): Triton (CUDA, or the CPU interpreter when TRITON_INTERPRET=1);
                 retrieval heads: SDPA
-    flashinfer  retrieval heads: FlashInfer (CUDA only; inputs it cannot take, e.g. padding or fp32, use SDPA);
-                streaming heads: Triton
+    flashinfer  retrieval heads: FlashInfer (CUDA only); streaming heads: Triton
     auto        (default) on CUDA: FlashInfer if installed, else SDPA, and Triton if installed; elsewhere torch
 
 Choose with the environment variable DUOHEAD_BACKEND, or in code:
@@ -16,9 +16,14 @@ Choose with the environment variable DUOHEAD_BACKEND, or in code:
     with duohead.kernels.use_backend("torch"):
         model.generate(...)
 
-A forced backend that cannot run on the inputs' device raises RuntimeError when called.
+A forced backend raises RuntimeError when called on a device where it cannot run at all ("flashinfer" on the
+CPU; "triton" on the CPU without TRITON_INTERPRET=1). Where it runs, inputs its kernel cannot take go to the
+reference instead: FlashInfer takes no padding, no fp32, head dims 64/128/256 only and strides that form pages
+(SDPA runs the others); Triton takes no fp32 on CUDA (its fp32 tiles spill registers: the reference runs those
+streaming heads, with one warning). A FlashInfer error under "auto" (e.g. its JIT cannot compile) is logged once
+and SDPA serves retrieval heads from then on; forced "flashinfer" raises it. Under torch.compile the Triton
+kernels run as the ops duohead::streaming_attention / streaming_append / streaming_decode (`triton_streaming`).
 """
-
 from __future__ import annotations
 
 import contextlib
