@@ -21,7 +21,15 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from duohead.kernels import triton_streaming as ts  # noqa: E402
 
-POINTERS = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64", "PartAcc": "*fp32", "PartML": "*fp32"}
+POINTERS = {
+    "Pos": "*i64",
+    "Newest": "*i64",
+    "QPos": "*i64",
+    "SinkPos": "*i64",
+    "RingPos": "*i64",
+    "PartAcc": "*fp32",
+    "PartML": "*fp32",
+}
 
 
 def ptxas_info(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int) -> str:
@@ -37,14 +45,19 @@ def ptxas_info(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages:
     indexed = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=indexed),
-        target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages},
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
         f.flush()
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True).stderr
-    numbers = [re.search(pattern, log) for pattern in (r"Used (\d+) registers", r"(\d+) bytes stack frame", r"(\d+) bytes spill stores")]
+        log = subprocess.run(
+            [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
+        ).stderr
+    numbers = [
+        re.search(pattern, log) for pattern in (r"Used (\d+) registers", r"(\d+) bytes stack frame", r"(\d+) bytes spill stores")
+    ]
     registers, stack, spills = (m.group(1) if m else "?" for m in numbers)
     return f"{registers} registers, {stack} B stack, {spills} B spill stores"
 
@@ -55,13 +68,23 @@ def main() -> None:
         stages = 1 if dtype == "fp32" else 2
         for q_len in (1, 512):
             cfg = ts.launch_config(group, q_len, head_dim)
-            constexprs = dict(GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
-                              HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=dtype == "fp32")
+            constexprs = dict(
+                GROUP=group,
+                GROUP_PAD=cfg["GROUP_PAD"],
+                BLOCK_Q=cfg["BLOCK_Q"],
+                BLOCK_N=cfg["BLOCK_N"],
+                HEAD_DIM=head_dim,
+                BLOCK_D=cfg["BLOCK_D"],
+                IEEE_DOT=dtype == "fp32",
+            )
             info = ptxas_info(ts._streaming_attention_kernel, dtype, constexprs, cfg["num_warps"], stages)
             print(f"{dtype} attention kernel, Q = {q_len}: {info}")
         for splits in (1, 4):
-            constexprs = dict(GROUP=group, ROWS=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=128, SPLITS=splits, IEEE_DOT=dtype == "fp32")
-            print(f"{dtype} fused decode kernel, SPLITS = {splits}: {ptxas_info(ts._streaming_decode_kernel, dtype, constexprs, 4, stages)}")
+            constexprs = dict(
+                GROUP=group, ROWS=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=128, SPLITS=splits, IEEE_DOT=dtype == "fp32"
+            )
+            info = ptxas_info(ts._streaming_decode_kernel, dtype, constexprs, 4, stages)
+            print(f"{dtype} fused decode kernel, SPLITS = {splits}: {info}")
         constexprs = dict(GROUP=group, ROWS=16, HEAD_DIM=head_dim, BLOCK_D=128, SPLITS=4)
         print(f"{dtype} combine kernel: {ptxas_info(ts._combine_splits_kernel, dtype, constexprs, 4, 2)}")
 

@@ -55,7 +55,7 @@ def decode_steps(group, head_dim, sink, window, prefill, steps, dtype, *, rollba
         reference.streaming_append(k, v, q_pos, *theirs.tensors())
         out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
         triton_streaming.streaming_decode(q, k, v, q_pos, *ours.tensors(), sink, window, scaling, out, splits=splits)
-        for name, a, b in zip(CACHE_NAMES, ours.tensors(), theirs.tensors()):
+        for name, a, b in zip(CACHE_NAMES, ours.tensors(), theirs.tensors(), strict=True):
             assert torch.equal(a, b), (step, name)
         yield out, expected, step
         seen += (q_pos[:, 0] >= 0).long()
@@ -74,7 +74,9 @@ CASES = [
 
 @pytest.mark.parametrize("group,head_dim,sink,window,prefill,steps,rollback,splits,dtype", CASES)
 def test_fused_decode_equals_attention_then_append(group, head_dim, sink, window, prefill, steps, rollback, splits, dtype):
-    for got, expected, step in decode_steps(group, head_dim, sink, window, prefill, steps, dtype, rollback=rollback, splits=splits):
+    for got, expected, step in decode_steps(
+        group, head_dim, sink, window, prefill, steps, dtype, rollback=rollback, splits=splits
+    ):
         torch.testing.assert_close(got.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype], msg=f"step {step}")
         if step == 1:
             assert bool((got[2] == 0).all())  # the padding token's output is exactly 0
@@ -84,10 +86,14 @@ def test_fused_decode_equals_attention_then_append(group, head_dim, sink, window
 @pytest.mark.parametrize("splits", [None, 1])
 def test_fused_decode_in_bf16(splits):
     for got, expected, step in decode_steps(4, 128, 4, 64, 300, 3, torch.bfloat16, splits=splits):
-        torch.testing.assert_close(got.float(), expected.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16], msg=f"step {step}")
+        torch.testing.assert_close(
+            got.float(), expected.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16], msg=f"step {step}"
+        )
 
 
-@pytest.mark.parametrize("rows,keys,block_n,sms", [(1, 321, 64, 132), (4, 321, 64, 132), (512, 321, 64, 132), (3, 17, 16, 4), (1, 1, 16, 4)])
+@pytest.mark.parametrize(
+    "rows,keys,block_n,sms", [(1, 321, 64, 132), (4, 321, 64, 132), (512, 321, 64, 132), (3, 17, 16, 4), (1, 1, 16, 4)]
+)
 def test_decode_splits_cover_the_keys_once(monkeypatch, rows, keys, block_n, sms):
     """Splits are whole key tiles, cover every key, leave no split empty, and stop at about two programs per SM."""
     monkeypatch.setattr(triton_streaming, "_multiprocessors", lambda device: sms)
@@ -121,7 +127,7 @@ def test_dispatcher_attend_then_store_matches_the_reference_twin():
                     outs[backend] = kernels.streaming_attention_and_append(q, k, v, pos, *cache.tensors(), sink, window, 0.2)
         assert torch.equal(outs["torch"], outs["reference"])
         torch.testing.assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=2e-5)
-        for name, a, b in zip(CACHE_NAMES, caches["triton"].tensors(), caches["reference"].tensors()):
+        for name, a, b in zip(CACHE_NAMES, caches["triton"].tensors(), caches["reference"].tensors(), strict=True):
             assert torch.equal(a, b), (q_len, name)
 
 
@@ -133,7 +139,10 @@ def op_args(q_len: int, dtype=torch.float32, device=DEVICE):
     q = torch.randn(2, 4, q_len, 16, generator=gen).to(device, dtype)
     k, v = (torch.randn(2, 2, q_len, 16, generator=gen).to(device, dtype) for _ in range(2))
     cache = StreamingKV(torch.randn(2, 2, 20, 16, generator=gen).to(device, dtype), 2, 8)
-    cache.append(*(torch.randn(2, 2, 20, 16, generator=gen).to(device, dtype) for _ in range(2)), torch.arange(20, device=device).expand(2, -1))
+    cache.append(
+        *(torch.randn(2, 2, 20, 16, generator=gen).to(device, dtype) for _ in range(2)),
+        torch.arange(20, device=device).expand(2, -1),
+    )
     pos = torch.arange(20, 20 + q_len, device=device).expand(2, -1).contiguous()
     return q, k, v, pos, cache
 
@@ -156,7 +165,7 @@ def test_ops_run_the_kernels_and_pass_opcheck(op, q_len):
     getattr(torch.ops.duohead, op)(*args)
     if expected is not None:
         torch.testing.assert_close(args[10], expected, atol=2e-5, rtol=2e-5)
-    for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs):
+    for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs, strict=True):
         assert torch.equal(a, b), name
     torch.library.opcheck(getattr(torch.ops.duohead, op).default, args)
 
@@ -202,5 +211,5 @@ def test_compiled_attend_then_store_has_no_graph_break_and_equals_eager():
         with kernels.use_backend("triton"):
             got = compiled(q, k, v, pos, *cache.tensors())
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
-        for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs):
+        for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs, strict=True):
             assert torch.equal(a, b), (q_len, name)

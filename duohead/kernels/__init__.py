@@ -79,7 +79,7 @@ def use_backend(name: str) -> Iterator[None]:
         _chosen = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -89,7 +89,7 @@ def _major_minor(package: str) -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def interpreter_problem() -> str | None:
     """Why Triton's CPU interpreter cannot run duohead's kernel in this environment, or None.
 
@@ -195,7 +195,7 @@ def _streaming_module(device: torch.device, dtype: torch.dtype) -> ModuleType:
     return triton_streaming
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     logger.warning("duohead: %s", message)
 
@@ -240,7 +240,8 @@ def streaming_append(
     """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""
-    _streaming_module(keys.device, keys.dtype).streaming_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    _streaming_module(keys.device, keys.dtype).streaming_append(keys, values, pos, *cache)
 
 
 def streaming_attention_and_append(

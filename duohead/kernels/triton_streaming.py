@@ -176,7 +176,8 @@ def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
         block_q = max(rows // group_pad, 1)
     block_n = 16 if _interpreted() else (128 if decode else 64)  # decode is latency bound: fewer, larger key tiles
     num_warps = 4 if group_pad * block_q <= 64 else 8
-    return {"GROUP_PAD": group_pad, "BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "num_warps": num_warps}
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return {"GROUP_PAD": group_pad, "BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -369,7 +370,8 @@ def _streaming_decode_kernel(
     p = tl.load(QPos + b * stride_pb)  # the new token's real position (-1: padding)
     real = p >= 0
     q_pos = tl.zeros([ROWS], dtype=tl.int64) + p
-    q = tl.load(Q + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
     sink_slot = tl.where(real & (p < sink_slots), p, -1)  # where the new token goes; -1: not there
     ring_slot = tl.where(real & (p >= sink_slots), (p - sink_slots) % tl.maximum(ring_slots, 1), -1)
 
@@ -461,7 +463,7 @@ def _combine_splits_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors on CUDA; 1 under the CPU interpreter (which runs programs one by one: no splits)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -584,7 +586,10 @@ def _attention_op(
     _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out)
 
 
-@torch.library.custom_op("duohead::streaming_append", mutates_args=("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"))
+_CACHE_ARGS = ("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
+
+
+@torch.library.custom_op("duohead::streaming_append", mutates_args=_CACHE_ARGS)
 def _append_op(
     keys: Tensor, values: Tensor, pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
     ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor,
@@ -592,9 +597,7 @@ def _append_op(
     _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
 
 
-@torch.library.custom_op(
-    "duohead::streaming_decode", mutates_args=("out", "sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
-)
+@torch.library.custom_op("duohead::streaming_decode", mutates_args=("out", *_CACHE_ARGS))
 def _decode_op(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
     ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor, out: Tensor, sink: int, window: int, scaling: float,
