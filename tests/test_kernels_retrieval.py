@@ -183,5 +183,5 @@ def test_flashinfer_never_plans_inside_a_graph_capture(fake_flashinfer, monkeypa
     expected = reference.retrieval_attention(q, keys, values, None, 0.25)
     torch.testing.assert_close(flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25), expected, atol=1e-5, rtol=1e-5)
     keys, values = cache.append(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
-    with pytest.raises(RuntimeError, match="cannot plan inside a CUDA-graph capture"):
+    with pytest.raises(flashinfer_retrieval.PlanInCaptureError, match="cannot plan inside a CUDA-graph capture"):
         flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)

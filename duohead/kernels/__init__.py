@@ -166,6 +166,8 @@ def retrieval_attention(
             return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
         try:
             return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+        except flashinfer_retrieval.PlanInCaptureError:
+            raise  # the caller's capture is wrong, not FlashInfer: keep it
         except Exception as e:  # e.g. its kernels fail to compile (no nvcc): "auto" falls back to SDPA for good
             _flashinfer_failure = f"{type(e).__name__}: {e}"
             logger.warning("duohead: FlashInfer failed (%s); retrieval heads use SDPA from now on", _flashinfer_failure)

@@ -113,6 +113,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_is_real: tor
     )
 
 
+class PlanInCaptureError(RuntimeError):
+    """A FlashInfer plan was needed while a CUDA graph was being captured (plan before capturing)."""
+
+
 @dataclass
 class _Planned:
     wrapper: Any
@@ -150,7 +154,7 @@ def _new_wrapper(decode: bool, device: torch.device, batch: int, pages: int, ten
 def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> Any:
     """The wrapper for this problem, planned for it: q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (see `supports`).
     Layers with the same heads share one plan per step. Call it before capturing a CUDA graph of a step (a first
-    eager step does); inside a capture a problem that needs a new plan raises RuntimeError."""
+    eager step does); inside a capture a problem that needs a new plan raises `PlanInCaptureError`."""
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     pages = paged_view(k, v)
@@ -162,7 +166,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> A
         _wrappers.move_to_end(key)
         return entry.wrapper
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
+        raise PlanInCaptureError(
             "FlashInfer cannot plan inside a CUDA-graph capture: run the step once eagerly (or call "
             "duohead.kernels.flashinfer_retrieval.plan(q, k, v, scaling)) before capturing it"
         )
