@@ -166,7 +166,7 @@ def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
     """Triton attend-then-store over a cache built chunk by chunk (left padding, wrapped ring) vs the reference pair
     (attention, then append): chunks run attention + cache write, decode steps the fused kernel (split as the device
     chooses, then unsplit). max_error over outputs; cache_mismatches must be 0."""
-    from duohead.kernels import triton_streaming
+    from duohead.kernels import triton_decode, triton_streaming
 
     sink, window, chunks = streaming_setup(dry)
     scale = shapes.head_dim**-0.5
@@ -181,7 +181,7 @@ def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
         reference.streaming_append(k, v, pos, *theirs.tensors())
         got = torch.full_like(q, float("nan"))
         if q_len == 1 and decode_steps % 2:
-            triton_streaming.streaming_decode(q, k, v, pos, *ours.tensors(), sink, window, scale, got, splits=1)
+            triton_decode.streaming_decode(q, k, v, pos, *ours.tensors(), sink, window, scale, got, splits=1)
         else:
             triton_streaming.streaming_attention_and_append(q, k, v, pos, *ours.tensors(), sink, window, scale, out=got)
         decode_steps += q_len == 1

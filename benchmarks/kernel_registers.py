@@ -19,6 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from duohead.kernels import triton_decode as td  # noqa: E402
 from duohead.kernels import triton_streaming as ts  # noqa: E402
 
 POINTERS = {
@@ -83,10 +84,10 @@ def main() -> None:
             constexprs = dict(
                 GROUP=group, ROWS=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=128, SPLITS=splits, IEEE_DOT=dtype == "fp32"
             )
-            info = ptxas_info(ts._streaming_decode_kernel, dtype, constexprs, 4, stages)
+            info = ptxas_info(td._streaming_decode_kernel, dtype, constexprs, 4, stages)
             print(f"{dtype} fused decode kernel, SPLITS = {splits}: {info}")
         constexprs = dict(GROUP=group, ROWS=16, HEAD_DIM=head_dim, BLOCK_D=128, SPLITS=4)
-        print(f"{dtype} combine kernel: {ptxas_info(ts._combine_splits_kernel, dtype, constexprs, 4, 2)}")
+        print(f"{dtype} combine kernel: {ptxas_info(td._combine_splits_kernel, dtype, constexprs, 4, 2)}")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,8 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from duohead.kernels import triton_decode
+
     def build(kernel, dtype: str, constexprs: dict, num_warps: int) -> None:
         pointers = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64", "PartAcc": "*fp32", "PartML": "*fp32"}
         signature = {}
@@ -310,9 +312,9 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
         build(triton_streaming._streaming_append_kernel, dtype, dict(BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"]), 4)
         rows = max(16, triton.next_power_of_2(group))
         for splits in (1, 4):  # the fused decode, unsplit and split (+ its combine)
-            build(triton_streaming._streaming_decode_kernel, dtype, dict(GROUP=group, ROWS=rows, BLOCK_N=64, HEAD_DIM=head_dim,
+            build(triton_decode._streaming_decode_kernel, dtype, dict(GROUP=group, ROWS=rows, BLOCK_N=64, HEAD_DIM=head_dim,
                   BLOCK_D=cfg["BLOCK_D"], SPLITS=splits, IEEE_DOT=dtype == "fp32"), 4)
-        build(triton_streaming._combine_splits_kernel, dtype, dict(GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS=4), 4)
+        build(triton_decode._combine_splits_kernel, dtype, dict(GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS=4), 4)
 
 
 def test_kernel_compiles_for_hopper():

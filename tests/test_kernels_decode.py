@@ -17,6 +17,7 @@ from duohead.cache import StreamingKV
 from duohead.kernels import reference
 
 triton_streaming = pytest.importorskip("duohead.kernels.triton_streaming")
+triton_decode = pytest.importorskip("duohead.kernels.triton_decode")
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -54,7 +55,7 @@ def decode_steps(group, head_dim, sink, window, prefill, steps, dtype, *, rollba
         expected = reference.streaming_attention(q, k, v, q_pos, *theirs.tensors(), sink, window, scaling)
         reference.streaming_append(k, v, q_pos, *theirs.tensors())
         out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-        triton_streaming.streaming_decode(q, k, v, q_pos, *ours.tensors(), sink, window, scaling, out, splits=splits)
+        triton_decode.streaming_decode(q, k, v, q_pos, *ours.tensors(), sink, window, scaling, out, splits=splits)
         for name, a, b in zip(CACHE_NAMES, ours.tensors(), theirs.tensors(), strict=True):
             assert torch.equal(a, b), (step, name)
         yield out, expected, step
@@ -96,8 +97,8 @@ def test_fused_decode_in_bf16(splits):
 )
 def test_decode_splits_cover_the_keys_once(monkeypatch, rows, keys, block_n, sms):
     """Splits are whole key tiles, cover every key, leave no split empty, and stop at about two programs per SM."""
-    monkeypatch.setattr(triton_streaming, "_multiprocessors", lambda device: sms)
-    splits, per_split = triton_streaming.decode_splits(rows, keys, block_n, torch.device(DEVICE))
+    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda device: sms)
+    splits, per_split = triton_decode.decode_splits(rows, keys, block_n, torch.device(DEVICE))
     assert per_split % block_n == 0 and (splits - 1) * per_split < keys <= splits * per_split
     assert splits == 1 or rows * (splits - 1) < 2 * sms
     if rows >= 2 * sms:
