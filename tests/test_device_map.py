@@ -95,8 +95,7 @@ def test_padding_and_cache_follow_the_layers_device(monkeypatch):
         return kernel
 
     monkeypatch.setattr(kernels, "retrieval_attention", record("retrieval"))
-    monkeypatch.setattr(kernels, "streaming_attention", record("streaming"))
-    monkeypatch.setattr(kernels, "streaming_append", record("append"))
+    monkeypatch.setattr(kernels, "streaming_attention_and_append", record("streaming"))  # attend, then store
     module = torch.nn.Module()
     module.duohead_layout = LayerLayout.from_retrieval([True, False], SINK, WINDOW)
     mask = torch.ones(2, 10, dtype=torch.long)
@@ -108,5 +107,5 @@ def test_padding_and_cache_follow_the_layers_device(monkeypatch):
     layer = DuoCacheLayer(1, SINK, WINDOW)
     layer.lazy_initialization(keys, keys)
     duohead_attention(module, query, PendingKV(layer, keys, keys), PendingKV(layer, keys, keys), padding)
-    assert {name for name, _ in seen} == {"retrieval", "streaming", "append"}
+    assert {name for name, _ in seen} == {"retrieval", "streaming"}
     assert all(device.type == "meta" for _, device in seen), seen
