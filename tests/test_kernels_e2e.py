@@ -48,12 +48,10 @@ def test_generate_with_triton_backend_equals_torch_backend(monkeypatch):
     input_ids[1, :6] = 0
 
     seq_torch, logits_torch = generate_logits(model, input_ids, attention_mask, "torch")
-    from duohead.kernels import triton_decode
-
     calls = {"attention": 0, "decode": 0}
-    for name, module, fn in (("attention", triton_streaming, "streaming_attention"), ("decode", triton_decode, "streaming_decode")):
-        kernel = getattr(module, fn)
-        monkeypatch.setattr(module, fn, lambda *a, _k=kernel, _n=name, **kw: calls.update({_n: calls[_n] + 1}) or _k(*a, **kw))
+    for name, fn in (("attention", "streaming_attention"), ("decode", "streaming_decode")):
+        kernel = getattr(triton_streaming, fn)
+        monkeypatch.setattr(triton_streaming, fn, lambda *a, _k=kernel, _n=name, **kw: calls.update({_n: calls[_n] + 1}) or _k(*a, **kw))
     seq_triton, logits_triton = generate_logits(model, input_ids, attention_mask, "triton")
     assert calls == {"attention": 2, "decode": 2 * 3}  # both layers: prefill, then 3 fused decode steps
     assert torch.equal(seq_triton, seq_torch)

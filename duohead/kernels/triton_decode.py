@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duohead.kernels.triton_streaming import _attend_range, _interpreted, _last_dim_contiguous, _strides
+from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _streaming_decode_kernel(
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos,
         SinkK + b * stride_skb + h * stride_skh, SinkV + b * stride_svb + h * stride_svh, SinkPos + b * stride_spb,
         stride_skt, stride_svt, stride_spt,
@@ -80,7 +80,7 @@ def _streaming_decode_kernel(
     )
     ring_lo = tl.minimum(tl.maximum(lo - sink_slots, 0), ring_slots)
     ring_hi = tl.minimum(tl.maximum(hi - sink_slots, 0), ring_slots)
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos,
         RingK + b * stride_rkb + h * stride_rkh, RingV + b * stride_rvb + h * stride_rvh, RingPos + b * stride_rpb,
         stride_rkt, stride_rvt, stride_rpt, ring_lo.to(tl.int32), ring_hi.to(tl.int32),
@@ -90,7 +90,7 @@ def _streaming_decode_kernel(
     new_v = V + b * stride_vb + h * stride_vh
     self_slot = sink_slots + ring_slots
     has_self = (lo <= self_slot) & (self_slot < hi)
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, new_k, new_v, QPos + b * stride_pb, 0, 0, 0,
         0, tl.where(has_self, 1, 0).to(tl.int32), sink, window, qk_scale, offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
@@ -199,10 +199,10 @@ def streaming_decode(
         return
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    q, k, v, sink_k, sink_v, ring_k, ring_v = map(_last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
+    q, k, v, sink_k, sink_v, ring_k, ring_v = map(last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
     group = num_q_heads // num_kv_heads
     rows, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
-    block_n = 16 if _interpreted() else 64
+    block_n = 16 if interpreted() else 64
     keys = sink_k.shape[2] + ring_k.shape[2] + 1
     if splits is None:
         splits, per_split = decode_splits(batch * num_kv_heads, keys, block_n, q.device)
@@ -216,7 +216,7 @@ def streaming_decode(
     _streaming_decode_kernel[(splits, batch * num_kv_heads)](
         q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out, part_acc, part_ml,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_pos.stride(0),
-        *_strides(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out.stride(0), out.stride(1),
+        *kernel_strides(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out.stride(0), out.stride(1),
         num_kv_heads, sink_k.shape[2], ring_k.shape[2], sink, window, scaling * 1.4426950408889634, per_split,
         GROUP=group, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits,
         IEEE_DOT=q.dtype == torch.float32, num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2,

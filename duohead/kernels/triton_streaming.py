@@ -27,51 +27,14 @@ sink ∪ window are never loaded: the work is O(Q * (S + W)).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
+from duohead.kernels.triton_decode import streaming_decode
+
 _FAR = tl.constexpr(1 << 40)  # larger than any slot or position
-
-
-@triton.jit
-def _attend_range(
-    acc, m_i, l_i, q, q_pos,
-    k_base, v_base, pos_base, stride_kt, stride_vt, stride_pt,
-    start, end, sink, window, qk_scale,
-    offs_d, d_mask, skip,
-    BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
-):
-    """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
-    Slot `skip` (-1: none) is neither loaded nor seen."""
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = (offs_n < end) & (offs_n != skip)
-        k_pos = tl.load(pos_base + offs_n * stride_pt, mask=n_mask, other=-1)
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * qk_scale
-        qp = q_pos[:, None]
-        kp = k_pos[None, :]
-        visible = (kp >= 0) & (kp <= qp) & ((kp < sink) | (qp - kp < window))
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -127,13 +90,13 @@ def _streaming_attention_kernel(
     m_i = tl.full([GROUP_PAD * BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD * BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD * BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos,
         SinkK + b * stride_skb + h * stride_skh, SinkV + b * stride_svb + h * stride_svh, SinkPos + b * stride_spb,
         stride_skt, stride_svt, stride_spt, 0, sink_end.to(tl.int32), sink, window, qk_scale,
         offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos,
         RingK + b * stride_rkb + h * stride_rkh, RingV + b * stride_rvb + h * stride_rvh, RingPos + b * stride_rpb,
         stride_rkt, stride_rvt, stride_rpt, 0, ring_end.to(tl.int32), sink, window, qk_scale,
@@ -142,12 +105,12 @@ def _streaming_attention_kernel(
     new_k = K + b * stride_kb + h * stride_kh
     new_v = V + b * stride_vb + h * stride_vh
     new_pos = QPos + b * stride_pb
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, new_k, new_v, new_pos, stride_kt, stride_vt, stride_pt,
         new_sink_start.to(tl.int32), new_sink_end.to(tl.int32), sink, window, qk_scale,
         offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
     )
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, q_pos, new_k, new_v, new_pos, stride_kt, stride_vt, stride_pt,
         new_win_start.to(tl.int32), new_win_end.to(tl.int32), sink, window, qk_scale,
         offs_d, d_mask, -1, BLOCK_N, IEEE_DOT,
@@ -158,10 +121,6 @@ def _streaming_attention_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
     """Tile sizes for a launch: G query heads per KV head, Q new tokens, D head dim.
 
@@ -169,26 +128,16 @@ def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
     heads into those rows, prefill takes 64 (interpreter: 32) rows. Key tiles of BLOCK_N (interpreter: 16).
     """
     group_pad = triton.next_power_of_2(group)
-    rows = 32 if _interpreted() else 64
+    rows = 32 if interpreted() else 64
     decode = q_len * group_pad <= 16
     if decode:
         block_q = max(triton.next_power_of_2(q_len), 16 // group_pad, 1)
     else:
         block_q = max(rows // group_pad, 1)
-    block_n = 16 if _interpreted() else (128 if decode else 64)  # decode is latency bound: fewer, larger key tiles
+    block_n = 16 if interpreted() else (128 if decode else 64)  # decode is latency bound: fewer, larger key tiles
     num_warps = 4 if group_pad * block_q <= 64 else 8
     block_d = max(16, triton.next_power_of_2(head_dim))
     return {"GROUP_PAD": group_pad, "BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    """The kernels' stride arguments, in order: (b, h, t) of each [B, H, T, D] tensor (D is contiguous), (b, t)
-    of each [B, T] position tensor."""
-    return [stride for t in tensors for stride in (t.stride()[:3] if t.dim() == 4 else t.stride())]
 
 
 def streaming_attention(
@@ -233,13 +182,13 @@ def _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, 
         return
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    q, k, v, sink_k, sink_v, ring_k, ring_v = map(_last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
+    q, k, v, sink_k, sink_v, ring_k, ring_v = map(last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
     group = num_q_heads // num_kv_heads
     cfg = launch_config(group, q_len, head_dim)
     grid = (triton.cdiv(q_len, cfg["BLOCK_Q"]), batch * num_kv_heads)
     _streaming_attention_kernel[grid](
         q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out,
-        *_strides(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out),
+        *kernel_strides(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out),
         num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2], sink, window, scaling * 1.4426950408889634,
         GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=q.dtype == torch.float32,
@@ -318,7 +267,7 @@ def _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, 
     batch, num_kv_heads, q_len, head_dim = keys.shape
     if batch == 0 or num_kv_heads == 0 or q_len == 0:
         return
-    keys, values = _last_dim_contiguous(keys), _last_dim_contiguous(values)
+    keys, values = last_dim_contiguous(keys), last_dim_contiguous(values)
     if any(t.stride(-1) != 1 for t in (sink_k, sink_v, ring_k, ring_v)):
         raise ValueError("the streaming cache buffers must have a contiguous last dim")
     newest = pos[:, 0] if q_len == 1 else pos.amax(dim=1)  # [B]; real tokens are the row's largest positions
@@ -326,7 +275,7 @@ def _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, 
     grid = (triton.cdiv(q_len, block_t), batch * num_kv_heads)
     _streaming_append_kernel[grid](
         keys, values, pos, newest, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos,
-        *_strides(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), newest.stride(0),
+        *kernel_strides(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), newest.stride(0),
         num_kv_heads, q_len, sink_k.shape[2], ring_k.shape[2],
         BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
     )
@@ -357,8 +306,6 @@ def streaming_attention_and_append(
         raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
     cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
     if q.shape[2] == 1:
-        from duohead.kernels.triton_decode import streaming_decode
-
         if torch.compiler.is_compiling():
             torch.ops.duohead.streaming_decode(q, k, v, q_pos, *cache, out, sink, window, scaling)
         else:
@@ -398,8 +345,6 @@ def _decode_op(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, sink_k: Tensor, sink_v: Tensor, sink_pos: Tensor,
     ring_k: Tensor, ring_v: Tensor, ring_pos: Tensor, out: Tensor, sink: int, window: int, scaling: float,
 ) -> None:
-    from duohead.kernels.triton_decode import streaming_decode
-
     streaming_decode(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out)
 
 

@@ -1,0 +1,62 @@
+"""Pieces shared by duohead's Triton kernels (`triton_streaming`, `triton_decode`): the online-softmax loop over a
+range of key slots with the Λ rule, and the launchers' small helpers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_range(
+    acc, m_i, l_i, q, q_pos,
+    k_base, v_base, pos_base, stride_kt, stride_vt, stride_pt,
+    start, end, sink, window, qk_scale,
+    offs_d, d_mask, skip,
+    BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
+    Slot `skip` (-1: none) is neither loaded nor seen."""
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = (offs_n < end) & (offs_n != skip)
+        k_pos = tl.load(pos_base + offs_n * stride_pt, mask=n_mask, other=-1)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * qk_scale
+        qp = q_pos[:, None]
+        kp = k_pos[None, :]
+        visible = (kp >= 0) & (kp <= qp) & ((kp < sink) | (qp - kp < window))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def kernel_strides(*tensors: torch.Tensor) -> list[int]:
+    """The kernels' stride arguments, in order: (b, h, t) of each [B, H, T, D] tensor (D is contiguous), (b, t)
+    of each [B, T] position tensor."""
+    return [stride for t in tensors for stride in (t.stride()[:3] if t.dim() == 4 else t.stride())]
