@@ -275,9 +275,9 @@ def check_model(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     small vocab). Prefill of all tokens but 8, then 8 one-token decode steps; the logits of every step compared
     (max |difference| / max |logit|): the all-retrieval pattern vs stock transformers (sdpa, DynamicCache), and a
     50% pattern on `duo_backend` vs the torch reference on the same device."""
-    import duohead
     from transformers import DynamicCache
 
+    import duohead
     from duohead.cache import cache_argument
 
     tokens = 64 if dry else 3000
@@ -473,9 +473,9 @@ def model_decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, d
     shapes), stock transformers with its StaticCache (sdpa) vs duohead at 50% streaming on `duo_backend`, both
     prefilled in chunks, then timed eagerly and as a CUDA-graph replay of one captured step (a replay repeats that
     step at the same position: a timing, not a generation). Bytes: weights + the KV each side reads."""
-    import duohead
     from transformers import StaticCache
 
+    import duohead
     from duohead.cache import cache_argument
 
     context, chunk = max(shapes.contexts), (64 if dry else 8192)
