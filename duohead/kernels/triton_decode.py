@@ -155,8 +155,8 @@ def _combine_splits_kernel(
 
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors on CUDA; 1 under the CPU interpreter (which runs programs one by one: no splits)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    """Streaming multiprocessors on CUDA; 0 under the CPU interpreter (it runs programs one by one: never split)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def decode_splits(rows: int, keys: int, block_n: int, device: torch.device) -> tuple[int, int]:
