@@ -25,7 +25,7 @@ from duohead.kernels.reference import lambda_visible
 
 GATED_ATTENTION = "duohead-calibrate"
 GATING_KWARG = "duohead_gating"
-DENSE_MAX_TOKENS = 4096  # up to here the streaming branch is one fused masked SDPA (faster on CPU); beyond, blocked
+MIN_BLOCK = 128  # query rows per block of the streaming branch, at least the window (fewer, larger matmuls)
 
 
 @dataclass
@@ -38,18 +38,12 @@ class Gating:
 
 
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scaling: float) -> torch.Tensor:
-    """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable.
+    """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable; memory O(T * (S + 2W)).
 
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Up to `DENSE_MAX_TOKENS` one SDPA call with a
-    [T, T] Λ mask; longer sequences go through `blocked_streaming_attention`, O(T * (S + 2W)).
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. No [T, T] mask at any length: see
+    `blocked_streaming_attention`.
     """
-    length = q.shape[2]
-    if length > DENSE_MAX_TOKENS:
-        return blocked_streaming_attention(q, k, v, sink, window, scaling)
-    pos = torch.arange(length, device=q.device)
-    visible = lambda_visible(pos[:, None], pos[None, :], sink, window)  # [T, T]
-    group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=group > 1)
+    return blocked_streaming_attention(q, k, v, sink, window, scaling)
 
 
 def blocked_streaming_attention(
@@ -57,14 +51,14 @@ def blocked_streaming_attention(
 ) -> torch.Tensor:
     """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable, O(T * (S + 2W)).
 
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of W; block b sees the sink
-    keys plus key blocks b-1 and b, which hold every key within the window; `lambda_visible` masks the rest.
-    Scores and softmax in float32.
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of N = max(W, 128) rows
+    (at most T); block b sees the sink keys plus key blocks b-1 and b, which hold every key within the window
+    (N >= W); `lambda_visible` masks the rest. Scores and softmax in float32, [B, Hq, T, S + 2N] in all.
     """
     batch, num_q_heads, length, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
-    block = max(1, min(window, length))
+    block = max(1, min(max(window, MIN_BLOCK), length))
     num_blocks = -(-length // block)
     pad = num_blocks * block - length
     dev = q.device
