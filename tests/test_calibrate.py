@@ -338,6 +338,24 @@ def test_cli_ctrl_c_saves_and_resume_matches(model_dir, tmp_path, monkeypatch, c
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finished_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the gates have not converged" in err and "--resume --steps 8" in err  # 4 steps cannot settle
+    first = HeadPattern.load(out / "pattern.json")
+    assert first.provenance["gate_report"]["converged"] is False
+    more = ["--steps", "8", *CLI_ARGS[2:]]
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 9))
+    longer = HeadPattern.load(out / "pattern.json")
+    assert longer.provenance["steps"] == 8 and not torch.equal(longer.gates, first.gates)
+    capsys.readouterr()
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 2
+    assert "at step 8 already; pass --steps larger than 8" in capsys.readouterr().err
+
+
 def test_cli_user_errors_are_one_line(model_dir, tokenizer, tmp_path, capsys):
     gpt2 = tmp_path / "gpt2"
     AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)

@@ -53,7 +53,7 @@ def blocked_streaming_attention(
 
     q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of N = max(W, 128) rows
     (at most T); block b sees the sink keys plus key blocks b-1 and b, which hold every key within the window
-    (N >= W); `lambda_visible` masks the rest. Scores and softmax in float32, [B, Hq, T, S + 2N] in all.
+    (N >= W); `lambda_visible` masks the rest (a bool mask [T, S + 2N] per group of G query heads).
     """
     batch, num_q_heads, length, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -77,16 +77,15 @@ def blocked_streaming_attention(
     k_pos = torch.cat([torch.arange(n_sink, device=dev).expand(num_blocks, n_sink), local_pos], dim=1)
     visible = lambda_visible(q_pos[:, :, None], k_pos[:, None, :], sink, window)  # [nb, blk, S' + 2*blk]
 
-    # Blocks as a batch dimension: queries [B, Hkv, nb, G*blk, D] against keys [B, Hkv, nb, S' + 2*blk, D].
-    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(batch, num_kv_heads, num_blocks, group * block, head_dim).float() * scaling
-    keys = torch.cat([sink_k[:, :, None].expand(-1, -1, num_blocks, -1, -1), kb], dim=3).float()
-    values = torch.cat([sink_v[:, :, None].expand(-1, -1, num_blocks, -1, -1), vb], dim=3).float()
-    scores = torch.matmul(qf, keys.transpose(-1, -2)).view(batch, num_kv_heads, num_blocks, group, block, -1)
-    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
-    out = torch.matmul(probs.view(batch, num_kv_heads, num_blocks, group * block, -1), values)
+    # Blocks as a batch dimension: queries [B, Hkv, nb, G*blk, D] against keys [B, Hkv, nb, S' + 2*blk, D],
+    # one fused SDPA call (no explicit score tensor is kept for the backward).
+    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(batch, num_kv_heads, num_blocks, group * block, head_dim)
+    keys = torch.cat([sink_k[:, :, None].expand(-1, -1, num_blocks, -1, -1), kb], dim=3)
+    values = torch.cat([sink_v[:, :, None].expand(-1, -1, num_blocks, -1, -1), vb], dim=3)
+    mask = visible[:, None].expand(-1, group, -1, -1).reshape(num_blocks, group * block, -1)  # [nb, G*blk, S' + 2*blk]
+    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scaling)
     out = out.view(batch, num_kv_heads, num_blocks, group, block, head_dim).permute(0, 1, 3, 2, 4, 5)
-    out = out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]
-    return out.to(q.dtype)
+    return out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]
 
 
 def gated_attention(
