@@ -231,7 +231,7 @@ def test_convergence_report_names_each_failed_condition():
 TESTBED_CARRIERS = [0, 3, 5, 6, 9, 10, 12, 15]  # 4 layers x 4 KV heads; these carry the context
 
 
-def testbed_run(tokenizer, rule: str, seed: int, steps: int = 40) -> tuple[dict, list[int], float, float]:
+def calibrate_testbed(tokenizer, rule: str, seed: int, steps: int = 40) -> tuple[dict, list[int], float, float]:
     """Calibrate the testbed at 50%: (convergence report, streaming heads, their held-out MSE, the designed layout's)."""
     gated = GatedModel(carrier_model(len(tokenizer), TESTBED_CARRIERS), sink=4, window=16, gradient_checkpointing=False)
     dataset = PasskeyDataset(tokenizer, small_spec(), seed=seed)
@@ -251,23 +251,24 @@ def test_testbed_heads_demonstrably_carry_the_context(tokenizer):
 
 
 def test_evidence_rule_reaches_the_target_where_the_instant_rule_does_not(tokenizer):
-    instant, _, instant_mse, designed_mse = testbed_run(tokenizer, "instant", seed=0)
+    instant, _, instant_mse, designed_mse = calibrate_testbed(tokenizer, "instant", seed=0)
     assert not instant["converged"]
-    evidence, streaming, evidence_mse, _ = testbed_run(tokenizer, "evidence", seed=0)
+    evidence, streaming, evidence_mse, _ = calibrate_testbed(tokenizer, "evidence", seed=0)
     assert evidence["converged"], evidence.get("reasons")
     assert evidence["below_half"] == 8 and evidence["margin"] >= 0.9 and evidence["decided"] == 1.0
     assert evidence_mse <= 1.1 * designed_mse < instant_mse  # as good a layout as the designed one
-    _, other_seed, _, _ = testbed_run(tokenizer, "evidence", seed=1)
+    _, other_seed, _, _ = calibrate_testbed(tokenizer, "evidence", seed=1)
     assert len(set(streaming) & set(other_seed)) >= 7  # two seeds (other samples) share >= 7 of 8 streaming heads
 
 
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_gives_the_same_gates_as_an_uninterrupted_run(tokenizer, tmp_path):
+@pytest.mark.parametrize("rule", ["evidence", "lagrange"])
+def test_resume_gives_the_same_gates_as_an_uninterrupted_run(rule, tokenizer, tmp_path):
     def calibrator() -> Calibrator:
         gated = GatedModel(tiny_model("qwen3", len(tokenizer)), sink=4, window=16)
-        return Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+        return Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config(rule=rule))
 
     straight = calibrator()
     records = [straight.step() for _ in range(6)]
@@ -279,8 +280,9 @@ def test_resume_gives_the_same_gates_as_an_uninterrupted_run(tokenizer, tmp_path
     resumed.load(tmp_path / CHECKPOINT)
     resumed_records = [resumed.step() for _ in range(4)]
     assert torch.equal(resumed.gates, straight.gates)
-    assert [r["loss"] for r in resumed_records] == [r["loss"] for r in records[2:]]
-    other = Calibrator(resumed.gated, resumed.dataset, train_config(lr=0.2))
+    assert [r["distill"] for r in resumed_records] == [r["distill"] for r in records[2:]]
+    assert torch.equal(resumed.evidence, straight.evidence) and resumed.multiplier == straight.multiplier
+    other = Calibrator(resumed.gated, resumed.dataset, train_config(lr=0.2, rule=rule))
     with pytest.raises(ValueError, match="lr 0.1"):
         other.load(tmp_path / CHECKPOINT)
 
