@@ -1,7 +1,8 @@
 """`duohead calibrate`: learn one gate per (layer, KV head) on synthetic passkey data and write a pattern.
 
 Output folder: pattern.json, train_log.jsonl (one JSON object per step), gates.png (needs matplotlib),
-checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `--resume` continues it).
+checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `--resume` continues it,
+`--resume --steps N` extends a finished run). The rules and the convergence report: docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100,
                    help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's to continue it")
     p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the gates (default 0.1)")
-    p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate); the warm-up floor in target mode (default 0.05)")
+    p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate) (target none), the warm-up floor of --rule instant (default 0.05)")
     p.add_argument("--target-sparsity", type=_target, default=0.5,
                    help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
     p.add_argument("--rule", default="evidence",
