@@ -83,7 +83,11 @@ def blocked_streaming_attention(
     keys = torch.cat([sink_k[:, :, None].expand(-1, -1, num_blocks, -1, -1), kb], dim=3)
     values = torch.cat([sink_v[:, :, None].expand(-1, -1, num_blocks, -1, -1), vb], dim=3)
     mask = visible[:, None].expand(-1, group, -1, -1).reshape(num_blocks, group * block, -1)  # [nb, G*blk, S' + 2*blk]
-    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scaling)
+    flat = batch * num_kv_heads, num_blocks  # 4-D for SDPA's fused kernels: [B*Hkv, nb, rows, D]
+    out = F.scaled_dot_product_attention(
+        qf.reshape(*flat, group * block, head_dim), keys.reshape(*flat, -1, head_dim), values.reshape(*flat, -1, head_dim),
+        attn_mask=mask, scale=scaling,
+    )
     out = out.view(batch, num_kv_heads, num_blocks, group, block, head_dim).permute(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]
 
