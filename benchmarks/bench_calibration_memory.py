@@ -89,7 +89,8 @@ def main() -> None:
                                       capture_output=True, text=True, check=True)
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")
+    summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print("| tokens | path | checkpointing | step peak MiB | seconds |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tokens']} | {r['path']} | {'on' if r['checkpointing'] else 'off'} | {r['step_mib']} | {r['seconds']} |")

@@ -58,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = word_tokenizer()
     rows = []
-    print("| target | rule | seed | converged | below 0.5 / target | margin | decided | late changes | held-out MSE / designed | seed overlap |")
+    print("| target | rule | seed | converged | below 0.5 / target | margin | decided | late changes "
+          "| held-out MSE / designed | seed overlap |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (target, carriers) in SETTINGS.items():
         for rule in args.rules:
@@ -67,7 +68,8 @@ def main() -> None:
             for r in pair:
                 r.update(setting=name, seed_overlap=overlap)
                 rows.append(r)
-                print(f"| {name} | {rule} | {r['seed']} | {'yes' if r['converged'] else 'no'} | {r['below_half']} / {r['target_heads']} | "
+                print(f"| {name} | {rule} | {r['seed']} | {'yes' if r['converged'] else 'no'} | "
+                      f"{r['below_half']} / {r['target_heads']} | "
                       f"{r['margin']} | {r['decided']:.2f} | {r['late_side_changes']} | {r['mse'] / r['designed_mse']:.2f} | "
                       f"{overlap}/{r['target_heads']} |", flush=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=1) + "\n")

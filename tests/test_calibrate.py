@@ -121,7 +121,9 @@ def test_file_haystack_is_used_and_too_short_file_is_refused(tokenizer, tmp_path
 # ---------------------------------------------------------------------------------------------------- gates
 
 
-@pytest.mark.parametrize("length,sink,window", [(37, 4, 8), (100, 0, 16), (5, 8, 16), (64, 3, 1), (50, 60, 7), (300, 5, 20), (400, 2, 150)])
+@pytest.mark.parametrize(
+    "length,sink,window", [(37, 4, 8), (100, 0, 16), (5, 8, 16), (64, 3, 1), (50, 60, 7), (300, 5, 20), (400, 2, 150)]
+)
 def test_streaming_branch_follows_the_lambda_rule(length, sink, window):
     torch.manual_seed(length)
     q, k, v = torch.randn(2, 6, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
@@ -240,7 +242,8 @@ def calibrate_testbed(tokenizer, rule: str, seed: int, steps: int = 40) -> tuple
     report = convergence_report(calibrator.gates, 0.5, layouts)
     held_out = range(1000, 1006)
     designed = [i for i in range(16) if i not in TESTBED_CARRIERS]
-    return report, sorted(layouts[-1]), layout_mse(gated, dataset, layouts[-1], held_out), layout_mse(gated, dataset, designed, held_out)
+    found = layout_mse(gated, dataset, layouts[-1], held_out)
+    return report, sorted(layouts[-1]), found, layout_mse(gated, dataset, designed, held_out)
 
 
 def test_testbed_heads_demonstrably_carry_the_context(tokenizer):

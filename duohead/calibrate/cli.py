@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=100,
-                   help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's to continue it")
+                   help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it")
     p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the gates (default 0.1)")
-    p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate) (target none), the warm-up floor of --rule instant (default 0.05)")
+    p.add_argument("--reg", type=float, default=0.05,
+                   help="lambda of the L1 push lambda*mean(gate) (target none), the warm-up floor of --rule instant (default 0.05)")
     p.add_argument("--target-sparsity", type=_target, default=0.5,
                    help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
     p.add_argument("--rule", default="evidence",
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (default 10)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each layer's activations in the backward (memory ~ one layer; default: on for CUDA, off on CPU)")
+                   help="recompute each layer's activations in the backward (default: on for CUDA, off on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint in --out")
     return p
