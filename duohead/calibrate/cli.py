@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it")
     p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the gates (default 0.1)")
     p.add_argument("--reg", type=float, default=0.05,
-                   help="lambda of the L1 push lambda*mean(gate) (target none), the warm-up floor of --rule instant (default 0.05)")
+                   help="lambda of the L1 push lambda*mean(gate) (target none); warm-up floor of --rule instant (default 0.05)")
     p.add_argument("--target-sparsity", type=_target, default=0.5,
                    help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
     p.add_argument("--rule", default="evidence",
