@@ -166,6 +166,15 @@ def test_all_gates_one_is_the_teacher(arch, tokenizer):
     assert gated.gates.grad.abs().sum() > 0
 
 
+def test_bfloat16_student_gives_finite_gate_gradients(tokenizer):
+    model = tiny_model("qwen2", len(tokenizer)).to(torch.bfloat16)
+    gated = GatedModel(model, sink=4, window=16)
+    calibrator = Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+    record = calibrator.step()
+    assert record["distill"] > 0 and torch.isfinite(calibrator.evidence).all() and calibrator.evidence.abs().sum() > 0
+    assert gated.gates.dtype == torch.float32 and len(record["streaming"]) == 2
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_only_the_gates_learn(arch, tokenizer):
     model = tiny_model(arch, len(tokenizer))
@@ -359,6 +368,22 @@ def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finis
     capsys.readouterr()
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 2
     assert "at step 8 already; pass --steps larger than 8" in capsys.readouterr().err
+
+
+def test_cli_gradient_checkpointing_is_off_on_cpu_unless_asked(model_dir, tmp_path, monkeypatch):
+    import duohead.calibrate.cli as cli_module
+
+    seen = []
+
+    def recording(model, **kwargs):
+        seen.append(kwargs["gradient_checkpointing"])
+        return GatedModel(model, **kwargs)
+
+    monkeypatch.setattr(cli_module, "GatedModel", recording)
+    args = ["--model", str(model_dir), "--steps", "1", *CLI_ARGS[2:]]
+    assert calibrate_main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert calibrate_main([*args, "--out", str(tmp_path / "b"), "--gradient-checkpointing"]) == 0
+    assert seen == [False, True]
 
 
 def test_cli_user_errors_are_one_line(model_dir, tokenizer, tmp_path, capsys):
