@@ -371,15 +371,13 @@ def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finis
 
 
 def test_cli_gradient_checkpointing_is_off_on_cpu_unless_asked(model_dir, tmp_path, monkeypatch):
-    import duohead.calibrate.cli as cli_module
-
     seen = []
 
     def recording(model, **kwargs):
         seen.append(kwargs["gradient_checkpointing"])
         return GatedModel(model, **kwargs)
 
-    monkeypatch.setattr(cli_module, "GatedModel", recording)
+    monkeypatch.setattr(gates_module, "GatedModel", recording)  # the CLI imports it when it runs
     args = ["--model", str(model_dir), "--steps", "1", *CLI_ARGS[2:]]
     assert calibrate_main([*args, "--out", str(tmp_path / "a")]) == 0
     assert calibrate_main([*args, "--out", str(tmp_path / "b"), "--gradient-checkpointing"]) == 0

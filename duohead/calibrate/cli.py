@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=100,
                    help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it")
-    p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the gates (default 0.1)")
+    p.add_argument("--lr", type=float, default=0.1, help="gate step size: signed steps (rule evidence) or AdamW lr (default 0.1)")
     p.add_argument("--reg", type=float, default=0.05,
                    help="lambda of the L1 push lambda*mean(gate) (target none); warm-up floor of --rule instant (default 0.05)")
     p.add_argument("--target-sparsity", type=_target, default=0.5,
