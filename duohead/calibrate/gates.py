@@ -25,7 +25,7 @@ from duohead.kernels.reference import lambda_visible
 
 GATED_ATTENTION = "duohead-calibrate"
 GATING_KWARG = "duohead_gating"
-DENSE_MAX_TOKENS = 4096  # up to here the streaming branch is one fused masked SDPA (faster on CPU); beyond, blocked
+MIN_BLOCK = 128  # query rows per block of the streaming branch, at least the window (fewer, larger matmuls)
 
 
 @dataclass
@@ -38,18 +38,12 @@ class Gating:
 
 
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scaling: float) -> torch.Tensor:
-    """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable.
+    """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable; memory O(T * (S + 2W)).
 
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Up to `DENSE_MAX_TOKENS` one SDPA call with a
-    [T, T] Λ mask; longer sequences go through `blocked_streaming_attention`, O(T * (S + 2W)).
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. No [T, T] mask at any length: see
+    `blocked_streaming_attention`.
     """
-    length = q.shape[2]
-    if length > DENSE_MAX_TOKENS:
-        return blocked_streaming_attention(q, k, v, sink, window, scaling)
-    pos = torch.arange(length, device=q.device)
-    visible = lambda_visible(pos[:, None], pos[None, :], sink, window)  # [T, T]
-    group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=group > 1)
+    return blocked_streaming_attention(q, k, v, sink, window, scaling)
 
 
 def blocked_streaming_attention(
@@ -57,14 +51,14 @@ def blocked_streaming_attention(
 ) -> torch.Tensor:
     """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable, O(T * (S + 2W)).
 
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of W; block b sees the sink
-    keys plus key blocks b-1 and b, which hold every key within the window; `lambda_visible` masks the rest.
-    Scores and softmax in float32.
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of N = max(W, 128) rows
+    (at most T); block b sees the sink keys plus key blocks b-1 and b, which hold every key within the window
+    (N >= W); `lambda_visible` masks the rest (a bool mask [T, S + 2N] per group of G query heads).
     """
     batch, num_q_heads, length, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
-    block = max(1, min(window, length))
+    block = max(1, min(max(window, MIN_BLOCK), length))
     num_blocks = -(-length // block)
     pad = num_blocks * block - length
     dev = q.device
@@ -83,16 +77,19 @@ def blocked_streaming_attention(
     k_pos = torch.cat([torch.arange(n_sink, device=dev).expand(num_blocks, n_sink), local_pos], dim=1)
     visible = lambda_visible(q_pos[:, :, None], k_pos[:, None, :], sink, window)  # [nb, blk, S' + 2*blk]
 
-    # Blocks as a batch dimension: queries [B, Hkv, nb, G*blk, D] against keys [B, Hkv, nb, S' + 2*blk, D].
-    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(batch, num_kv_heads, num_blocks, group * block, head_dim).float() * scaling
-    keys = torch.cat([sink_k[:, :, None].expand(-1, -1, num_blocks, -1, -1), kb], dim=3).float()
-    values = torch.cat([sink_v[:, :, None].expand(-1, -1, num_blocks, -1, -1), vb], dim=3).float()
-    scores = torch.matmul(qf, keys.transpose(-1, -2)).view(batch, num_kv_heads, num_blocks, group, block, -1)
-    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
-    out = torch.matmul(probs.view(batch, num_kv_heads, num_blocks, group * block, -1), values)
+    # Blocks as a batch dimension: queries [B, Hkv, nb, G*blk, D] against keys [B, Hkv, nb, S' + 2*blk, D],
+    # one fused SDPA call (no explicit score tensor is kept for the backward).
+    qf = qb.permute(0, 1, 3, 2, 4, 5).reshape(batch, num_kv_heads, num_blocks, group * block, head_dim)
+    keys = torch.cat([sink_k[:, :, None].expand(-1, -1, num_blocks, -1, -1), kb], dim=3)
+    values = torch.cat([sink_v[:, :, None].expand(-1, -1, num_blocks, -1, -1), vb], dim=3)
+    mask = visible[:, None].expand(-1, group, -1, -1).reshape(num_blocks, group * block, -1)  # [nb, G*blk, S' + 2*blk]
+    flat = batch * num_kv_heads, num_blocks  # 4-D for SDPA's fused kernels: [B*Hkv, nb, rows, D]
+    out = F.scaled_dot_product_attention(
+        qf.reshape(*flat, group * block, head_dim), keys.reshape(*flat, -1, head_dim), values.reshape(*flat, -1, head_dim),
+        attn_mask=mask, scale=scaling,
+    )
     out = out.view(batch, num_kv_heads, num_blocks, group, block, head_dim).permute(0, 1, 3, 2, 4, 5)
-    out = out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]
-    return out.to(q.dtype)
+    return out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]
 
 
 def gated_attention(

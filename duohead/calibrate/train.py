@@ -1,21 +1,25 @@
-"""The calibration loop: one sample per step, AdamW on the gates, schedule, checkpoints, JSON-lines log.
+"""The calibration loop: one sample per step, a gate-update rule, schedule, checkpoints, JSON-lines log.
 
-Gates G [L, Hkv] start at 1 and are clamped to [0, 1] after every step. Loss = MSE(student, teacher final
-hidden states at the supervised positions) + lambda * mean(G).
+Gates G [L, Hkv] (N = L * Hkv of them) stay in [0, 1]; the distillation loss is MSE(student, teacher final
+hidden states at the supervised positions), and its gradient's negative, the *pull* -dMSE/dG, says how much a
+gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md compares them):
 
-Two ways to set lambda:
-- fixed (`target_sparsity=None`): lambda = `reg`, the reference's L1 push;
-- target sparsity: after each backward, lambda is set so that exactly round(target * L * Hkv) gates get a
-  net gradient pushing them down: those whose pull toward the teacher (-dMSE/dG) is weakest. This is the
-  Lagrange multiplier of the constraint "that many heads stream", solved per step; the other gates are
-  pushed up, so gates separate toward 0 and 1 instead of drifting down together. During warm-up lambda is
-  at least `reg` (at G = 1 the student equals the teacher and the distillation gradient carries no ranking).
-  (Choosing lambda on AdamW's momentum instead, so that exactly that many gates *move* down each step, was
-  measured on SmolLM2 too: the same ranking, Spearman 0.99, but slower to reach the target; see the pattern
-  README.)
+- "l1" (`target_sparsity=None`): the reference's fixed push, loss + `reg` * mean(G), AdamW; gates start at 1.
+- "evidence" (the default with a target): the student runs with every gate at the probe value 1 - target (the
+  target's expected sparsity), so a head's pull is its own cost of streaming plus its overlap with the others',
+  the same for every head whatever its current side. Each step adds the sample's pull, scaled to mean
+  |pull| = 1, to a running mean (the evidence); the k = round(target * N) gates with the weakest evidence step
+  down by the learning rate, all others up (signed steps, no optimiser). Gates start at 1 - target. As the
+  evidence settles, the k streaming gates reach 0 and the rest 1: the run lands on its target by construction,
+  and one noisy sample cannot flip a head.
+- "lagrange": loss + mu * m * mean(G), m = the sample's mean |pull|, AdamW on the gates; the multiplier mu
+  rises by dual ascent while mean(G) > 1 - target (the expected sparsity below target). Gates start at 1 - target.
+- "instant": the previous rule, kept for comparison: lambda is re-solved after every backward so that exactly
+  k gates get a downward net gradient from that one sample; AdamW; gates start at 1 (warm-up floor `reg`).
 
-A checkpoint holds the gates, the AdamW moments and the step; sample i depends only on (seed, i), so a
-resumed run reproduces an uninterrupted one bit for bit.
+A checkpoint holds the gates, the rule's state (AdamW moments, evidence, multiplier) and the step; sample i
+depends only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A finished run can
+be continued with more steps (the schedule is then the one of the new step count).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from duohead.calibrate.convergence import decided_fraction
 from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
 from duohead.files import atomic_write
@@ -40,9 +45,13 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
 
 
+RULES = ("evidence", "lagrange", "instant")
+DUAL_LR = 2.0  # "lagrange": multiplier change per unit of (mean gate - (1 - target)) per step
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines the result of a calibration run (checked on --resume)."""
+    """Everything that determines the result of a calibration run (checked on --resume, except `steps`)."""
 
     steps: int
     lr: float
@@ -55,6 +64,7 @@ class TrainConfig:
     num_passkeys: int
     passkey_words: int
     seed: int
+    rule: str = "evidence"
     warmup: float = 0.2
     decay: float = 0.2
 
@@ -67,6 +77,13 @@ class TrainConfig:
             raise ValueError(f"--reg must be >= 0; got {self.reg}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:
             raise ValueError(f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {self.target_sparsity}")
+        if self.rule not in RULES:
+            raise ValueError(f"--rule must be one of {', '.join(RULES)}; got {self.rule!r}")
+
+    @property
+    def mode(self) -> str:
+        """The rule in effect: "l1" without a target, else `rule`."""
+        return "l1" if self.target_sparsity is None else self.rule
 
 
 def lr_factor(step: int, steps: int, warmup: float = 0.2, decay: float = 0.2) -> float:
@@ -97,16 +114,28 @@ def target_lambda(grad: torch.Tensor, num_streaming: int) -> float:
     return threshold * n
 
 
+def weakest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the `count` smallest of `values` (any shape), ties by flat index (as `binarize`)."""
+    return torch.sort(values.detach().flatten().cpu(), stable=True).indices[:count]
+
+
 class Calibrator:
-    """Owns the gates' optimiser and step counter; `step()` runs one sample."""
+    """Owns the gates' update rule, its state and the step counter; `step()` runs one sample."""
 
     def __init__(self, gated: GatedModel, dataset: PasskeyDataset, config: TrainConfig) -> None:
         self.gated = gated
         self.dataset = dataset
         self.config = config
-        self.optimizer = torch.optim.AdamW([gated.gates], lr=config.lr, weight_decay=0.0)
+        gates = gated.gates
+        self.num_streaming = round(config.target_sparsity * gates.numel()) if config.target_sparsity is not None else 0
+        self.optimizer = torch.optim.AdamW([gates], lr=config.lr, weight_decay=0.0) if config.mode != "evidence" else None
+        self.evidence = torch.zeros(gates.numel(), dtype=torch.float64)
+        self.multiplier = 0.0
+        if config.mode in ("evidence", "lagrange"):
+            with torch.no_grad():
+                gates.fill_(1.0 - config.target_sparsity)  # at G = 1 the pull is zero: start at the expected target
         self.step_index = 0
-        self.device = gated.gates.device
+        self.device = gates.device
 
     @property
     def gates(self) -> torch.Tensor:
@@ -121,63 +150,108 @@ class Calibrator:
         supervised = sample.supervised.to(self.device)
         target = self.gated.teacher_states(ids, supervised)
         gates.grad = None
+        if cfg.mode == "evidence":
+            kept = gates.detach().clone()
+            with torch.no_grad():
+                gates.fill_(1.0 - cfg.target_sparsity)
         distill = self.gated.distill_backward(ids, supervised, target)
-        if cfg.target_sparsity is None:
-            lam = cfg.reg
+        if cfg.mode == "evidence":
+            with torch.no_grad():
+                gates.copy_(kept)
+        lr = cfg.lr * lr_factor(self.step_index, cfg.steps, cfg.warmup, cfg.decay)
+        record: dict[str, Any] = {"step": self.step_index + 1, "distill": distill, "lr": lr}
+        if cfg.mode == "evidence":
+            self._evidence_step(lr)
         else:
-            lam = target_lambda(gates.grad, round(cfg.target_sparsity * gates.numel()))
+            record.update(self._adam_step(lr))
+        self.step_index += 1
+        flat = self.gates.flatten().float().cpu()
+        cut = self.num_streaming if cfg.target_sparsity is not None else int((flat < 0.5).sum())
+        ordered = flat.sort().values
+        record.update(
+            mean_gate=flat.mean().item(), retrieval_heads=int((flat >= 0.5).sum()),
+            margin=round((ordered[cut] - ordered[cut - 1]).item(), 4) if 0 < cut < flat.numel() else None,
+            decided=round(decided_fraction(flat), 4), streaming=weakest(flat, cut).tolist(),
+            ctx=int(ids.shape[1]), seconds=round(time.perf_counter() - start, 3),
+        )
+        return record
+
+    def _evidence_step(self, lr: float) -> None:
+        gates = self.gated.gates
+        pull = -gates.grad.detach().flatten().double().cpu()
+        scale = pull.abs().mean().item()
+        if scale > 0:
+            self.evidence += (pull / scale - self.evidence) / (self.step_index + 1)
+        direction = torch.ones_like(self.evidence)
+        direction[weakest(self.evidence, self.num_streaming)] = -1.0
+        with torch.no_grad():
+            gates.add_(lr * direction.view_as(gates).to(gates))
+            gates.clamp_(0.0, 1.0)
+        gates.grad = None
+
+    def _adam_step(self, lr: float) -> dict[str, Any]:
+        cfg, gates = self.config, self.gated.gates
+        mean_gate = gates.detach().mean().item()
+        if cfg.mode == "l1":
+            lam = cfg.reg
+        elif cfg.mode == "instant":
+            lam = target_lambda(gates.grad, self.num_streaming)
             if self.step_index < cfg.warmup * cfg.steps:
                 lam = max(lam, cfg.reg)
-        mean_gate = gates.detach().mean().item()
+        else:  # lagrange
+            lam = self.multiplier * gates.grad.detach().abs().mean().item() * gates.numel()
         gates.grad += lam / gates.numel()  # d(lam * mean(G)) / dG
-        lr = cfg.lr * lr_factor(self.step_index, cfg.steps, cfg.warmup, cfg.decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         with torch.no_grad():
             gates.clamp_(0.0, 1.0)
-        self.step_index += 1
-        return {
-            "step": self.step_index, "loss": distill + lam * mean_gate, "distill": distill, "reg": lam * mean_gate,
-            "lambda": lam, "lr": lr, "mean_gate": gates.detach().mean().item(),
-            "retrieval_heads": int((gates.detach() >= 0.5).sum()), "ctx": int(ids.shape[1]),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        if cfg.mode == "lagrange":
+            excess = gates.detach().mean().item() - (1.0 - cfg.target_sparsity)
+            self.multiplier = max(0.0, self.multiplier + DUAL_LR * excess)
+        return {"lambda": lam, "reg": lam * mean_gate}
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write gates, AdamW moments and the step to a safetensors file, atomically."""
+        """Write gates, the rule's state and the step to a safetensors file, atomically."""
         path = Path(path)
-        state = self.optimizer.state.get(self.gated.gates, {})
-        tensors = {"gates": self.gates.cpu().contiguous()}
+        tensors = {"gates": self.gates.cpu().contiguous(), "evidence": self.evidence.contiguous()}
+        state = self.optimizer.state.get(self.gated.gates, {}) if self.optimizer is not None else {}
         if state:
             tensors["adam.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
             tensors["adam.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             tensors["adam.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
-        metadata = {"step": str(self.step_index), "config": json.dumps(asdict(self.config), sort_keys=True)}
+        metadata = {"step": str(self.step_index), "multiplier": repr(self.multiplier),
+                    "config": json.dumps(asdict(self.config), sort_keys=True)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by `save`; refuses one made with different settings."""
+        """Restore a checkpoint written by `save`; refuses one made with different settings (`steps` may
+        differ: a longer run continues a finished one)."""
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         saved = json.loads(metadata.get("config", "{}"))
         mine = asdict(self.config)
-        diffs = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if saved.get(k) != v]
+        diffs = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "steps" and saved.get(k) != v]
         if diffs:
             raise ValueError(f"{path} was made with other settings: {', '.join(diffs)}; rerun with the same options or use --force")
-        tensors = load_file(str(path), device=str(self.device))
+        step = int(metadata["step"])
+        if step >= self.config.steps:
+            raise ValueError(f"{path} is at step {step} already; pass --steps larger than {step} to continue it")
+        tensors = load_file(str(path), device="cpu")
         with torch.no_grad():
-            self.gated.gates.copy_(tensors["gates"])
-        if "adam.step" in tensors:
+            self.gated.gates.copy_(tensors["gates"].to(self.device))
+        self.evidence = tensors["evidence"]
+        self.multiplier = float(metadata["multiplier"])
+        if "adam.step" in tensors and self.optimizer is not None:
             self.optimizer.state[self.gated.gates] = {
-                "step": tensors["adam.step"].cpu().reshape(()),
-                "exp_avg": tensors["adam.exp_avg"],
-                "exp_avg_sq": tensors["adam.exp_avg_sq"],
+                "step": tensors["adam.step"].reshape(()),
+                "exp_avg": tensors["adam.exp_avg"].to(self.device),
+                "exp_avg_sq": tensors["adam.exp_avg_sq"].to(self.device),
             }
-        self.step_index = int(metadata["step"])
+        self.step_index = step
 
 
 def read_log(path: Path, upto_step: int) -> list[str]:
