@@ -13,7 +13,7 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.duohead-installed
 COMPAT_PINS := transformers==5.17.0 triton==3.6.0 "numpy<2.4"
 
-.PHONY: demo test test-fast test-compat test-triton setup
+.PHONY: demo test test-fast test-compat test-triton lint setup
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ruff: the linter and the formatter's check (configured in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

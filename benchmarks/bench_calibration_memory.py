@@ -42,8 +42,14 @@ def dense_streaming_attention(q, k, v, sink, window, scaling):
 def tiny_model(max_positions: int) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=max_positions,
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=max_positions,
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
@@ -64,8 +70,13 @@ def child(length: int, path: str, checkpointing: bool) -> dict:
     gated.distill_backward(ids, supervised, target)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tokens": length, "path": path, "checkpointing": checkpointing,
-            "step_mib": round((peak - before) / 2**20, 1), "seconds": round(seconds, 2)}
+    return {
+        "tokens": length,
+        "path": path,
+        "checkpointing": checkpointing,
+        "step_mib": round((peak - before) / 2**20, 1),
+        "seconds": round(seconds, 2),
+    }
 
 
 def main() -> None:
@@ -85,8 +96,12 @@ def main() -> None:
             if path == "dense" and length > args.dense_up_to:
                 continue
             for checkpointing in [c == "on" for c in args.checkpointing]:
-                done = subprocess.run([sys.executable, __file__, "--child", str(length), path, str(int(checkpointing))],
-                                      capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--child", str(length), path, str(int(checkpointing))],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), flush=True)
     summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}

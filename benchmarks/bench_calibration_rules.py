@@ -34,19 +34,37 @@ HELD_OUT = range(1000, 1006)
 def run(tokenizer, rule: str, target: float, carriers: list[int], seed: int, steps: int) -> dict:
     gated = GatedModel(carrier_model(len(tokenizer), carriers), sink=4, window=16, gradient_checkpointing=False)
     dataset = PasskeyDataset(tokenizer, PasskeySpec(120, 200, num_passkeys=3, passkey_words=4), seed=seed)
-    config = TrainConfig(steps=steps, lr=0.1, reg=0.05, target_sparsity=None if rule == "l1" else target, sink=4, window=16,
-                         ctx_min=120, ctx_max=200, num_passkeys=3, passkey_words=4, seed=seed,
-                         rule="evidence" if rule == "l1" else rule)
+    config = TrainConfig(
+        steps=steps,
+        lr=0.1,
+        reg=0.05,
+        target_sparsity=None if rule == "l1" else target,
+        sink=4,
+        window=16,
+        ctx_min=120,
+        ctx_max=200,
+        num_passkeys=3,
+        passkey_words=4,
+        seed=seed,
+        rule="evidence" if rule == "l1" else rule,
+    )
     calibrator = Calibrator(gated, dataset, config)
     layouts = [calibrator.step()["streaming"] for _ in range(steps)]
     report = convergence_report(calibrator.gates, target, layouts)  # l1 is judged at the same cut
     streaming = sorted(int(i) for i in torch.sort(calibrator.gates.flatten(), stable=True).indices[: report["streaming_heads"]])
     designed = [i for i in range(calibrator.gates.numel()) if i not in carriers]
     return {
-        "rule": rule, "seed": seed, "converged": report["converged"], "below_half": report["below_half"],
-        "target_heads": report["streaming_heads"], "margin": report.get("margin"), "decided": report["decided"],
-        "late_side_changes": report["late_side_changes"], "streaming": streaming,
-        "mse": layout_mse(gated, dataset, streaming, HELD_OUT), "designed_mse": layout_mse(gated, dataset, designed, HELD_OUT),
+        "rule": rule,
+        "seed": seed,
+        "converged": report["converged"],
+        "below_half": report["below_half"],
+        "target_heads": report["streaming_heads"],
+        "margin": report.get("margin"),
+        "decided": report["decided"],
+        "late_side_changes": report["late_side_changes"],
+        "streaming": streaming,
+        "mse": layout_mse(gated, dataset, streaming, HELD_OUT),
+        "designed_mse": layout_mse(gated, dataset, designed, HELD_OUT),
     }
 
 
@@ -58,8 +76,10 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = word_tokenizer()
     rows = []
-    print("| target | rule | seed | converged | below 0.5 / target | margin | decided | late changes "
-          "| held-out MSE / designed | seed overlap |")
+    print(
+        "| target | rule | seed | converged | below 0.5 / target | margin | decided | late changes "
+        "| held-out MSE / designed | seed overlap |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (target, carriers) in SETTINGS.items():
         for rule in args.rules:
@@ -68,10 +88,13 @@ def main() -> None:
             for r in pair:
                 r.update(setting=name, seed_overlap=overlap)
                 rows.append(r)
-                print(f"| {name} | {rule} | {r['seed']} | {'yes' if r['converged'] else 'no'} | "
-                      f"{r['below_half']} / {r['target_heads']} | "
-                      f"{r['margin']} | {r['decided']:.2f} | {r['late_side_changes']} | {r['mse'] / r['designed_mse']:.2f} | "
-                      f"{overlap}/{r['target_heads']} |", flush=True)
+                print(
+                    f"| {name} | {rule} | {r['seed']} | {'yes' if r['converged'] else 'no'} | "
+                    f"{r['below_half']} / {r['target_heads']} | "
+                    f"{r['margin']} | {r['decided']:.2f} | {r['late_side_changes']} | {r['mse'] / r['designed_mse']:.2f} | "
+                    f"{overlap}/{r['target_heads']} |",
+                    flush=True,
+                )
     Path(args.out).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=1) + "\n")
 
 

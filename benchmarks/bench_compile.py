@@ -50,41 +50,68 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
-        ids = torch.randint(100, full.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(args.seed + context))
+        ids = torch.randint(
+            100, full.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(args.seed + context)
+        )
         tokens = {}
         for method, compiled in WAYS:
             torch._dynamo.reset()
             result = run_prompt(models[method], ids, args.decode_steps + 2, compile=compiled)
             steps = result.decode_step_seconds[1:] if compiled else result.decode_step_seconds
             tokens[method, compiled] = result.tokens
-            rows.append({
-                "context": context, "method": method, "compiled": compiled, "prefill_seconds": result.prefill_seconds,
-                "first_step_seconds": result.decode_step_seconds[0], "median_step_seconds": statistics.median(steps),
-                "decode_tokens_per_second": result.decode_tokens_per_second, "step_seconds": result.decode_step_seconds,
-            })
+            rows.append(
+                {
+                    "context": context,
+                    "method": method,
+                    "compiled": compiled,
+                    "prefill_seconds": result.prefill_seconds,
+                    "first_step_seconds": result.decode_step_seconds[0],
+                    "median_step_seconds": statistics.median(steps),
+                    "decode_tokens_per_second": result.decode_tokens_per_second,
+                    "step_seconds": result.decode_step_seconds,
+                }
+            )
             r = rows[-1]
-            print(f"{context:>5} {method:<8} {'compiled' if compiled else 'eager':<8} first step {r['first_step_seconds']:.2f} s, "
-                  f"median step {r['median_step_seconds'] * 1e3:.1f} ms, {r['decode_tokens_per_second']:.2f} tok/s", file=sys.stderr, flush=True)
+            print(
+                f"{context:>5} {method:<8} {'compiled' if compiled else 'eager':<8} first step {r['first_step_seconds']:.2f} s, "
+                f"median step {r['median_step_seconds'] * 1e3:.1f} ms, {r['decode_tokens_per_second']:.2f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
         for method in models:
             same = tokens[method, True] == tokens[method, False]
             for r in rows[-4:]:
                 if r["method"] == method:
                     r["compiled_tokens_equal_eager"] = same
 
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__, "python": platform.python_version(),
-               "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}}
-    atomic_write_text(args.out, json.dumps({"machine": machine, "command": " ".join(sys.argv), "sparsity": SPARSITY, "rows": rows}, indent=1) + "\n")
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+    }
+    atomic_write_text(
+        args.out,
+        json.dumps({"machine": machine, "command": " ".join(sys.argv), "sparsity": SPARSITY, "rows": rows}, indent=1) + "\n",
+    )
     by = {(r["context"], r["method"], r["compiled"]): r for r in rows}
-    print("| context | full eager tok/s | full compiled tok/s | duohead eager tok/s | duohead compiled tok/s | "
-          "compiled / eager (full, duohead) | duohead / full (eager, compiled) | compiled tokens = eager |")
+    print(
+        "| context | full eager tok/s | full compiled tok/s | duohead eager tok/s | duohead compiled tok/s | "
+        "compiled / eager (full, duohead) | duohead / full (eager, compiled) | compiled tokens = eager |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for context in sorted({r["context"] for r in rows}):
         t = {(m, c): by[context, m, c]["decode_tokens_per_second"] for m, c in WAYS}
         same = all(by[context, m, True]["compiled_tokens_equal_eager"] for m in models)
-        print(f"| {context} | {t['full', False]:.2f} | {t['full', True]:.2f} | {t['duohead', False]:.2f} | {t['duohead', True]:.2f} | "
-              f"{t['full', True] / t['full', False]:.2f}, {t['duohead', True] / t['duohead', False]:.2f} | "
-              f"{t['duohead', False] / t['full', False]:.2f}, {t['duohead', True] / t['full', True]:.2f} | {'yes' if same else 'NO'} |")
+        print(
+            f"| {context} | {t['full', False]:.2f} | {t['full', True]:.2f} "
+            f"| {t['duohead', False]:.2f} | {t['duohead', True]:.2f} | "
+            f"{t['full', True] / t['full', False]:.2f}, {t['duohead', True] / t['duohead', False]:.2f} | "
+            f"{t['duohead', False] / t['full', False]:.2f}, {t['duohead', True] / t['full', True]:.2f} "
+            f"| {'yes' if same else 'NO'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -52,16 +52,23 @@ def measure(method: str, context: int, decode_steps: int, seed: int) -> dict:
     rss_before = current_rss_bytes()
     result = run_prompt(model, ids, decode_steps + 1)
     row = {
-        "method": method, "context": context, "tokens_held": context + decode_steps, "pattern": pattern_source,
-        "prefill_seconds": result.prefill_seconds, "decode_step_seconds": statistics.median(result.decode_step_seconds),
-        "kv": result.memory, "peak_rss_bytes": result.peak_memory_bytes, "rss_before_bytes": rss_before,
+        "method": method,
+        "context": context,
+        "tokens_held": context + decode_steps,
+        "pattern": pattern_source,
+        "prefill_seconds": result.prefill_seconds,
+        "decode_step_seconds": statistics.median(result.decode_step_seconds),
+        "kv": result.memory,
+        "peak_rss_bytes": result.peak_memory_bytes,
+        "rss_before_bytes": rss_before,
     }
     if METHODS[method] is not None:
         layouts = duohead.architecture.layer_layouts(model)
         heads = sum(len(lay.kv_order) for lay in layouts)
         row.update(
             retrieval_fraction=sum(lay.num_retrieval_heads for lay in layouts) / heads,
-            sink=layouts[0].sink, window=layouts[0].window,
+            sink=layouts[0].sink,
+            window=layouts[0].window,
         )
     return row
 
@@ -85,8 +92,19 @@ def max_context(budget: int, per_token: float, constant: float) -> int:
 
 
 def _run_child(method: str, context: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, str(context), "--decode-steps", str(args.decode_steps),
-           "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        str(context),
+        "--decode-steps",
+        str(args.decode_steps),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     env = dict(os.environ)
     if args.malloc_mmap_threshold is not None:  # glibc: serve blocks >= N bytes by mmap, returned to the OS when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -106,7 +124,11 @@ def _table(rows: list[dict], budgets: list[float]) -> str:
     for r in rows:
         base = full[r["context"]]
         kv = r["kv"]["total_bytes"]
-        ideal = "1.00" if r["method"] == "full" else f"{ideal_ratio(r['retrieval_fraction'], r['sink'], r['window'], r['tokens_held']):.2f}"
+        ideal = (
+            "1.00"
+            if r["method"] == "full"
+            else f"{ideal_ratio(r['retrieval_fraction'], r['sink'], r['window'], r['tokens_held']):.2f}"
+        )
         lines.append(
             f"| {r['method']} | {r['context']} | {kv / 1e6:.1f} | {base['kv']['total_bytes'] / kv:.2f} | {ideal} | "
             f"{r['kv']['reserved_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['prefill_seconds']:.2f} | "
@@ -114,8 +136,13 @@ def _table(rows: list[dict], budgets: list[float]) -> str:
             f"{base['decode_step_seconds'] / r['decode_step_seconds']:.2f} |"
         )
     largest = max(full)
-    lines += ["", "| method | KV bytes per token | constant KV bytes | " + " | ".join(f"max context in {b:g} GiB KV" for b in budgets) + " |",
-              "|---|---|---|" + "---|" * len(budgets)]
+    lines += [
+        "",
+        "| method | KV bytes per token | constant KV bytes | "
+        + " | ".join(f"max context in {b:g} GiB KV" for b in budgets)
+        + " |",
+        "|---|---|---|" + "---|" * len(budgets),
+    ]
     for method in METHODS:
         r = next(x for x in rows if x["method"] == method and x["context"] == largest)
         per_token = r["kv"]["retrieval_bytes"] / r["tokens_held"]
@@ -163,7 +190,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: torch's)")
-    p.add_argument("--malloc-mmap-threshold", type=int, help="set glibc's MALLOC_MMAP_THRESHOLD_ in the runs (peak RSS without allocator retention)")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ in the runs (peak RSS without allocator retention)",
+    )
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,16 +208,25 @@ def main() -> None:
         for method in METHODS:
             rows.append(_run_child(method, context, args))
             r = rows[-1]
-            print(f"{method:<13} {context:>6}: prefill {r['prefill_seconds']:.2f} s, step {r['decode_step_seconds'] * 1e3:.1f} ms, "
-                  f"KV {r['kv']['total_bytes'] / 1e6:.1f} MB, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"{method:<13} {context:>6}: prefill {r['prefill_seconds']:.2f} s, step {r['decode_step_seconds'] * 1e3:.1f} ms, "
+                f"KV {r['kv']['total_bytes'] / 1e6:.1f} MB, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     machine = {
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_cpu.json").write_text(json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    (out / "bench_cpu.json").write_text(
+        json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n"
+    )
     table = _table(rows, [float(b) for b in args.budgets_gib.split(",")])
     print(table)
     try:

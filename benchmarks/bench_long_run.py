@@ -35,8 +35,14 @@ LAYOUTS = {"mixed": [[1.0, 0.0], [0.0, 1.0]], "streaming": [[0.0, 0.0], [0.0, 0.
 def tiny_model(max_positions: int) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_positions,
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
@@ -64,17 +70,27 @@ def run(layout: str, args: argparse.Namespace) -> list[dict]:
                 model(input_ids=torch.randint(0, 256, (1, 1), generator=gen), **{cache_argument(model): cache}, use_cache=True)
                 steps.append(time.perf_counter() - t0)
             memory = cache.memory()
-            points.append({
-                "tokens_held": cache.get_seq_length(), "retrieval_bytes": memory["retrieval_bytes"],
-                "streaming_bytes": memory["streaming_bytes"], "streaming_allocated_bytes": streaming_allocated_bytes(cache),
-                "reserved_bytes": memory["reserved_bytes"], "rss_bytes": current_rss_bytes(),
-                "decode_step_seconds": min(steps), "decode_step_median_seconds": statistics.median(steps),
-                "elapsed_seconds": time.perf_counter() - start,
-            })
+            points.append(
+                {
+                    "tokens_held": cache.get_seq_length(),
+                    "retrieval_bytes": memory["retrieval_bytes"],
+                    "streaming_bytes": memory["streaming_bytes"],
+                    "streaming_allocated_bytes": streaming_allocated_bytes(cache),
+                    "reserved_bytes": memory["reserved_bytes"],
+                    "rss_bytes": current_rss_bytes(),
+                    "decode_step_seconds": min(steps),
+                    "decode_step_median_seconds": statistics.median(steps),
+                    "elapsed_seconds": time.perf_counter() - start,
+                }
+            )
             p = points[-1]
-            print(f"{layout:<9} T={p['tokens_held']:>7}: retrieval {p['retrieval_bytes'] / 1e6:7.2f} MB, streaming "
-                  f"{p['streaming_bytes'] / 1e3:6.1f} KB, step min {p['decode_step_seconds'] * 1e3:6.2f} ms, "
-                  f"median {p['decode_step_median_seconds'] * 1e3:6.2f} ms", file=sys.stderr, flush=True)
+            print(
+                f"{layout:<9} T={p['tokens_held']:>7}: retrieval {p['retrieval_bytes'] / 1e6:7.2f} MB, streaming "
+                f"{p['streaming_bytes'] / 1e3:6.1f} KB, step min {p['decode_step_seconds'] * 1e3:6.2f} ms, "
+                f"median {p['decode_step_median_seconds'] * 1e3:6.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     return points
 
 
@@ -97,7 +113,7 @@ def summary(layout: str, points: list[dict]) -> str:
         f"{layout}: {last['tokens_held']:,} tokens in {last['elapsed_seconds']:.0f} s",
         f"  streaming bytes: {first['streaming_bytes']:,} at T={first['tokens_held']:,}, {last['streaming_bytes']:,} at "
         f"T={last['tokens_held']:,} (allocated {first['streaming_allocated_bytes']:,} -> {last['streaming_allocated_bytes']:,})",
-        f"  retrieval bytes per token held: " + ", ".join(f"{p['retrieval_bytes'] / p['tokens_held']:.1f}" for p in (first, last)),
+        "  retrieval bytes per token held: " + ", ".join(f"{p['retrieval_bytes'] / p['tokens_held']:.1f}" for p in (first, last)),
         f"  fastest decode step: {ys[0]:.2f} ms at T={first['tokens_held']:,}, {ys[-1]:.2f} ms at T={last['tokens_held']:,}",
     ]
     if max(xs) > 0:
@@ -125,7 +141,12 @@ def main() -> None:
     load = {"before": load_before, "after": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_long_run.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "load_average_1_5_15_min": load, "layouts": results}, indent=1) + "\n")
+    (out / "bench_long_run.json").write_text(
+        json.dumps(
+            {"command": " ".join(sys.argv), "args": vars(args), "load_average_1_5_15_min": load, "layouts": results}, indent=1
+        )
+        + "\n"
+    )
     print(f"load average (1/5/15 min) before {load['before']}, after {load['after']}")
     for layout, points in results.items():
         print(summary(layout, points))

@@ -90,34 +90,60 @@ def main() -> None:
             order = [("full", full), ("duohead", duo)] if r % 2 == 0 else [("duohead", duo), ("full", full)]
             for method, model in order:
                 samples[method, n].append(measure(model, prompts[n], args.decode_steps))
-            print(f"round {r + 1} {n:>5}: " + ", ".join(
-                f"{m} prefill {samples[m, n][-1][0]:.3f} s step {samples[m, n][-1][1] * 1e3:.1f} ms"
-                for m in ("full", "duohead")),
-                file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1} {n:>5}: "
+                + ", ".join(
+                    f"{m} prefill {samples[m, n][-1][0]:.3f} s step {samples[m, n][-1][1] * 1e3:.1f} ms"
+                    for m in ("full", "duohead")
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
 
     rows = []
     for n in lengths:
         med = {m: [statistics.median(s[i] for s in samples[m, n]) for i in (0, 1)] for m in ("full", "duohead")}
-        rows.append({
-            "tokens": n, "full_prefill_s": med["full"][0], "duohead_prefill_s": med["duohead"][0],
-            "prefill_ratio": med["full"][0] / med["duohead"][0],
-            "full_decode_step_s": med["full"][1], "duohead_decode_step_s": med["duohead"][1],
-            "decode_ratio": med["full"][1] / med["duohead"][1],
-            "samples": {m: samples[m, n] for m in ("full", "duohead")},
-        })
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "python": platform.python_version(), "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}}
-    report = {"machine": machine, "command": " ".join(sys.argv), "pattern": pattern, "sparsity": SPARSITY,
-              "rounds": args.rounds, "decode_steps": args.decode_steps, "rows": rows}
+        rows.append(
+            {
+                "tokens": n,
+                "full_prefill_s": med["full"][0],
+                "duohead_prefill_s": med["duohead"][0],
+                "prefill_ratio": med["full"][0] / med["duohead"][0],
+                "full_decode_step_s": med["full"][1],
+                "duohead_decode_step_s": med["duohead"][1],
+                "decode_ratio": med["full"][1] / med["duohead"][1],
+                "samples": {m: samples[m, n] for m in ("full", "duohead")},
+            }
+        )
+    machine = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+    }
+    report = {
+        "machine": machine,
+        "command": " ".join(sys.argv),
+        "pattern": pattern,
+        "sparsity": SPARSITY,
+        "rounds": args.rounds,
+        "decode_steps": args.decode_steps,
+        "rows": rows,
+    }
     from duohead.files import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
-    print("| tokens | full prefill (s) | duohead prefill (s) | prefill ratio | full step (ms) | duohead step (ms) "
-          "| decode ratio |")
+    print(
+        "| tokens | full prefill (s) | duohead prefill (s) | prefill ratio | full step (ms) | duohead step (ms) | decode ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['full_prefill_s']:.3f} | {r['duohead_prefill_s']:.3f} | {r['prefill_ratio']:.2f} | "
-              f"{r['full_decode_step_s'] * 1e3:.1f} | {r['duohead_decode_step_s'] * 1e3:.1f} | {r['decode_ratio']:.2f} |")
+        print(
+            f"| {r['tokens']} | {r['full_prefill_s']:.3f} | {r['duohead_prefill_s']:.3f} | {r['prefill_ratio']:.2f} | "
+            f"{r['full_decode_step_s'] * 1e3:.1f} | {r['duohead_decode_step_s'] * 1e3:.1f} | {r['decode_ratio']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

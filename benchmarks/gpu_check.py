@@ -232,14 +232,27 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     model_tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # relative to the largest logit
     use_flashinfer = flashinfer_skipped is None
     prefill, chunked, decode = ((96,), (96, 17), (150, 1)) if dry else ((333,), (333, 64), (1000, 1))
-    plan = [("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)]
+    plan = [
+        ("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)
+    ]
     plan.append(("triton streaming append", shapes.dtype, lambda: check_append(device, shapes.dtype, shapes, dry)))
-    for name, fn in (("flashinfer retrieval", flashinfer_retrieval.retrieval_attention), ("sdpa retrieval", reference.retrieval_attention)):
+    for name, fn in (
+        ("flashinfer retrieval", flashinfer_retrieval.retrieval_attention),
+        ("sdpa retrieval", reference.retrieval_attention),
+    ):
         if name.startswith("flashinfer") and not use_flashinfer:
             continue
         for label, chunks in (("prefill", prefill), ("chunked prefill", chunked), ("decode", decode)):
-            plan.append((f"{name} {label}", shapes.dtype, lambda fn=fn, c=chunks: check_retrieval(fn, device, shapes.dtype, shapes, c)))
-    plan.append(("auto dispatch retrieval decode", shapes.dtype, lambda: check_retrieval(kernels.retrieval_attention, device, shapes.dtype, shapes, decode)))
+            plan.append(
+                (f"{name} {label}", shapes.dtype, lambda fn=fn, c=chunks: check_retrieval(fn, device, shapes.dtype, shapes, c))
+            )
+    plan.append(
+        (
+            "auto dispatch retrieval decode",
+            shapes.dtype,
+            lambda: check_retrieval(kernels.retrieval_attention, device, shapes.dtype, shapes, decode),
+        )
+    )
     results = []
     for name, dtype, run in plan:
         t0 = time.perf_counter()
@@ -248,7 +261,9 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
             row["ok"] = row["max_error"] <= tol[dtype]
         except Exception as e:  # recorded and shown in the table; the timings still run
             row = {"ok": False, "error": short(e)}
-        row.update(name=name, dtype=str(dtype).removeprefix("torch."), tolerance=tol[dtype], seconds=round(time.perf_counter() - t0, 2))
+        row.update(
+            name=name, dtype=str(dtype).removeprefix("torch."), tolerance=tol[dtype], seconds=round(time.perf_counter() - t0, 2)
+        )
         print(f"[check] {row}", flush=True)
         results.append(row)
     t0 = time.perf_counter()
@@ -258,8 +273,12 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
         traceback.print_exc()
         model_rows = [{"name": "model", "max_error": float("inf"), "error": short(e)}]
     for row in model_rows:
-        row.update(ok=row["max_error"] <= model_tol[shapes.dtype], dtype=str(shapes.dtype).removeprefix("torch."),
-                   tolerance=model_tol[shapes.dtype], seconds=round(time.perf_counter() - t0, 2))
+        row.update(
+            ok=row["max_error"] <= model_tol[shapes.dtype],
+            dtype=str(shapes.dtype).removeprefix("torch."),
+            tolerance=model_tol[shapes.dtype],
+            seconds=round(time.perf_counter() - t0, 2),
+        )
         print(f"[check] {row}", flush=True)
     results += model_rows
     if not use_flashinfer:
@@ -299,13 +318,23 @@ def check_model(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
     rows = []
     duohead.enable(model, duohead.HeadPattern(torch.ones(2, shapes.num_kv_heads), **sink_window))
     with kernels.use_backend(duo_backend):
-        rows.append({"name": f"model all-retrieval ({duo_backend}) vs stock", "max_error": relative(step_logits(lambda: duohead.DuoCache.from_model(model)), stock)})
+        rows.append(
+            {
+                "name": f"model all-retrieval ({duo_backend}) vs stock",
+                "max_error": relative(step_logits(lambda: duohead.DuoCache.from_model(model)), stock),
+            }
+        )
     duohead.disable(model)
     duohead.enable(model, duohead.HeadPattern(torch.rand(2, shapes.num_kv_heads), **sink_window), sparsity=0.5)
     with kernels.use_backend("torch"):
         expected = step_logits(lambda: duohead.DuoCache.from_model(model))
     with kernels.use_backend(duo_backend):
-        rows.append({"name": f"model 50% streaming ({duo_backend}) vs torch", "max_error": relative(step_logits(lambda: duohead.DuoCache.from_model(model)), expected)})
+        rows.append(
+            {
+                "name": f"model 50% streaming ({duo_backend}) vs torch",
+                "max_error": relative(step_logits(lambda: duohead.DuoCache.from_model(model)), expected),
+            }
+        )
     duohead.disable(model)
     for row in rows:
         row["tokens"] = tokens
@@ -319,8 +348,13 @@ def random_llama(device: torch.device, shapes: Shapes, layers: int, positions: i
     torch.manual_seed(0)
     hidden = shapes.num_q_heads * shapes.head_dim
     config = LlamaConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden if dry else 14336, num_hidden_layers=layers,
-        num_attention_heads=shapes.num_q_heads, num_key_value_heads=shapes.num_kv_heads, head_dim=shapes.head_dim,
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden if dry else 14336,
+        num_hidden_layers=layers,
+        num_attention_heads=shapes.num_q_heads,
+        num_key_value_heads=shapes.num_kv_heads,
+        head_dim=shapes.head_dim,
         max_position_embeddings=positions,
     )
     with torch.device(device):  # random init on the device: fast for 8B-shaped layers
@@ -415,23 +449,40 @@ def decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, full_ba
 
             with kernels.use_backend(duo_backend):
                 duo_ms = clock(duo_step)
-                parts = {"retrieval_ms": clock(retrieval_part) if hr else 0.0, "streaming_ms": clock(streaming_part) if hs else 0.0}
+                parts = {
+                    "retrieval_ms": clock(retrieval_part) if hr else 0.0,
+                    "streaming_ms": clock(streaming_part) if hs else 0.0,
+                }
                 duo_graph = graph_ms(duo_step, clock) if device.type == "cuda" else None
             duo_bytes = shapes.layers * 2 * (hr * context + hs * (shapes.sink + shapes.window)) * d * item + written
 
             def of_copy(nbytes: int, ms) -> float | None:
                 return nbytes / (ms / 1e3) / bandwidth if isinstance(ms, float) else None
 
-            rows.append({
-                "context": context, "streaming_fraction": fraction, "retrieval_kv_heads": hr, "streaming_kv_heads": hs,
-                "full_ms": full_ms, "duo_ms": duo_ms, "speedup": full_ms / duo_ms, **parts,
-                "full_graph_ms": full_graph, "duo_graph_ms": duo_graph,
-                "full_bytes": full_bytes, "duo_bytes": duo_bytes,
-                "full_GBps": full_bytes / full_ms / 1e6, "duo_GBps": duo_bytes / duo_ms / 1e6,
-                "duo_floor_ms": duo_bytes / bandwidth * 1e3, "full_floor_ms": full_bytes / bandwidth * 1e3,
-                "full_of_copy_bw": of_copy(full_bytes, full_ms), "duo_of_copy_bw": of_copy(duo_bytes, duo_ms),
-                "full_graph_of_copy_bw": of_copy(full_bytes, full_graph), "duo_graph_of_copy_bw": of_copy(duo_bytes, duo_graph),
-            })
+            rows.append(
+                {
+                    "context": context,
+                    "streaming_fraction": fraction,
+                    "retrieval_kv_heads": hr,
+                    "streaming_kv_heads": hs,
+                    "full_ms": full_ms,
+                    "duo_ms": duo_ms,
+                    "speedup": full_ms / duo_ms,
+                    **parts,
+                    "full_graph_ms": full_graph,
+                    "duo_graph_ms": duo_graph,
+                    "full_bytes": full_bytes,
+                    "duo_bytes": duo_bytes,
+                    "full_GBps": full_bytes / full_ms / 1e6,
+                    "duo_GBps": duo_bytes / duo_ms / 1e6,
+                    "duo_floor_ms": duo_bytes / bandwidth * 1e3,
+                    "full_floor_ms": full_bytes / bandwidth * 1e3,
+                    "full_of_copy_bw": of_copy(full_bytes, full_ms),
+                    "duo_of_copy_bw": of_copy(duo_bytes, duo_ms),
+                    "full_graph_of_copy_bw": of_copy(full_bytes, full_graph),
+                    "duo_graph_of_copy_bw": of_copy(duo_bytes, duo_graph),
+                }
+            )
             print(f"[decode] {rows[-1]}", flush=True)
         del kv
     return rows
@@ -458,17 +509,29 @@ def prefill_bench(device, shapes: Shapes, clock: Clock, full_backend: str, duo_b
                 if hr:
                     kernels.retrieval_attention(q[:, : hr * group], buf[0][:, :hr], buf[1][:, :hr], None, scale)
                 if hs:
-                    kernels.streaming_attention(q[:, hr * group :], buf[0][:, hr:], buf[1][:, hr:], pos, *state, shapes.sink, shapes.window, scale)
+                    kernels.streaming_attention(
+                        q[:, hr * group :], buf[0][:, hr:], buf[1][:, hr:], pos, *state, shapes.sink, shapes.window, scale
+                    )
 
             with kernels.use_backend(duo_backend):
                 duo_ms = few(duo)
-            rows.append({"context": context, "streaming_fraction": fraction, "full_ms": full_ms, "duo_ms": duo_ms, "speedup": full_ms / duo_ms})
+            rows.append(
+                {
+                    "context": context,
+                    "streaming_fraction": fraction,
+                    "full_ms": full_ms,
+                    "duo_ms": duo_ms,
+                    "speedup": full_ms / duo_ms,
+                }
+            )
             print(f"[prefill] {rows[-1]}", flush=True)
         del q, buf
     return rows
 
 
-def model_decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, duo_backend: str, layers: int, dry: bool) -> list[dict]:
+def model_decode_bench(
+    device, shapes: Shapes, clock: Clock, bandwidth: float, duo_backend: str, layers: int, dry: bool
+) -> list[dict]:
     """(c) A whole-model decode step at the longest context: a random Llama (`layers` layers of the benchmark's
     shapes), stock transformers with its StaticCache (sdpa) vs duohead at 50% streaming on `duo_backend`, both
     prefilled in chunks, then timed eagerly and as a CUDA-graph replay of one captured step (a replay repeats that
@@ -496,8 +559,16 @@ def model_decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, d
         eager = clock(step)
         graph = graph_ms(step, clock, before_capture) if device.type == "cuda" else None
         total = weights + kv_bytes
-        return {"model": label, "context": context, "layers": layers, "eager_ms": eager, "graph_ms": graph, "bytes": total,
-                "floor_ms": total / bandwidth * 1e3, "graph_of_copy_bw": total / (graph / 1e3) / bandwidth if isinstance(graph, float) else None}
+        return {
+            "model": label,
+            "context": context,
+            "layers": layers,
+            "eager_ms": eager,
+            "graph_ms": graph,
+            "bytes": total,
+            "floor_ms": total / bandwidth * 1e3,
+            "graph_of_copy_bw": total / (graph / 1e3) / bandwidth if isinstance(graph, float) else None,
+        }
 
     with torch.no_grad():
         static = StaticCache(config=model.config, max_cache_len=context + 1)
@@ -533,16 +604,29 @@ def table(report: dict) -> str:
     def fmt(x, spec: str, width: int) -> str:
         return format(x, spec) if isinstance(x, float) else f"{'-':>{width}}"
 
-    lines = [f"duohead gpu_check  {report['device']}  {report['date']}  (full = {report['full_backend']}, duohead = {report['duo_backend']})"]
+    lines = [
+        f"duohead gpu_check  {report['device']}  {report['date']}  "
+        f"(full = {report['full_backend']}, duohead = {report['duo_backend']})"
+    ]
     lines.append(f"nvcc: {report['nvcc'] or 'not found'}; flashinfer: {report['flashinfer']}")
     lines.append(f"copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s")
-    failed = [c["name"] + (f" ({c['error']})" if "error" in c else f" err={c.get('max_error')}") for c in report["checks"] if c.get("ok") is False]
+    failed = [
+        c["name"] + (f" ({c['error']})" if "error" in c else f" err={c.get('max_error')}")
+        for c in report["checks"]
+        if c.get("ok") is False
+    ]
     skipped = [f"{c['name']}: {c['skipped']}" for c in report["checks"] if c.get("ok") is None]
     passed = sum(1 for c in report["checks"] if c.get("ok"))
-    lines.append(f"correctness: {passed} passed, {len(failed)} failed" + (": " + "; ".join(failed) if failed else "") + ("; skipped " + "; ".join(skipped) if skipped else ""))
+    lines.append(
+        f"correctness: {passed} passed, {len(failed)} failed"
+        + (": " + "; ".join(failed) if failed else "")
+        + ("; skipped " + "; ".join(skipped) if skipped else "")
+    )
     lines.append("decode step, all layers' attention + cache writes (ms; _g = CUDA-graph replay; bw = share of copy bandwidth)")
-    lines.append(f"{'context':>8} {'stream':>6} {'full':>8} {'duo':>8} {'speedup':>7} {'full_g':>8} {'duo_g':>8} {'speedup_g':>9} "
-                 f"{'full bw':>7} {'duo bw':>7} {'duo_g bw':>8} {'floor':>7}")
+    lines.append(
+        f"{'context':>8} {'stream':>6} {'full':>8} {'duo':>8} {'speedup':>7} {'full_g':>8} {'duo_g':>8} {'speedup_g':>9} "
+        f"{'full bw':>7} {'duo bw':>7} {'duo_g bw':>8} {'floor':>7}"
+    )
     for r in report["decode"]:
         fg, dg = r["full_graph_ms"], r["duo_graph_ms"]
         ratio = fg / dg if isinstance(fg, float) and isinstance(dg, float) else None
@@ -554,14 +638,18 @@ def table(report: dict) -> str:
     lines.append("prefill, one layer's attention (ms)")
     lines.append(f"{'context':>8} {'stream':>6} {'full':>9} {'duo':>9} {'speedup':>7}")
     for r in report["prefill"]:
-        lines.append(f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:9.2f} {r['duo_ms']:9.2f} {r['speedup']:7.2f}")
+        lines.append(
+            f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:9.2f} {r['duo_ms']:9.2f} {r['speedup']:7.2f}"
+        )
     if report["model_decode"]:
         lines.append("whole-model decode step (ms; graph = replay of one captured step)")
         lines.append(f"{'model':>44} {'context':>8} {'eager':>8} {'graph':>8} {'floor':>7} {'graph bw':>8}")
         for r in report["model_decode"]:
             graph = r["graph_ms"] if isinstance(r["graph_ms"], float) or r["graph_ms"] is None else f"error: {r['graph_ms']}"
-            lines.append(f"{r['model']:>44} {r['context']:>8} {r['eager_ms']:8.2f} {fmt(graph, '8.2f', 8)} {r['floor_ms']:7.2f} "
-                         f"{fmt(r['graph_of_copy_bw'], '8.0%', 8)}" + (f"  {graph}" if isinstance(graph, str) else ""))
+            lines.append(
+                f"{r['model']:>44} {r['context']:>8} {r['eager_ms']:8.2f} {fmt(graph, '8.2f', 8)} {r['floor_ms']:7.2f} "
+                f"{fmt(r['graph_of_copy_bw'], '8.0%', 8)}" + (f"  {graph}" if isinstance(graph, str) else "")
+            )
         last = report["model_decode"][-1]
         graph_ratio = f"{last['speedup_graph']:.2f}x" if "speedup_graph" in last else "-"
         lines.append(f"duohead vs stock: eager {last.get('speedup_eager', float('nan')):.2f}x, graph replay {graph_ratio}")
@@ -576,8 +664,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, torch reference")
     parser.add_argument("--contexts", type=lambda s: tuple(int(x) for x in s.split(",")), help="override, e.g. 32768,131072")
     parser.add_argument("--model-layers", type=int, default=2, help="layers of the whole-model decode row (8B shapes)")
-    parser.add_argument("--prefill-backend", default="fa2", choices=["fa2", "auto"],
-                        help="FlashInfer prefill backend: fa2 (one JIT module shared with decode) or auto (FA3 on Hopper)")
+    parser.add_argument(
+        "--prefill-backend",
+        default="fa2",
+        choices=["fa2", "auto"],
+        help="FlashInfer prefill backend: fa2 (one JIT module shared with decode) or auto (FA3 on Hopper)",
+    )
     return parser.parse_args(argv)
 
 
@@ -591,7 +683,9 @@ def main(argv: list[str] | None = None) -> dict:
         shapes = Shapes(**{**asdict(shapes), "contexts": args.contexts})
     flashinfer_retrieval.PREFILL_BACKEND = args.prefill_backend
     nvcc = nvcc_version() if device.type == "cuda" else None
-    print(f"[toolchain] nvcc: {nvcc or 'not found (FlashInfer cannot JIT-compile kernels it does not ship prebuilt)'}", flush=True)
+    print(
+        f"[toolchain] nvcc: {nvcc or 'not found (FlashInfer cannot JIT-compile kernels it does not ship prebuilt)'}", flush=True
+    )
     if device.type != "cuda":
         flashinfer_skipped = "no CUDA device"
     elif not flashinfer_retrieval.available():
@@ -599,8 +693,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         failure = warm_up_flashinfer(device, shapes)
         flashinfer_skipped = None if failure is None else f"warm-up failed: {failure}"
-        print(f"[toolchain] flashinfer warm-up: {'ok' if failure is None else failure} (later rows run "
-              f"{'with' if failure is None else 'without'} FlashInfer)", flush=True)
+        print(
+            f"[toolchain] flashinfer warm-up: {'ok' if failure is None else failure} (later rows run "
+            f"{'with' if failure is None else 'without'} FlashInfer)",
+            flush=True,
+        )
     has_flashinfer = flashinfer_skipped is None
     full_backend = "flashinfer" if has_flashinfer else ("triton" if device.type == "cuda" else "torch")
     duo_backend = "flashinfer" if has_flashinfer else "triton"
@@ -611,14 +708,27 @@ def main(argv: list[str] | None = None) -> dict:
     import triton
 
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "flashinfer": _version("flashinfer") if has_flashinfer else None},
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "flashinfer": _version("flashinfer") if has_flashinfer else None,
+        },
         "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
-        "full_backend": full_backend, "duo_backend": duo_backend, "prefill_backend": args.prefill_backend,
-        "nvcc": nvcc, "flashinfer": "ok" if has_flashinfer else flashinfer_skipped,
-        "checks": [], "copy_bandwidth_GBps": 0.0, "decode": [], "prefill": [], "model_decode": [],
+        "full_backend": full_backend,
+        "duo_backend": duo_backend,
+        "prefill_backend": args.prefill_backend,
+        "nvcc": nvcc,
+        "flashinfer": "ok" if has_flashinfer else flashinfer_skipped,
+        "checks": [],
+        "copy_bandwidth_GBps": 0.0,
+        "decode": [],
+        "prefill": [],
+        "model_decode": [],
     }
 
     def save():
@@ -632,7 +742,10 @@ def main(argv: list[str] | None = None) -> dict:
     for section, bench in (
         ("decode", lambda: decode_bench(device, shapes, clock, bandwidth, full_backend, duo_backend)),
         ("prefill", lambda: prefill_bench(device, shapes, clock, full_backend, duo_backend, args.dry_run)),
-        ("model_decode", lambda: model_decode_bench(device, shapes, clock, bandwidth, duo_backend, args.model_layers, args.dry_run)),
+        (
+            "model_decode",
+            lambda: model_decode_bench(device, shapes, clock, bandwidth, duo_backend, args.model_layers, args.dry_run),
+        ),
     ):
         try:
             report[section] = bench()

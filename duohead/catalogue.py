@@ -70,7 +70,8 @@ def auto_pattern(config: Any, name_or_path: str | os.PathLike | None) -> tuple[s
     model = name_or_path or getattr(config, "_name_or_path", None) or "MODEL"
     named = [name for name, p in patterns.items() if key and key in identity_keys(p)]
     why = (
-        f"shipped pattern {named[0]} is named for it but does not fit its config ({_shape(config)})" if named
+        f"shipped pattern {named[0]} is named for it but does not fit its config ({_shape(config)})"
+        if named
         else f"no shipped pattern is made for {model} ({_shape(config)})"
     )
     raise ValueError(f"pattern 'auto': {why}. Shipped: {shipped}. Make one with: {CALIBRATE_HINT.format(model=model)}")

@@ -37,8 +37,16 @@ def list_lines() -> list[str]:
     for name, p in shipped_patterns().items():
         dim = p.model.get("head_dim", "?")
         cut = "-" if p.default_sparsity is None else f"{p.default_sparsity:g}"
-        rows.append((name, p.model.get("hf_id") or p.model.get("name", "?"), f"{p.num_layers} x {p.num_kv_heads} x {dim}",
-                     f"{p.sink}/{p.window}", cut, calibrated_by(p)))
+        rows.append(
+            (
+                name,
+                p.model.get("hf_id") or p.model.get("name", "?"),
+                f"{p.num_layers} x {p.num_kv_heads} x {dim}",
+                f"{p.sink}/{p.window}",
+                cut,
+                calibrated_by(p),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
 
@@ -69,15 +77,19 @@ def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) ->
     if "clipped" in prov:
         lines.append(f"clipped on import: {prov['clipped']['gates']} gates by at most {prov['clipped']['largest_distance']:.3g}")
     cut = pattern.default_sparsity
-    lines.append(f"default cut: sparsity {cut:g} (used when enable() gets no sparsity/threshold)" if cut is not None
-                 else "default cut: none recorded (threshold 0.5)")
+    lines.append(
+        f"default cut: sparsity {cut:g} (used when enable() gets no sparsity/threshold)"
+        if cut is not None
+        else "default cut: none recorded (threshold 0.5)"
+    )
     lines += ["gate histogram:", *histogram_lines(pattern.gates)]
     lines += [tie_line(pattern, s) for s in TIE_CUTS]
     head_dim = pattern.model.get("head_dim")
     if head_dim and cut is not None:
         b = layout_kv_bytes(pattern.binarize(sparsity=cut), head_dim, pattern.sink, pattern.window, tokens, itemsize)
         lines.append(
-            f"KV cache at {tokens:,} tokens, {itemsize} bytes per value, batch 1, cut {cut:g}: {b['total_bytes'] / 2**30:.2f} GiB "
+            f"KV cache at {tokens:,} tokens, {itemsize} bytes per value, batch 1, cut {cut:g}: "
+            f"{b['total_bytes'] / 2**30:.2f} GiB "
             f"(full attention {b['full_bytes'] / 2**30:.2f} GiB)"
         )
     hf_id = pattern.model.get("hf_id")

@@ -1,11 +1,11 @@
 """The `duohead` command: each subcommand lives in its own module and parses its own arguments.
 
-    duohead calibrate ...   learn gates for a model        (duohead.calibrate.cli)
-    duohead generate ...    long-context generation        (duohead.generate)
-    duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
-    duohead inspect ...     summarise a pattern file       (duohead.inspect)
-    duohead plan ...        memory per GPU of a deployment (duohead.planner)
-    duohead patterns [NAME] the shipped patterns           (duohead.catalogue_cli)
+duohead calibrate ...   learn gates for a model        (duohead.calibrate.cli)
+duohead generate ...    long-context generation        (duohead.generate)
+duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
+duohead inspect ...     summarise a pattern file       (duohead.inspect)
+duohead plan ...        memory per GPU of a deployment (duohead.planner)
+duohead patterns [NAME] the shipped patterns           (duohead.catalogue_cli)
 """
 
 from __future__ import annotations

@@ -90,7 +90,11 @@ def check_model_source(model: str | None, gguf_file: str | None) -> None:
 
 
 def load_model_for_cli(
-    model: str | None, gguf_file: str | None, dtype: str, device: torch.device, pattern: HeadPattern | None = None,
+    model: str | None,
+    gguf_file: str | None,
+    dtype: str,
+    device: torch.device,
+    pattern: HeadPattern | None = None,
     tp: bool = False,
 ):
     """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None. Checks the source and validates

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
-    p.add_argument("--pattern", help=f"pattern file, shipped name or auto (default model: {DEFAULT_PATTERN}); for method 'pattern'")
+    p.add_argument(
+        "--pattern", help=f"pattern file, shipped name or auto (default model: {DEFAULT_PATTERN}); for method 'pattern'"
+    )
     p.add_argument("--methods", type=_name_list, default=list(METHOD_KINDS), help=f"comma-separated: {','.join(METHOD_KINDS)}")
     p.add_argument("--sparsities", type=_float_list, default=[0.5, 0.75], help="for 'pattern' and 'random' (default 0.5,0.75)")
     p.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's, else 64)")
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument(
-        "--tp", action="store_true",
+        "--tp",
+        action="store_true",
         help="tensor parallel over the processes of `torchrun --nproc-per-node N -m duohead eval --tp ...` (rank 0 reports)",
     )
     p.add_argument("--out", default="eval-results", help="folder for results.json and heat maps (default eval-results)")
@@ -220,14 +223,25 @@ def evaluate_method(
             result = run_prompt(model, item.input_ids, args.max_new_tokens, chunk=args.prefill_chunk)
             output = tokenizer.decode(result.tokens, skip_special_tokens=True)
             s = item.sample
-            rows.append({
-                "task": s.task, "length": s.length, "depth": s.depth, "sample": item.index,
-                "prompt_tokens": result.prompt_tokens, "answer": s.answer, "output": output,
-                "score": score(s.answer, output), "prefill_seconds": result.prefill_seconds,
-            })
+            rows.append(
+                {
+                    "task": s.task,
+                    "length": s.length,
+                    "depth": s.depth,
+                    "sample": item.index,
+                    "prompt_tokens": result.prompt_tokens,
+                    "answer": s.answer,
+                    "output": output,
+                    "score": score(s.answer, output),
+                    "prefill_seconds": result.prefill_seconds,
+                }
+            )
             if bar is not None:
-                bar.write(f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  "
-                          f"score {rows[-1]['score']:.0f}  answer {s.answer!r} output {output.strip()[:40]!r}", file=sys.stderr)
+                bar.write(
+                    f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  "
+                    f"score {rows[-1]['score']:.0f}  answer {s.answer!r} output {output.strip()[:40]!r}",
+                    file=sys.stderr,
+                )
                 bar.update(1)
         return rows
     finally:
@@ -286,19 +300,30 @@ def _run(args: argparse.Namespace) -> int:
         print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)
 
     report = {
-        "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
-        "model": args.model or "SmolLM2-135M-Instruct", "pattern": pattern.source if pattern else None,
-        "seed": args.seed, "tasks": args.tasks, "lengths": args.lengths, "depths": args.depths,
-        "max_new_tokens": args.max_new_tokens, "methods": [],
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "model": args.model or "SmolLM2-135M-Instruct",
+        "pattern": pattern.source if pattern else None,
+        "seed": args.seed,
+        "tasks": args.tasks,
+        "lengths": args.lengths,
+        "depths": args.depths,
+        "max_new_tokens": args.max_new_tokens,
+        "methods": [],
     }
     quiet = not ranks.is_main()  # under torchrun --tp, rank 0 alone shows progress
     with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True, disable=quiet) as bar:
         for method in methods:
             rows = evaluate_method(model, tokenizer, method, items, args, None if quiet else bar)
-            report["methods"].append({
-                "name": method.name, "kind": method.kind, "sparsity": method.sparsity,
-                "summary": summarize(rows, args.tasks, args.lengths, args.depths), "results": rows,
-            })
+            report["methods"].append(
+                {
+                    "name": method.name,
+                    "kind": method.kind,
+                    "sparsity": method.sparsity,
+                    "summary": summarize(rows, args.tasks, args.lengths, args.depths),
+                    "results": rows,
+                }
+            )
     if quiet:  # every rank ran every prompt (its slice of the heads); rank 0 writes the results
         return 0
     atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")

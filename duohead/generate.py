@@ -50,13 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
     src.add_argument("--pattern", help=f"pattern file or folder, shipped name, or auto (default model: {DEFAULT_PATTERN})")
     src.add_argument("--sparsity", type=float, help="fraction of KV heads that stream, in [0, 1]")
-    src.add_argument("--threshold", type=float, help="a KV head streams iff its gate < threshold (default: pattern's cut, else 0.5)")
+    src.add_argument(
+        "--threshold", type=float, help="a KV head streams iff its gate < threshold (default: pattern's cut, else 0.5)"
+    )
     src.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's)")
     src.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's)")
     src.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     src.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     src.add_argument(
-        "--tp", action="store_true",
+        "--tp",
+        action="store_true",
         help="tensor parallel over the processes of `torchrun --nproc-per-node N -m duohead generate --tp ...` "
         "(transformers' tp_plan='auto'; rank 0 prints; the report gives each rank's KV bytes)",
     )
@@ -66,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens to generate (default 128)")
     run.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward; 0 = all at once")
     run.add_argument(
-        "--prompt-lookup", type=int, default=0, metavar="N",
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
         help="speculative decoding: each step also checks up to N draft tokens copied from the prompt; "
         "same output as plain greedy, fewer forwards when the answer quotes the prompt (default 0: off)",
     )
     run.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="compile the decode step (torch.compile, static cache; full attention uses transformers' StaticCache); "
         "the first step includes the compilation and is left out of decode tok/s",
     )
@@ -164,8 +171,14 @@ def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: a
 
     print(f"--- {label} ---", flush=True)
     result = run_prompt(
-        model, input_ids, args.max_new_tokens, chunk=args.prefill_chunk, progress=ranks.is_main(),
-        stop_ids=stop_token_ids(model, tokenizer), on_token=TokenPrinter(tokenizer), lookup=args.prompt_lookup,
+        model,
+        input_ids,
+        args.max_new_tokens,
+        chunk=args.prefill_chunk,
+        progress=ranks.is_main(),
+        stop_ids=stop_token_ids(model, tokenizer),
+        on_token=TokenPrinter(tokenizer),
+        lookup=args.prompt_lookup,
         compile=args.compile,
     )
     print(flush=True)
@@ -184,7 +197,10 @@ def format_report(runs: dict[str, RunResult], per_rank: dict[str, list[dict[str,
         ("prompt tokens", [str(r.prompt_tokens) for r in runs.values()]),
         ("new tokens", [str(len(r.tokens)) for r in runs.values()]),
         ("prefill", [f"{r.prefill_seconds:.2f} s" for r in runs.values()]),
-        ("decode", ["-" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.2f} tok/s" for r in runs.values()]),
+        (
+            "decode",
+            ["-" if r.decode_tokens_per_second is None else f"{r.decode_tokens_per_second:.2f} tok/s" for r in runs.values()],
+        ),
         ("decode forwards", [f"{len(r.decode_step_seconds)} ({r.accepted_draft_tokens} drafted)" for r in runs.values()]),
         ("KV cache held", [_mb(r.memory["total_bytes"]) for r in runs.values()]),
         ("  retrieval heads", [_mb(r.memory["retrieval_bytes"]) for r in runs.values()]),
@@ -208,8 +224,10 @@ def kv_comparison(memory: dict[str, int]) -> str:
     if held < full:
         return f"duohead holds {full / held:.2f}x less KV than full attention would"
     if held > full:
-        return (f"duohead holds {held / full:.2f}x more KV than full attention would: each streaming head's sink + window "
-                "buffer is allocated whole, and this prompt does not fill it")
+        return (
+            f"duohead holds {held / full:.2f}x more KV than full attention would: each streaming head's sink + window "
+            "buffer is allocated whole, and this prompt does not fill it"
+        )
     return "duohead holds as much KV as full attention would"
 
 
@@ -235,7 +253,9 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     if args.demo:
         text, expected = prompts.demo_document(tokenizer)
-        print(f"demo: a {prompts.DEMO_TOKENS}-token document hides the code {expected}; the model is asked for it", file=sys.stderr)
+        print(
+            f"demo: a {prompts.DEMO_TOKENS}-token document hides the code {expected}; the model is asked for it", file=sys.stderr
+        )
     input_ids = encode_prompt(tokenizer, text, args.chat)
     check_prompt_fits(input_ids.shape[1], args.max_new_tokens, model.config)
 

@@ -133,7 +133,11 @@ def enable(
     _attach(model, layouts, state)
     logger.info(
         "duohead: %d of %d KV heads stream (sparsity %.3f), sink %d, window %d",
-        int((~layout).sum()), layout.numel(), state.sparsity, sink, window,
+        int((~layout).sum()),
+        layout.numel(),
+        state.sparsity,
+        sink,
+        window,
     )
     return model
 

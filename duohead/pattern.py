@@ -108,10 +108,14 @@ class HeadPattern:
             )
         if not torch.isfinite(gates).all():
             layer, head = (~torch.isfinite(gates)).nonzero()[0].tolist()
-            raise ValueError(f"{where}field 'gates' has a non-finite value {gates[layer, head].item()} at layer {layer}, KV head {head}")
+            raise ValueError(
+                f"{where}field 'gates' has a non-finite value {gates[layer, head].item()} at layer {layer}, KV head {head}"
+            )
         if (gates < 0).any() or (gates > 1).any():
             layer, head = ((gates < 0) | (gates > 1)).nonzero()[0].tolist()
-            raise ValueError(f"{where}field 'gates' must lie in [0, 1]; layer {layer}, KV head {head} is {gates[layer, head].item()}")
+            raise ValueError(
+                f"{where}field 'gates' must lie in [0, 1]; layer {layer}, KV head {head} is {gates[layer, head].item()}"
+            )
         check_sink_window(sink, window, where=f"{where}field ")
         provenance = dict(provenance or {})
         if default_sparsity is None and isinstance(provenance.get("target_sparsity"), (int, float)):
@@ -136,7 +140,10 @@ class HeadPattern:
 
     def __repr__(self) -> str:
         name = self.model.get("name", "?")
-        return f"HeadPattern(model={name!r}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, sink={self.sink}, window={self.window})"
+        return (
+            f"HeadPattern(model={name!r}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+            f"sink={self.sink}, window={self.window})"
+        )
 
     # ------------------------------------------------------------------ layout
 
@@ -277,7 +284,9 @@ class HeadPattern:
             except ValueError:
                 raise ValueError(f"{tsv}: line {n} must be tab-separated numbers; got {line[:60]!r}") from None
         if len({len(r) for r in rows}) > 1:
-            raise ValueError(f"{tsv}: rows have different lengths {sorted({len(r) for r in rows})}; expected one float per KV head")
+            raise ValueError(
+                f"{tsv}: rows have different lengths {sorted({len(r) for r in rows})}; expected one float per KV head"
+            )
         gates = torch.tensor(rows, dtype=torch.float32)
         outside = (gates < 0) | (gates > 1)
         if (gates < -CLIP_TOLERANCE).any() or (gates > 1 + CLIP_TOLERANCE).any():

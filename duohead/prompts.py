@@ -74,19 +74,44 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 NEEDLE_INTRO = "Read the document below and answer the question at the end."
 # (fact with a {word} slot, question, answer prefix); the word is drawn from NEEDLE_WORDS.
 NEEDLE_FACTS = (
-    ("The secret word for the museum vault is {word}.", "What is the secret word for the museum vault?",
-     "The secret word for the museum vault is"),
-    ("The name of the lighthouse keeper's cat is {word}.", "What is the name of the lighthouse keeper's cat?",
-     "The name of the lighthouse keeper's cat is"),
-    ("The password of the old observatory is {word}.", "What is the password of the old observatory?",
-     "The password of the old observatory is"),
-    ("The ship that carried the first map of the islands was called {word}.",
-     "What was the ship that carried the first map of the islands called?",
-     "The ship that carried the first map of the islands was called"),
+    (
+        "The secret word for the museum vault is {word}.",
+        "What is the secret word for the museum vault?",
+        "The secret word for the museum vault is",
+    ),
+    (
+        "The name of the lighthouse keeper's cat is {word}.",
+        "What is the name of the lighthouse keeper's cat?",
+        "The name of the lighthouse keeper's cat is",
+    ),
+    (
+        "The password of the old observatory is {word}.",
+        "What is the password of the old observatory?",
+        "The password of the old observatory is",
+    ),
+    (
+        "The ship that carried the first map of the islands was called {word}.",
+        "What was the ship that carried the first map of the islands called?",
+        "The ship that carried the first map of the islands was called",
+    ),
 )
 NEEDLE_WORDS = (
-    "Tangerine", "Obsidian", "Harmonica", "Walrus", "Juniper", "Kaleidoscope", "Marzipan", "Periwinkle",
-    "Saffron", "Tambourine", "Velvet", "Zeppelin", "Cinnamon", "Gargoyle", "Nightingale", "Quartz",
+    "Tangerine",
+    "Obsidian",
+    "Harmonica",
+    "Walrus",
+    "Juniper",
+    "Kaleidoscope",
+    "Marzipan",
+    "Periwinkle",
+    "Saffron",
+    "Tambourine",
+    "Velvet",
+    "Zeppelin",
+    "Cinnamon",
+    "Gargoyle",
+    "Nightingale",
+    "Quartz",
 )
 
 DEMO_FACT = "The code that opens the observatory door is {code}."

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -281,7 +281,14 @@ def run_prompt(
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     tokens, steps, accepted = decode(
-        model, cache, logits, max_new_tokens, stop_ids=stop_ids, on_token=on_token, prompt_ids=input_ids, lookup=lookup,
+        model,
+        cache,
+        logits,
+        max_new_tokens,
+        stop_ids=stop_ids,
+        on_token=on_token,
+        prompt_ids=input_ids,
+        lookup=lookup,
         forward=compiled_forward(model) if compile else None,
     )
     return RunResult(

@@ -34,9 +34,7 @@ input_ids = tokenizer.apply_chat_template(
 # prefill_chunk_size, feeds the prompt 512 tokens at a time, so a long prompt's activations never have to
 # fit in memory at once.
 with torch.no_grad():
-    output = model.generate(
-        input_ids, max_new_tokens=48, do_sample=False, prefill_chunk_size=512, return_dict_in_generate=True
-    )
+    output = model.generate(input_ids, max_new_tokens=48, do_sample=False, prefill_chunk_size=512, return_dict_in_generate=True)
 cache = output.cache if "cache" in output else output.past_key_values  # transformers < 5.24 calls it past_key_values
 
 print(tokenizer.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True))

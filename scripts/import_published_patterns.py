@@ -26,18 +26,45 @@ SOURCE_COMMIT = "fe93c314"  # February 2025; the files are under attn_patterns/ 
 LICENSE = "MIT, Copyright (c) 2024 MIT HAN Lab (the LICENSE file next to this pattern)"
 DEFAULT_SPARSITY = 0.5  # the DuoAttention authors deploy GQA models at 50% retrieval heads; the same for all six here
 # calibration settings from the reference's config.json that say how the gates were made
-SETTINGS = ("lr", "reg_weight", "num_steps", "num_passkeys", "context_length_min", "context_length_max",
-            "sink_size", "recent_size", "dataset_name", "dataset_format", "initial_value", "seed")
+SETTINGS = (
+    "lr",
+    "reg_weight",
+    "num_steps",
+    "num_passkeys",
+    "context_length_min",
+    "context_length_max",
+    "sink_size",
+    "recent_size",
+    "dataset_name",
+    "dataset_format",
+    "initial_value",
+    "seed",
+)
 
 # duohead name -> (reference folder, Hugging Face id, other names of the model, model_type, head dim)
 PUBLISHED = {
     "llama-2-7b-32k-instruct": ("Llama-2-7B-32K-Instruct", "togethercomputer/Llama-2-7B-32K-Instruct", [], "llama", 128),
     "llama-3-8b-instruct-gradient-1048k": (
-        "Llama-3-8B-Instruct-Gradient-1048k", "gradientai/Llama-3-8B-Instruct-Gradient-1048k", [], "llama", 128),
+        "Llama-3-8B-Instruct-Gradient-1048k",
+        "gradientai/Llama-3-8B-Instruct-Gradient-1048k",
+        [],
+        "llama",
+        128,
+    ),
     "llama-3-8b-instruct-gradient-4194k": (
-        "Llama-3-8B-Instruct-Gradient-4194k", "gradientai/Llama-3-8B-Instruct-Gradient-4194k", [], "llama", 128),
-    "llama-3.1-8b-instruct": ("Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
-                              ["meta-llama/Meta-Llama-3.1-8B-Instruct"], "llama", 128),
+        "Llama-3-8B-Instruct-Gradient-4194k",
+        "gradientai/Llama-3-8B-Instruct-Gradient-4194k",
+        [],
+        "llama",
+        128,
+    ),
+    "llama-3.1-8b-instruct": (
+        "Meta-Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
+        "llama",
+        128,
+    ),
     "mistral-7b-instruct-v0.2": ("Mistral-7B-Instruct-v0.2", "mistralai/Mistral-7B-Instruct-v0.2", [], "mistral", 128),
     "mistral-7b-instruct-v0.3": ("Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", [], "mistral", 128),
 }
@@ -61,8 +88,14 @@ def convert(name: str, source: Path) -> HeadPattern:
     if "clipped" in imported.provenance:
         provenance["clipped"] = imported.provenance["clipped"]
     model = {"name": folder, "hf_id": hf_id, "aliases": aliases, "architecture": model_type, "head_dim": head_dim}
-    return HeadPattern(imported.gates, sink=imported.sink, window=imported.window, model=model, provenance=provenance,
-                       default_sparsity=DEFAULT_SPARSITY)
+    return HeadPattern(
+        imported.gates,
+        sink=imported.sink,
+        window=imported.window,
+        model=model,
+        provenance=provenance,
+        default_sparsity=DEFAULT_SPARSITY,
+    )
 
 
 def main(source: Path, dest: Path) -> None:

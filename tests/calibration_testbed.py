@@ -35,15 +35,31 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-def carrier_model(vocab_size: int, carriers: list[int], *, layers: int = 4, kv_heads: int = 4, group: int = 2,
-                  strong: float = 1.0, weak: float = 0.3, first_layer: float = 0.2, seed: int = 0) -> torch.nn.Module:
+def carrier_model(
+    vocab_size: int,
+    carriers: list[int],
+    *,
+    layers: int = 4,
+    kv_heads: int = 4,
+    group: int = 2,
+    strong: float = 1.0,
+    weak: float = 0.3,
+    first_layer: float = 0.2,
+    seed: int = 0,
+) -> torch.nn.Module:
     """A Qwen2-architecture model (q/k/v biases, GQA `group`) whose flat KV heads `carriers` carry the context."""
     torch.manual_seed(seed)
     head_dim = 16
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=kv_heads * group, num_key_value_heads=kv_heads, head_dim=head_dim,
-        max_position_embeddings=2048, use_sliding_window=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=kv_heads * group,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=2048,
+        use_sliding_window=False,
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     with torch.no_grad():

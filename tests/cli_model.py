@@ -21,9 +21,16 @@ def save_tiny_model(folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path())
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=KV_HEADS, head_dim=16, max_position_embeddings=MAX_POSITIONS,
-        eos_token_id=None, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=KV_HEADS,
+        head_dim=16,
+        max_position_embeddings=MAX_POSITIONS,
+        eos_token_id=None,
+        bos_token_id=None,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = None

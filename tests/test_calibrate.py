@@ -44,8 +44,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(arch: str, vocab_size: int, max_positions: int = 2048) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_positions,
     )
     if arch == "mistral":
         kwargs["sliding_window"] = None
@@ -62,8 +68,20 @@ def small_spec(ctx_min: int = 120, ctx_max: int = 200) -> PasskeySpec:
 
 
 def train_config(**overrides) -> TrainConfig:
-    values = dict(steps=6, lr=0.1, reg=0.05, target_sparsity=0.5, sink=4, window=16, ctx_min=120, ctx_max=200,
-                  num_passkeys=3, passkey_words=4, seed=0, rule="evidence")
+    values = dict(
+        steps=6,
+        lr=0.1,
+        reg=0.05,
+        target_sparsity=0.5,
+        sink=4,
+        window=16,
+        ctx_min=120,
+        ctx_max=200,
+        num_passkeys=3,
+        passkey_words=4,
+        seed=0,
+        rule="evidence",
+    )
     return TrainConfig(**{**values, **overrides})
 
 
@@ -310,8 +328,24 @@ def model_dir(tokenizer, tmp_path_factory):
     return folder
 
 
-CLI_ARGS = ["--steps", "4", "--ctx-min", "120", "--ctx-max", "200", "--num-passkeys", "3", "--passkey-words", "4",
-            "--sink", "4", "--window", "16", "--checkpoint-every", "2"]
+CLI_ARGS = [
+    "--steps",
+    "4",
+    "--ctx-min",
+    "120",
+    "--ctx-max",
+    "200",
+    "--num-passkeys",
+    "3",
+    "--passkey-words",
+    "4",
+    "--sink",
+    "4",
+    "--window",
+    "16",
+    "--checkpoint-every",
+    "2",
+]
 
 
 def test_cli_end_to_end_writes_pattern_log_heatmap_and_refuses_overwrite(model_dir, tmp_path, capsys):
@@ -411,16 +445,21 @@ def test_cli_user_errors_are_one_line(model_dir, tokenizer, tmp_path, capsys):
 def test_gate_report_margin_and_ties():
     report = gate_report(torch.tensor([[0.0, 0.2, 0.9], [1.0, 1.0, 0.1]]), sparsity=0.5)
     assert report["saturated_at_1"] == 2 and report["saturated_at_0"] == 1
-    assert report["highest_streaming_gate"] == 0.2 and report["lowest_retrieval_gate"] == 0.9 and report["margin"] == pytest.approx(0.7)
+    assert (
+        report["highest_streaming_gate"] == 0.2
+        and report["lowest_retrieval_gate"] == 0.9
+        and report["margin"] == pytest.approx(0.7)
+    )
     tied = gate_report(torch.ones(2, 3), sparsity=0.5)
     assert tied["margin"] == 0.0 and tied["ties_at_cut"] == 6
 
 
 def test_inspect_prints_summary_and_draws_heatmap(tmp_path, capsys):
-    path = HeadPattern(torch.tensor([[0.0, 0.6], [1.0, 0.3]]), sink=8, window=32, model={"name": "tiny"}).save(tmp_path / "p.json")
+    path = HeadPattern(torch.tensor([[0.0, 0.6], [1.0, 0.3]]), sink=8, window=32, model={"name": "tiny"}).save(
+        tmp_path / "p.json"
+    )
     assert inspect_main([str(path), "--sparsity", "0.5", "--png", str(tmp_path / "g.png")]) == 0
     printed = capsys.readouterr().out
     assert "2 layers x 2 KV heads" in printed and "margin 0.3" in printed and "sink 8, window 32" in printed
     assert (tmp_path / "g.png").stat().st_size > 0
     assert inspect_main([str(tmp_path / "nope.json")]) == 2
-

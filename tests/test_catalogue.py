@@ -35,8 +35,15 @@ PACKAGE = Path(duohead.__file__).resolve().parent
 
 def real_config(cls=LlamaConfig, layers=32, kv_heads=8, head_dim=128, name=""):
     """A config with a real model's attention shape (hidden and MLP sizes are irrelevant here)."""
-    config = cls(num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=kv_heads, head_dim=head_dim,
-                 hidden_size=64, intermediate_size=64, vocab_size=97)
+    config = cls(
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=64,
+        intermediate_size=64,
+        vocab_size=97,
+    )
     config._name_or_path = name
     return config
 

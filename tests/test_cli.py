@@ -56,8 +56,9 @@ def test_help_loads_neither_torch_nor_transformers():
 
 
 def test_python_dash_m_duohead_is_the_command():
-    proc = subprocess.run([sys.executable, "-m", "duohead", "generate", "--sparsity", "2"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "duohead", "generate", "--sparsity", "2"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("duohead generate: error: --sparsity must be in [0, 1]")
 
 

@@ -63,8 +63,12 @@ def test_decode_step_compiles_to_one_graph_and_equals_eager():
         for t in range(steps.shape[1]):
             token, positions = steps[:, t : t + 1], (real + t)[:, None]
             full_mask = torch.cat([mask, torch.ones(2, t + 1, dtype=torch.long)], dim=1)
-            got = compiled(input_ids=token, attention_mask=torch.ones(2, 1, dtype=torch.long), position_ids=positions,
-                           **{name: caches["compiled"]}).logits
+            got = compiled(
+                input_ids=token,
+                attention_mask=torch.ones(2, 1, dtype=torch.long),
+                position_ids=positions,
+                **{name: caches["compiled"]},
+            ).logits
             static = model(token, attention_mask=full_mask, position_ids=positions, **{name: caches["static"]}).logits
             dynamic = model(token, attention_mask=full_mask, position_ids=positions, **{name: caches["dynamic"]}).logits
             assert_close(got, static)
@@ -81,9 +85,14 @@ def test_append_one_by_index_equals_the_slice_copies(rollback):
 
     batch, heads, dim = 3, 2, 8
     gen = torch.Generator().manual_seed(11)
-    parts = [torch.zeros(batch, heads, SINK, dim), torch.zeros(batch, heads, SINK, dim), torch.full((batch, SINK), -1),
-             torch.zeros(batch, heads, WINDOW + rollback, dim), torch.zeros(batch, heads, WINDOW + rollback, dim),
-             torch.full((batch, WINDOW + rollback), -1)]
+    parts = [
+        torch.zeros(batch, heads, SINK, dim),
+        torch.zeros(batch, heads, SINK, dim),
+        torch.full((batch, SINK), -1),
+        torch.zeros(batch, heads, WINDOW + rollback, dim),
+        torch.zeros(batch, heads, WINDOW + rollback, dim),
+        torch.full((batch, WINDOW + rollback), -1),
+    ]
     by_slices, by_index = [t.clone() for t in parts], [t.clone() for t in parts]
     real = torch.tensor([0, 2, 9])  # real tokens seen per row
     for step in range(40):

@@ -32,9 +32,15 @@ def real_shape_model(pattern: HeadPattern, q_heads: int):
     torch.manual_seed(0)
     extra = {"sliding_window": None} if m["architecture"] == "mistral" else {}
     config = CONFIGS[m["architecture"]](
-        vocab_size=97, hidden_size=2 * q_heads, intermediate_size=64, num_hidden_layers=pattern.num_layers,
-        num_attention_heads=q_heads, num_key_value_heads=pattern.num_kv_heads, head_dim=m["head_dim"],
-        max_position_embeddings=1024, **extra,
+        vocab_size=97,
+        hidden_size=2 * q_heads,
+        intermediate_size=64,
+        num_hidden_layers=pattern.num_layers,
+        num_attention_heads=q_heads,
+        num_key_value_heads=pattern.num_kv_heads,
+        head_dim=m["head_dim"],
+        max_position_embeddings=1024,
+        **extra,
     )
     config._name_or_path = m["hf_id"]
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
@@ -115,7 +121,7 @@ def test_pipeline_accepts_an_enabled_model(tiny_model_dir, tiny_pattern_file, ca
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         direct = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert text == tokenizer.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
+    assert text == tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_text_streamer_prints_the_generated_text(tiny_model_dir, tiny_pattern_file, capsys):
@@ -126,7 +132,7 @@ def test_text_streamer_prints_the_generated_text(tiny_model_dir, tiny_pattern_fi
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True))
     printed = capsys.readouterr().out
-    assert printed.strip() == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert printed.strip() == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):
@@ -144,7 +150,7 @@ def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):
 
 
 def test_other_cache_implementations_are_refused_with_the_reason(tiny_model_dir, tiny_pattern_file):
-    """"static" gives a static DuoCache (tests/test_compile.py); any other implementation is refused."""
+    """ "static" gives a static DuoCache (tests/test_compile.py); any other implementation is refused."""
     model = duohead.from_pretrained(tiny_model_dir, tiny_pattern_file)
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(ValueError, match=r"cache_implementation='offloaded'\) is not supported: an enabled model keeps its own"):
@@ -190,8 +196,14 @@ def test_hugging_face_id_resolves_offline_from_the_cache(tmp_path, tiny_model_di
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(PROMPT)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(tiny_pattern_file), str(prompt)], env=env,
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT, str(tiny_pattern_file), str(prompt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "enabled True tiny-org/tiny-llama" in result.stdout
     assert "generate rc 0" in result.stdout and "missing rc 2" in result.stdout
@@ -226,8 +238,9 @@ print("ok", out.shape[1], "triton" in sys.modules and sys.modules["triton"] is n
 def test_cpu_path_runs_without_triton(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "DUOHEAD_BACKEND": "auto"}
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok 23 False"
 

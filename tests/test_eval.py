@@ -23,8 +23,24 @@ ROW_KEYS = {"task", "length", "depth", "sample", "prompt_tokens", "answer", "out
 @pytest.fixture(scope="module")
 def eval_run(tiny_model_dir, tiny_pattern_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--lengths", "128,256",
-            "--depths", "0.25,0.75", "--sparsities", "0.5", "--limit", "3", "--max-new-tokens", "3", "--out", str(out)]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--pattern",
+        str(tiny_pattern_file),
+        "--lengths",
+        "128,256",
+        "--depths",
+        "0.25,0.75",
+        "--sparsities",
+        "0.5",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert evaluate.main(argv) == 0
     return json.loads((out / "results.json").read_text()), out
 
@@ -63,9 +79,26 @@ def test_every_method_sees_the_same_prompts(eval_run):
 
 
 def test_all_retrieval_pattern_scores_like_full(tiny_model_dir, tiny_pattern_file, tmp_path, capsys):
-    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--methods", "full,pattern",
-            "--sparsities", "0", "--lengths", "200", "--depths", "0.5", "--tasks", "needle", "--max-new-tokens", "4",
-            "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--pattern",
+        str(tiny_pattern_file),
+        "--methods",
+        "full,pattern",
+        "--sparsities",
+        "0",
+        "--lengths",
+        "200",
+        "--depths",
+        "0.5",
+        "--tasks",
+        "needle",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
     assert evaluate.main(argv) == 0
     full, pattern = json.loads((tmp_path / "results.json").read_text())["methods"]
     assert [r["output"] for r in full["results"]] == [r["output"] for r in pattern["results"]]
@@ -84,12 +117,25 @@ def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
     def answer_passkeys(model, input_ids, max_new_tokens, **kwargs):
         key = re.search(r"The pass key is (\d{5})\.", tokenizer.decode(input_ids[0]))
         reply = f" {key[1]}. Remember it." if key else " I do not know."
-        return SimpleNamespace(tokens=tokenizer(reply).input_ids[:max_new_tokens], prompt_tokens=input_ids.shape[1],
-                               prefill_seconds=0.0)
+        return SimpleNamespace(
+            tokens=tokenizer(reply).input_ids[:max_new_tokens], prompt_tokens=input_ids.shape[1], prefill_seconds=0.0
+        )
 
     monkeypatch.setattr(runner, "run_prompt", answer_passkeys)
-    argv = ["--model", str(tiny_model_dir), "--methods", "full", "--lengths", "200,300", "--depths", "0.2,0.8",
-            "--max-new-tokens", "8", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--methods",
+        "full",
+        "--lengths",
+        "200,300",
+        "--depths",
+        "0.2,0.8",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     assert evaluate.main(argv) == 0
     method = json.loads((tmp_path / "results.json").read_text())["methods"][0]
     rows = method["results"]
@@ -100,9 +146,15 @@ def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
     assert summary["tasks"]["passkey"]["grid"] == [[1.0, 1.0], [1.0, 1.0]]
 
 
-@pytest.mark.parametrize(("answer", "output", "expected"), [
-    ("48213", " 48213. Remember it.", 1.0), ("Cinnamon", "cinnamon.", 1.0), ("48213", "4821", 0.0), ("Tangerine", "", 0.0),
-])
+@pytest.mark.parametrize(
+    ("answer", "output", "expected"),
+    [
+        ("48213", " 48213. Remember it.", 1.0),
+        ("Cinnamon", "cinnamon.", 1.0),
+        ("48213", "4821", 0.0),
+        ("Tangerine", "", 0.0),
+    ],
+)
 def test_score(answer, output, expected):
     assert evaluate.score(answer, output) == expected
 
@@ -173,8 +225,10 @@ BAD_INPUTS = {
     "unknown method": (["--methods", "full,oracle"], "unknown method"),
     "unknown task": (["--tasks", "quiz"], "unknown task"),
     "depth outside [0, 1]": (["--depths", "1.2"], "--depths"),
-    "longer than the positions": (["--lengths", "300,2000"], "--lengths 2000 plus --max-new-tokens 8 exceeds this model's 600 "
-                                  "positions; pass --lengths of at most 592"),
+    "longer than the positions": (
+        ["--lengths", "300,2000"],
+        "--lengths 2000 plus --max-new-tokens 8 exceeds this model's 600 positions; pass --lengths of at most 592",
+    ),
     "missing pattern": (["--pattern", "/nonexistent/p.json"], "neither a file"),
 }
 

@@ -24,8 +24,21 @@ def _run(tmp_path, model_dir, pattern, *extra: str, prompt: str = PROMPT) -> tup
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(prompt)
     out = tmp_path / "report.json"
-    argv = ["--model", str(model_dir), "--pattern", str(pattern), "--prompt-file", str(prompt_file),
-            "--max-new-tokens", "6", "--prefill-chunk", "16", "--report-json", str(out), *extra]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--pattern",
+        str(pattern),
+        "--prompt-file",
+        str(prompt_file),
+        "--max-new-tokens",
+        "6",
+        "--prefill-chunk",
+        "16",
+        "--report-json",
+        str(out),
+        *extra,
+    ]
     rc = generate.main(argv)
     return (json.loads(out.read_text()) if rc == 0 else {}), rc
 
@@ -45,7 +58,7 @@ def test_generate_matches_hf_generate_and_reports_duocache_bytes(tmp_path, tiny_
     assert run["prompt_tokens"] == ids.shape[1] > 4 + 16  # well past sink + window
     model = duohead.from_pretrained(tiny_model_dir, pattern=tiny_pattern_file).eval()
     model.generation_config.eos_token_id = None
-    expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
     assert run["tokens"] == expected  # chunked prefill + our decode loop = transformers' generate on a DuoCache
 
     # The cache after the run holds the prompt and every generated token but the last one.
@@ -77,9 +90,14 @@ def test_report_compares_kv_in_the_right_direction_for_a_short_prompt(tmp_path, 
     assert f"duohead holds {expected} KV" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("held", "full", "words"), [
-    (100, 800, "8.00x less KV than"), (1106, 100, "11.06x more KV than"), (300, 300, "as much KV as"),
-])
+@pytest.mark.parametrize(
+    ("held", "full", "words"),
+    [
+        (100, 800, "8.00x less KV than"),
+        (1106, 100, "11.06x more KV than"),
+        (300, 300, "as much KV as"),
+    ],
+)
 def test_kv_comparison_says_less_or_more(held, full, words):
     line = generate.kv_comparison({"total_bytes": held, "full_bytes": full})
     assert line.startswith(f"duohead holds {words} full attention would")
@@ -93,7 +111,7 @@ def test_compare_full_runs_stock_model_side_by_side(tmp_path, tiny_model_dir, ti
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     stock.generation_config.eos_token_id = None
-    assert full["tokens"] == stock.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert full["tokens"] == stock.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
     held = _full_kv_bytes(ids.shape[1] + 5)
     assert full["kv_memory"]["total_bytes"] == held == duo["kv_memory"]["full_bytes"]
     assert duo["kv_memory"]["total_bytes"] < held
@@ -109,8 +127,17 @@ def test_all_retrieval_equals_full_attention(tmp_path, tiny_model_dir, tiny_patt
 def test_chat_prompt_from_stdin(tiny_model_dir, tiny_pattern_file, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Where does the lighthouse stand?"))
     out = tmp_path / "report.json"
-    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--chat", "--max-new-tokens", "2",
-            "--report-json", str(out)]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--pattern",
+        str(tiny_pattern_file),
+        "--chat",
+        "--max-new-tokens",
+        "2",
+        "--report-json",
+        str(out),
+    ]
     assert generate.main(argv) == 0
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     message = [{"role": "user", "content": "Where does the lighthouse stand?"}]
@@ -146,13 +173,16 @@ BAD_INPUTS = {
     "sparsity above 1": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "1.5"], "[0, 1]"),
     "sparsity below 0": (lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "-0.1"], "[0, 1]"),
     "sparsity and threshold": (
-        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "0.5", "--threshold", "0.5"], "not both"
+        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--sparsity", "0.5", "--threshold", "0.5"],
+        "not both",
     ),
     "missing prompt file": (
-        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-file", str(t / "none.txt")], "prompt file"
+        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-file", str(t / "none.txt")],
+        "prompt file",
     ),
     "negative prompt lookup": (
-        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-lookup", "-1"], "--prompt-lookup must be >= 0"
+        lambda d, p, t: ["--model", str(d), "--pattern", str(p), "--prompt-lookup", "-1"],
+        "--prompt-lookup must be >= 0",
     ),
 }
 
@@ -189,7 +219,9 @@ def test_unsupported_gguf_from_the_command_line(gpt2_gguf, tiny_pattern_file):
     """The installed `duohead` command: one line on stderr, exit code 2, no traceback."""
     proc = subprocess.run(
         [sys.executable, "-m", "duohead.cli", "generate", "--model", str(gpt2_gguf), "--pattern", str(tiny_pattern_file)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0

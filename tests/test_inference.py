@@ -23,7 +23,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4
 
 def greedy(model, ids, steps=16, **kwargs):
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs)
+        out = model.generate(
+            ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs
+        )
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
@@ -89,10 +91,14 @@ def test_chunked_prefill_equals_one_shot(chunk):
         one_shot_cache = DuoCache.from_model(model)
         one_shot = model(ids, **{cache_argument(model): one_shot_cache}).logits
         cache = DuoCache.from_model(model)
-        chunked = torch.cat([model(ids[:, s : s + chunk], **{cache_argument(model): cache}).logits for s in range(0, ids.shape[1], chunk)], dim=1)
+        chunked = torch.cat(
+            [model(ids[:, s : s + chunk], **{cache_argument(model): cache}).logits for s in range(0, ids.shape[1], chunk)], dim=1
+        )
         assert_close(chunked, one_shot)
         step = torch.randint(1, 97, (2, 1), generator=torch.Generator().manual_seed(5))
-        assert_close(model(step, **{cache_argument(model): cache}).logits, model(step, **{cache_argument(model): one_shot_cache}).logits)
+        assert_close(
+            model(step, **{cache_argument(model): cache}).logits, model(step, **{cache_argument(model): one_shot_cache}).logits
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -321,7 +327,9 @@ def test_speculative_decoding_generates_what_greedy_generates(draft, monkeypatch
     model = tiny_model("llama")
     duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
     phrase = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(6))
-    ids = torch.cat([phrase.repeat(1, 5), torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(7)), phrase[:, :3]], dim=1)
+    ids = torch.cat(
+        [phrase.repeat(1, 5), torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(7)), phrase[:, :3]], dim=1
+    )
     expected, _ = greedy(model, ids, steps=24)
     crops = []
     crop = DuoCacheLayer.crop
@@ -345,7 +353,9 @@ def test_prompt_lookup_decoding_keeps_greedy_tokens_with_fewer_forwards(enabled)
     if enabled:
         duohead.enable(model, HeadPattern(mixed_gates(3, 2), sink=SINK, window=WINDOW))
     phrase = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(6))
-    ids = torch.cat([phrase.repeat(1, 5), torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(7)), phrase[:, :3]], dim=1)
+    ids = torch.cat(
+        [phrase.repeat(1, 5), torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(7)), phrase[:, :3]], dim=1
+    )
     plain = run_prompt(model, ids, 30)
     lookup = run_prompt(model, ids, 30, lookup=4)
     assert lookup.tokens == plain.tokens
@@ -371,8 +381,13 @@ def test_beam_search_keeps_each_beam_history():
     ids = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         out = model.generate(
-            ids, num_beams=4, num_return_sequences=4, max_new_tokens=12, do_sample=False,
-            output_scores=True, return_dict_in_generate=True,
+            ids,
+            num_beams=4,
+            num_return_sequences=4,
+            max_new_tokens=12,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
         steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
         assert len({tuple(s.tolist()) for s in out.sequences}) == 4

@@ -119,7 +119,9 @@ def test_padding_in_later_chunks_over_a_filled_cache(right):
 BF16_CASES = [(4, 128, 4, 64, [300, 77, 1, 1], [0, 5]), (8, 64, 1, 16, [40, 1], [3, 0]), (1, 128, 0, 16, [33, 2], [0, 0])]
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bf16 Triton runs only on CUDA: the interpreter's bf16 tl.dot is wrong, and this machine has no GPU")
+@pytest.mark.skipif(
+    not ON_GPU, reason="bf16 Triton runs only on CUDA: the interpreter's bf16 tl.dot is wrong, and this machine has no GPU"
+)
 @pytest.mark.parametrize("group,head_dim,sink,window,chunks,pads", BF16_CASES)
 def test_triton_streaming_in_bf16(group, head_dim, sink, window, chunks, pads):
     for got, expected, _ in run_chunks(group, head_dim, sink, window, chunks, pads, torch.bfloat16):
@@ -237,7 +239,9 @@ def test_keys_outside_sink_and_window_are_never_loaded():
     shape = (1, 1, q_len, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(3))
     cache = StreamingKV(torch.randn(1, 1, 20, head_dim).to(DEVICE), sink, window)
-    cache.append(*(torch.randn(1, 1, 20, head_dim, generator=gen).to(DEVICE) for _ in range(2)), torch.arange(20, device=DEVICE)[None])
+    cache.append(
+        *(torch.randn(1, 1, 20, head_dim, generator=gen).to(DEVICE) for _ in range(2)), torch.arange(20, device=DEVICE)[None]
+    )
     pos = torch.arange(20, 20 + q_len, device=DEVICE)[None]
     args = (q, k, v, pos, *cache.tensors(), sink, window, head_dim**-0.5)
     expected = reference.streaming_attention(*args)
@@ -286,7 +290,15 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
     from duohead.kernels import triton_decode
 
     def build(kernel, dtype: str, constexprs: dict, num_warps: int) -> None:
-        pointers = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64", "PartAcc": "*fp32", "PartML": "*fp32"}
+        pointers = {
+            "Pos": "*i64",
+            "Newest": "*i64",
+            "QPos": "*i64",
+            "SinkPos": "*i64",
+            "RingPos": "*i64",
+            "PartAcc": "*fp32",
+            "PartML": "*fp32",
+        }
         signature = {}
         for name in kernel.arg_names:
             if name in constexprs:
@@ -305,23 +317,51 @@ def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
 
     for dtype, group, q_len, head_dim in builds:
         cfg = triton_streaming.launch_config(group, q_len, head_dim)
-        constexprs = dict(GROUP=group, GROUP_PAD=cfg["GROUP_PAD"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_N=cfg["BLOCK_N"],
-                          HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], IEEE_DOT=dtype == "fp32")
+        constexprs = dict(
+            GROUP=group,
+            GROUP_PAD=cfg["GROUP_PAD"],
+            BLOCK_Q=cfg["BLOCK_Q"],
+            BLOCK_N=cfg["BLOCK_N"],
+            HEAD_DIM=head_dim,
+            BLOCK_D=cfg["BLOCK_D"],
+            IEEE_DOT=dtype == "fp32",
+        )
         build(triton_streaming._streaming_attention_kernel, dtype, constexprs, cfg["num_warps"])
         block_t = min(64, triton.next_power_of_2(q_len))
-        build(triton_streaming._streaming_append_kernel, dtype, dict(BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"]), 4)
+        build(
+            triton_streaming._streaming_append_kernel, dtype, dict(BLOCK_T=block_t, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"]), 4
+        )
         rows = max(16, triton.next_power_of_2(group))
         for splits in (1, 4):  # the fused decode, unsplit and split (+ its combine)
-            build(triton_decode._streaming_decode_kernel, dtype, dict(GROUP=group, ROWS=rows, BLOCK_N=64, HEAD_DIM=head_dim,
-                  BLOCK_D=cfg["BLOCK_D"], SPLITS=splits, IEEE_DOT=dtype == "fp32"), 4)
-        build(triton_decode._combine_splits_kernel, dtype, dict(GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS=4), 4)
+            build(
+                triton_decode._streaming_decode_kernel,
+                dtype,
+                dict(
+                    GROUP=group,
+                    ROWS=rows,
+                    BLOCK_N=64,
+                    HEAD_DIM=head_dim,
+                    BLOCK_D=cfg["BLOCK_D"],
+                    SPLITS=splits,
+                    IEEE_DOT=dtype == "fp32",
+                ),
+                4,
+            )
+        build(
+            triton_decode._combine_splits_kernel,
+            dtype,
+            dict(GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS=4),
+            4,
+        )
 
 
 def test_kernel_compiles_for_hopper():
     """The interpreter never runs Triton's compiler: build the real kernel for sm_90 in a process without it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = os.path.dirname(__file__)
-    code = f"import runpy, sys; sys.path.insert(0, {here!r}); runpy.run_path({__file__!r})['compile_for_hopper']({HOPPER_BUILDS!r})"
+    code = (
+        f"import runpy, sys; sys.path.insert(0, {here!r}); runpy.run_path({__file__!r})['compile_for_hopper']({HOPPER_BUILDS!r})"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.skipif(
 def tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None
@@ -31,8 +36,12 @@ def tiny_llama() -> torch.nn.Module:
 def generate_logits(model, input_ids, attention_mask, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     with kernels.use_backend(backend), torch.no_grad():
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     return out.sequences, torch.stack(out.logits)
 
@@ -51,7 +60,9 @@ def test_generate_with_triton_backend_equals_torch_backend(monkeypatch):
     calls = {"attention": 0, "decode": 0}
     for name, fn in (("attention", "streaming_attention"), ("decode", "streaming_decode")):
         kernel = getattr(triton_streaming, fn)
-        monkeypatch.setattr(triton_streaming, fn, lambda *a, _k=kernel, _n=name, **kw: calls.update({_n: calls[_n] + 1}) or _k(*a, **kw))
+        monkeypatch.setattr(
+            triton_streaming, fn, lambda *a, _k=kernel, _n=name, **kw: calls.update({_n: calls[_n] + 1}) or _k(*a, **kw)
+        )
     seq_triton, logits_triton = generate_logits(model, input_ids, attention_mask, "triton")
     assert calls == {"attention": 2, "decode": 2 * 3}  # both layers: prefill, then 3 fused decode steps
     assert torch.equal(seq_triton, seq_torch)

@@ -36,14 +36,25 @@ def test_gpu_check_dry_run(tmp_path):
     will report is there, with the keys the table reads."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True, env=env, timeout=600,
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     assert all(c["ok"] for c in report["checks"] if c.get("ok") is not None), report["checks"]
-    assert {"triton streaming", "triton streaming append", "sdpa retrieval decode", "sdpa retrieval chunked prefill", "auto dispatch retrieval decode",
-            "model all-retrieval (triton) vs stock", "model 50% streaming (triton) vs torch"} <= set(checks)
+    assert {
+        "triton streaming",
+        "triton streaming append",
+        "sdpa retrieval decode",
+        "sdpa retrieval chunked prefill",
+        "auto dispatch retrieval decode",
+        "model all-retrieval (triton) vs stock",
+        "model 50% streaming (triton) vs torch",
+    } <= set(checks)
     assert checks["triton streaming"]["cache_mismatches"] == 0  # attend-then-store left the same cache as the reference
     assert checks["flashinfer retrieval"]["skipped"] == "no CUDA device" == report["flashinfer"]
     assert "nvcc" in report

@@ -102,7 +102,11 @@ class FakePagedWrapper:
         self.decode = "use_tensor_cores" in kwargs
         if self.decode:
             assert kwargs["use_cuda_graph"] is True
-            self.buffers = kwargs["paged_kv_indptr_buffer"], kwargs["paged_kv_indices_buffer"], kwargs["paged_kv_last_page_len_buffer"]
+            self.buffers = (
+                kwargs["paged_kv_indptr_buffer"],
+                kwargs["paged_kv_indices_buffer"],
+                kwargs["paged_kv_last_page_len_buffer"],
+            )
             assert len(self.buffers[0]) == len(self.buffers[2]) + 1
         FakePagedWrapper.created += 1
 
@@ -126,7 +130,9 @@ class FakePagedWrapper:
         for b in range(batch):
             pages = self.indices[self.indptr[b] : self.indptr[b + 1]].long()
             kv_len = (len(pages) - 1) * self.page + int(self.last[b])
-            k, v = (t[pages].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[None, :, :kv_len] for t in (keys, values))
+            k, v = (
+                t[pages].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[None, :, :kv_len] for t in (keys, values)
+            )
             qb = q[b * q_len : (b + 1) * q_len].transpose(0, 1)[None]  # [1, Hq, Q, D]
             out[b * q_len : (b + 1) * q_len] = reference.retrieval_attention(qb, k, v, None, self.scale)[0].transpose(0, 1)
         return out
@@ -136,7 +142,9 @@ class FakePagedWrapper:
 def fake_flashinfer(monkeypatch):
     import types
 
-    fake = types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=FakePagedWrapper, BatchPrefillWithPagedKVCacheWrapper=FakePagedWrapper)
+    fake = types.SimpleNamespace(
+        BatchDecodeWithPagedKVCacheWrapper=FakePagedWrapper, BatchPrefillWithPagedKVCacheWrapper=FakePagedWrapper
+    )
     monkeypatch.setitem(sys.modules, "flashinfer", fake)
     monkeypatch.setattr(flashinfer_retrieval, "supports", lambda *a: True)
     monkeypatch.setattr(flashinfer_retrieval, "_wrappers", flashinfer_retrieval.OrderedDict())
@@ -181,7 +189,9 @@ def test_flashinfer_never_plans_inside_a_graph_capture(fake_flashinfer, monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     expected = reference.retrieval_attention(q, keys, values, None, 0.25)
-    torch.testing.assert_close(flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25), expected, atol=1e-5, rtol=1e-5
+    )
     keys, values = cache.append(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     with pytest.raises(flashinfer_retrieval.PlanInCaptureError, match="cannot plan inside a CUDA-graph capture"):
         flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)

@@ -60,7 +60,8 @@ def test_save_refuses_to_overwrite(tmp_path):
 
 def test_duo_attention_format_round_trip(tmp_path):
     sample_pattern().to_duo_attention(tmp_path)
-    first_row = "1.000000000000000000e+00\t2.500000000000000000e-01\t0.000000000000000000e+00"  # np.savetxt's %.18e, as the reference writes
+    # np.savetxt's %.18e, as the reference writes
+    first_row = "1.000000000000000000e+00\t2.500000000000000000e-01\t0.000000000000000000e+00"
     assert (tmp_path / "full_attention_heads.tsv").read_text().splitlines()[0] == first_row
     assert json.loads((tmp_path / "config.json").read_text()) == {"sink_size": 16, "recent_size": 64}
     loaded = HeadPattern.from_duo_attention(tmp_path)
@@ -110,7 +111,9 @@ def test_bad_gates(gates, message):
         HeadPattern(gates)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"sink": -1}, "'sink' must be an integer >= 0"), ({"window": 0}, "'window' must be an integer >= 1")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"sink": -1}, "'sink' must be an integer >= 0"), ({"window": 0}, "'window' must be an integer >= 1")]
+)
 def test_bad_sink_window(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HeadPattern([[1.0]], **kwargs)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from tiny_models import mixed_gates, tiny_model
+from transformers import AutoModelForCausalLM
 
 import duohead
 from duohead import DuoCache, HeadPattern

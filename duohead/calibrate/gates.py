@@ -37,7 +37,9 @@ class Gating:
     window: int
 
 
-def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scaling: float) -> torch.Tensor:
+def streaming_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int, scaling: float
+) -> torch.Tensor:
     """Λ-masked attention over a whole sequence (positions 0..T-1), differentiable; memory O(T * (S + 2W)).
 
     q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. No [T, T] mask at any length: see
@@ -85,8 +87,11 @@ def blocked_streaming_attention(
     mask = visible[:, None].expand(-1, group, -1, -1).reshape(num_blocks, group * block, -1)  # [nb, G*blk, S' + 2*blk]
     flat = batch * num_kv_heads, num_blocks  # 4-D for SDPA's fused kernels: [B*Hkv, nb, rows, D]
     out = F.scaled_dot_product_attention(
-        qf.reshape(*flat, group * block, head_dim), keys.reshape(*flat, -1, head_dim), values.reshape(*flat, -1, head_dim),
-        attn_mask=mask, scale=scaling,
+        qf.reshape(*flat, group * block, head_dim),
+        keys.reshape(*flat, -1, head_dim),
+        values.reshape(*flat, -1, head_dim),
+        attn_mask=mask,
+        scale=scaling,
     )
     out = out.view(batch, num_kv_heads, num_blocks, group, block, head_dim).permute(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, num_q_heads, num_blocks * block, head_dim)[:, :, :length]

@@ -76,7 +76,9 @@ class TrainConfig:
         if self.reg < 0:
             raise ValueError(f"--reg must be >= 0; got {self.reg}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:
-            raise ValueError(f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {self.target_sparsity}")
+            raise ValueError(
+                f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {self.target_sparsity}"
+            )
         if self.rule not in RULES:
             raise ValueError(f"--rule must be one of {', '.join(RULES)}; got {self.rule!r}")
 
@@ -169,10 +171,13 @@ class Calibrator:
         cut = self.num_streaming if cfg.target_sparsity is not None else int((flat < 0.5).sum())
         ordered = flat.sort().values
         record.update(
-            mean_gate=flat.mean().item(), retrieval_heads=int((flat >= 0.5).sum()),
+            mean_gate=flat.mean().item(),
+            retrieval_heads=int((flat >= 0.5).sum()),
             margin=round((ordered[cut] - ordered[cut - 1]).item(), 4) if 0 < cut < flat.numel() else None,
-            decided=round(decided_fraction(flat), 4), streaming=weakest(flat, cut).tolist(),
-            ctx=int(ids.shape[1]), seconds=round(time.perf_counter() - start, 3),
+            decided=round(decided_fraction(flat), 4),
+            streaming=weakest(flat, cut).tolist(),
+            ctx=int(ids.shape[1]),
+            seconds=round(time.perf_counter() - start, 3),
         )
         return record
 
@@ -222,8 +227,11 @@ class Calibrator:
             tensors["adam.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
             tensors["adam.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             tensors["adam.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
-        metadata = {"step": str(self.step_index), "multiplier": repr(self.multiplier),
-                    "config": json.dumps(asdict(self.config), sort_keys=True)}
+        metadata = {
+            "step": str(self.step_index),
+            "multiplier": repr(self.multiplier),
+            "config": json.dumps(asdict(self.config), sort_keys=True),
+        }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> None:
@@ -236,7 +244,9 @@ class Calibrator:
         mine = asdict(self.config)
         diffs = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "steps" and saved.get(k) != v]
         if diffs:
-            raise ValueError(f"{path} was made with other settings: {', '.join(diffs)}; rerun with the same options or use --force")
+            raise ValueError(
+                f"{path} was made with other settings: {', '.join(diffs)}; rerun with the same options or use --force"
+            )
         step = int(metadata["step"])
         if step >= self.config.steps:
             raise ValueError(f"{path} is at step {step} already; pass --steps larger than {step} to continue it")

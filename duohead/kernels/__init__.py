@@ -24,6 +24,7 @@ streaming heads, with one warning). A FlashInfer error under "auto" (e.g. its JI
 and SDPA serves retrieval heads from then on; forced "flashinfer" raises it. Under torch.compile the Triton
 kernels run as the ops duohead::streaming_attention / streaming_append / streaming_decode (`triton_streaming`).
 """
+
 from __future__ import annotations
 
 import contextlib

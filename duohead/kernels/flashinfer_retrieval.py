@@ -143,7 +143,10 @@ def _new_wrapper(decode: bool, device: torch.device, batch: int, pages: int, ten
     if not decode:
         return _Planned(flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "HND", backend=PREFILL_BACKEND))
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        workspace, "HND", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        workspace,
+        "HND",
+        use_cuda_graph=True,
+        use_tensor_cores=tensor_cores,
         paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=device),
         paged_kv_indices_buffer=torch.zeros(pages, dtype=torch.int32, device=device),
         paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=device),
@@ -184,8 +187,16 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> A
     else:
         qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len
         entry.wrapper.plan(
-            qo_indptr, indptr, indices, last_page_len,
-            num_q_heads, num_kv_heads, head_dim, pages.page_size, causal=True, **common,
+            qo_indptr,
+            indptr,
+            indices,
+            last_page_len,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            pages.page_size,
+            causal=True,
+            **common,
         )
     entry.geometry = geometry
     return entry.wrapper

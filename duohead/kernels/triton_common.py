@@ -12,11 +12,27 @@ import triton.language as tl
 
 @triton.jit
 def attend_range(
-    acc, m_i, l_i, q, q_pos,
-    k_base, v_base, pos_base, stride_kt, stride_vt, stride_pt,
-    start, end, sink, window, qk_scale,
-    offs_d, d_mask, skip,
-    BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    k_base,
+    v_base,
+    pos_base,
+    stride_kt,
+    stride_vt,
+    stride_pt,
+    start,
+    end,
+    sink,
+    window,
+    qk_scale,
+    offs_d,
+    d_mask,
+    skip,
+    BLOCK_N: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
     """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
     Slot `skip` (-1: none) is neither loaded nor seen."""
