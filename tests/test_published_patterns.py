@@ -22,7 +22,7 @@ FOLDERS = sorted(p.name for p in PUBLISHED.iterdir() if (p / DUO_TSV).is_file())
 
 
 def import_script():
-    spec = importlib.util.spec_from_file_location("import_published_patterns", ROOT / "scripts" / "import_published_patterns.py")
+    spec = importlib.util.spec_from_file_location("import_published_patterns", ROOT / "patterns" / "import_published.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

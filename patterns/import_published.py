@@ -1,6 +1,6 @@
 """Convert the DuoAttention authors' six published head patterns into duohead pattern files (package data).
 
-    python scripts/import_published_patterns.py [SOURCE] [DEST]
+    python patterns/import_published.py [SOURCE] [DEST]
 
 SOURCE (default tests/data/published-patterns) holds the reference's folders unchanged (`full_attention_heads.tsv`
 + `config.json` each) and the MIT licence; DEST (default duohead/patterns) gets one folder per model with
@@ -80,7 +80,7 @@ def convert(name: str, source: Path) -> HeadPattern:
         "source": f"{SOURCE_REPO}/tree/{SOURCE_COMMIT}/attn_patterns/{folder}",
         "source_commit": SOURCE_COMMIT,
         "license": LICENSE,
-        "converted_by": "scripts/import_published_patterns.py (HeadPattern.from_duo_attention)",
+        "converted_by": "patterns/import_published.py (HeadPattern.from_duo_attention)",
         "calibration": {key: config[key] for key in SETTINGS},
         "default_sparsity_note": f"{DEFAULT_SPARSITY}: chosen by duohead (the authors deploy GQA models at 50% retrieval heads); "
         "the reference file records no target",
