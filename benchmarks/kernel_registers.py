@@ -16,39 +16,15 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from duohead.kernels import triton_decode as td  # noqa: E402
 from duohead.kernels import triton_streaming as ts  # noqa: E402
-
-POINTERS = {
-    "Pos": "*i64",
-    "Newest": "*i64",
-    "QPos": "*i64",
-    "SinkPos": "*i64",
-    "RingPos": "*i64",
-    "PartAcc": "*fp32",
-    "PartML": "*fp32",
-}
+from duohead.kernels.triton_common import compile_for_sm90  # noqa: E402
 
 
 def ptxas_info(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int) -> str:
     """'R registers, S B stack, P B spill stores' of one kernel built for sm_90a."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name[0].isupper():
-            signature[name] = POINTERS.get(name, f"*{dtype}")
-        else:
-            signature[name] = "fp32" if name == "qk_scale" else "i32"
-    indexed = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=indexed),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
-    )
+    compiled = compile_for_sm90(kernel, dtype, constexprs, num_warps, num_stages)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])

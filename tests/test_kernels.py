@@ -284,35 +284,12 @@ HOPPER_BUILDS = [("bf16", 4, 1, 128), ("fp16", 3, 100, 80)]  # (dtype, G, Q, D):
 def compile_for_hopper(builds: list[tuple[str, int, int, int]]) -> None:
     """Compile both kernels to sm_90 cubins with Triton's real compiler (no GPU needed; not under the interpreter)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from duohead.kernels import triton_decode
+    from duohead.kernels.triton_common import compile_for_sm90
 
     def build(kernel, dtype: str, constexprs: dict, num_warps: int) -> None:
-        pointers = {
-            "Pos": "*i64",
-            "Newest": "*i64",
-            "QPos": "*i64",
-            "SinkPos": "*i64",
-            "RingPos": "*i64",
-            "PartAcc": "*fp32",
-            "PartML": "*fp32",
-        }
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name[0].isupper():
-                signature[name] = pointers.get(name, f"*{dtype}")
-            else:
-                signature[name] = "fp32" if name == "qk_scale" else "i32"
-        indexed = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=indexed),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": num_warps, "num_stages": 2},
-        )
+        compiled = compile_for_sm90(kernel, dtype, constexprs, num_warps)
         assert "cubin" in compiled.asm, (kernel.__name__, dtype, constexprs)
 
     for dtype, group, q_len, head_dim in builds:

@@ -76,3 +76,33 @@ def kernel_strides(*tensors: torch.Tensor) -> list[int]:
     """The kernels' stride arguments, in order: (b, h, t) of each [B, H, T, D] tensor (D is contiguous), (b, t)
     of each [B, T] position tensor."""
     return [stride for t in tensors for stride in (t.stride()[:3] if t.dim() == 4 else t.stride())]
+
+
+# pointer arguments that are not of the kernel's data type; every other capitalised argument is a data pointer
+_INDEX_POINTERS = {"Pos": "*i64", "Newest": "*i64", "QPos": "*i64", "SinkPos": "*i64", "RingPos": "*i64"}
+_PARTIAL_POINTERS = {"PartAcc": "*fp32", "PartML": "*fp32"}
+
+
+def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int = 2):
+    """Build one of duohead's kernels ahead of time for sm_90 (no GPU needed; not under the interpreter).
+
+    dtype: Triton's name of the data type ("bf16", "fp16", "fp32"); constexprs: the kernel's constexpr arguments.
+    Capitalised arguments are pointers, `qk_scale` fp32, the rest i32. Returns Triton's compiled kernel (`.asm`).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            signature[name] = {**_INDEX_POINTERS, **_PARTIAL_POINTERS}.get(name, f"*{dtype}")
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    indexed = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+    return triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=indexed),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
