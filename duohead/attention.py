@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from duohead import kernels
 from duohead.cache import DuoCacheLayer, PendingKV
-from duohead.kernels.reference import masked_attention
+from duohead.kernels.reference import masked_attention, mixed_attention, real_positions, streaming_attention
 
 ATTENTION_NAME = "duohead"
 
@@ -101,6 +101,45 @@ def _static_retrieval(
     return masked_attention(q, r.keys, r.values, visible, scaling)
 
 
+def _unsplit_attention(
+    layer: DuoCacheLayer,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_is_real: torch.Tensor | None,
+    key_is_real: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Store k, v [B, Hkv, Q, D] in the unsplit buffer and attend: q [B, Hq, Q, D] -> [B, Hq, Q, D].
+
+    Up to S + W slots the Λ rule is causal: one call. Past that (the CPU's split margin): a decode step is one call
+    with the Λ rule as a per-head mask; a prefill chunk runs the retrieval heads causally and the streaming heads
+    through the blocked reference, whose work is O(Q * (cached + W)) instead of a [Q, T] mask's O(Q * T).
+    """
+    cached, q_len = layer.seen, q.shape[2]
+    keys, values = layer.unsplit.append(k, v)
+    if cached + q_len <= layer.sink + layer.window:
+        return kernels.retrieval_attention(q, keys, values, key_is_real, scaling)
+    hr = layer.num_retrieval_heads
+    split = hr * (q.shape[1] // k.shape[1])
+    if q_len == 1:
+        return mixed_attention(q, keys, values, key_is_real, split, layer.sink, layer.window, scaling)
+    out = torch.empty_like(q)
+    if hr > 0:
+        out[:, :split] = kernels.retrieval_attention(q[:, :split], keys[:, :hr], values[:, :hr], key_is_real, scaling)
+    if key_is_real is None:
+        cached_pos = torch.arange(cached, device=q.device).expand(q.shape[0], cached)
+    else:
+        cached_pos = real_positions(key_is_real[:, :cached])
+    q_pos = _positions(layer.real_seen, query_is_real, q_len)
+    ring = (keys[:, hr:, :cached], values[:, hr:, :cached], cached_pos)  # every cached slot; Λ hides the far ones
+    sink = (keys[:, hr:, :0], values[:, hr:, :0], cached_pos[:, :0])
+    streaming_attention(
+        q[:, split:], k[:, hr:], v[:, hr:], q_pos, *sink, *ring, layer.sink, layer.window, scaling, out=out[:, split:]
+    )
+    return out
+
+
 def duohead_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -115,9 +154,9 @@ def duohead_attention(
 
     query [B, Hq, Q, D]; key/value either `PendingKV` from a `DuoCache` or plain [B, Hkv, Q, D] tensors
     (no cache: the forward sees only these tokens). Returns ([B, Q, Hq, D] contiguous, None). While a dynamic
-    layer holds at most S + W slots every head attends causally in one call (the Λ rule shows streaming heads
-    every token then); past that, the streaming kernel writes its heads in place and the retrieval heads'
-    output is copied in.
+    layer is unsplit every head attends in one call: causally up to S + W slots (the Λ rule shows streaming heads
+    every token then), with a per-head Λ mask up to `split_at`. Once split, the streaming kernel writes its heads
+    in place and the retrieval heads' output is copied in.
     """
     layout = getattr(module, "duohead_layout", None)
     if layout is None:
@@ -149,9 +188,8 @@ def duohead_attention(
     if layer.needs_split(q_len):
         layer.split(key_is_real)
 
-    if layer.unsplit is not None:  # T <= S + W: Λ = causal, one call for all heads
-        keys, values = layer.unsplit.append(new_k, new_v)
-        out = kernels.retrieval_attention(query, keys, values, key_is_real, scaling).transpose(1, 2).contiguous()
+    if layer.unsplit is not None:
+        out = _unsplit_attention(layer, query, new_k, new_v, query_is_real, key_is_real, scaling).transpose(1, 2).contiguous()
     else:
         q_pos = _positions(layer.real_seen, query_is_real, q_len)
         hr = layer.num_retrieval_heads

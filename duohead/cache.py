@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from duohead import kernels
 from duohead.accounting import kv_bytes
 from duohead.architecture import LayerLayout, layer_layouts
+from duohead.kernels import reference
 
 RECORDING_ROLLBACK = 64  # tokens a cache can take back once generate() starts assisted / prompt-lookup decoding
 
@@ -132,8 +133,10 @@ class DuoCacheLayer(CacheLayerMixin):
     `StreamingKV` for the rest. Filled by `duohead.attention`; `update` only defers.
 
     Dynamic (default): while every streaming head still sees every token (T <= S + W slots), all heads' KV sit
-    in one `unsplit` buffer and the attention runs as one call, exactly what full attention computes; the first
-    forward past S + W splits it into retrieval KV and sink + ring (allocated then). `seen` is a Python int.
+    in one `unsplit` buffer and the attention runs as one call, exactly what full attention computes. On the CPU
+    the buffer keeps going for `kernels.split_margin` more slots (one call, the Λ rule as a per-head mask), where
+    two calls would cost more than the skipped tokens save. The first forward past `split_at` (S + W + that
+    margin) splits it into retrieval KV and sink + ring (allocated then). `seen` is a Python int.
 
     Static (`static=True`, needs `max_length`): every buffer is allocated at the first forward, `seen` is a
     0-dim device tensor, writes are index writes at `seen` and `slot_real` [B, C] keeps which retrieval slots
@@ -160,7 +163,8 @@ class DuoCacheLayer(CacheLayerMixin):
         self.rollback = rollback  # tokens `crop` can take back: streaming heads keep W + rollback recent tokens
         self.static = static
         self.is_compileable = static
-        self.unsplit: RetrievalKV | None = None  # all heads' KV while T <= S + W (dynamic only)
+        self.unsplit: RetrievalKV | None = None  # all heads' KV while T <= split_at (dynamic only)
+        self.split_at = sink + window  # slots the unsplit buffer may hold: S + W + `kernels.split_margin(device)`
         self.retrieval: RetrievalKV | None = None
         self.streaming: StreamingKV | None = None
         self.slot_real: torch.Tensor | None = None  # static only: [B, C] bool, which retrieval slots hold real tokens
@@ -176,24 +180,31 @@ class DuoCacheLayer(CacheLayerMixin):
         hr = self.num_retrieval_heads
         self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         if self.static:
-            capacity = _round_up(self.max_length)
-            self.seen = torch.zeros((), dtype=torch.long, device=self.device)
-            self.slot_real = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
-            if hr > 0:  # zeros: the attention reads every slot (masked), and 0 x NaN of stale memory would be NaN
-                self.retrieval = RetrievalKV.empty(key_states[:, :hr], capacity=capacity)
-                self.retrieval.keys.zero_()
-                self.retrieval.values.zero_()
-            if self.num_kv_heads > hr:
-                self.streaming = StreamingKV(key_states[:, hr:], self.sink, self.window, self.rollback)
-            if not torch.compiler.is_compiling():  # fixed addresses let a compiled step be replayed (CUDA graphs)
-                for tensor in self._tensors():
-                    torch._dynamo.mark_static_address(tensor)
-        elif self.num_kv_heads > hr and q_len <= self.sink + self.window:
-            short = self.sink + self.window if self.max_length is None else min(self.sink + self.window, self.max_length)
-            self.unsplit = RetrievalKV.empty(key_states, capacity=_round_up(max(q_len, short)))
+            self._allocate_static(key_states)
         else:
-            self._allocate_split(key_states, q_len)
+            self.split_at = self.sink + self.window + kernels.split_margin(self.device)
+            if self.num_kv_heads > hr and q_len <= self.split_at:
+                short = self.sink + self.window if self.max_length is None else min(self.split_at, self.max_length)
+                self.unsplit = RetrievalKV.empty(key_states, capacity=_round_up(max(q_len, short)))
+            else:
+                self._allocate_split(key_states, q_len)
         self.is_initialized = True
+
+    def _allocate_static(self, like: torch.Tensor) -> None:
+        """Allocate every buffer for max_length slots, at fixed addresses (static)."""
+        hr, batch = self.num_retrieval_heads, like.shape[0]
+        capacity = _round_up(self.max_length)
+        self.seen = torch.zeros((), dtype=torch.long, device=self.device)
+        self.slot_real = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        if hr > 0:  # zeros: the attention reads every slot (masked), and 0 x NaN of stale memory would be NaN
+            self.retrieval = RetrievalKV.empty(like[:, :hr], capacity=capacity)
+            self.retrieval.keys.zero_()
+            self.retrieval.values.zero_()
+        if self.num_kv_heads > hr:
+            self.streaming = StreamingKV(like[:, hr:], self.sink, self.window, self.rollback)
+        if not torch.compiler.is_compiling():  # fixed addresses let a compiled step be replayed (CUDA graphs)
+            for tensor in self._tensors():
+                torch._dynamo.mark_static_address(tensor)
 
     def _allocate_split(self, like: torch.Tensor, tokens: int) -> None:
         """Allocate retrieval KV (sized for max_length, else `tokens`, at least 256) and sink + ring (dynamic)."""
@@ -204,8 +215,8 @@ class DuoCacheLayer(CacheLayerMixin):
             self.streaming = StreamingKV(like[:, hr:], self.sink, self.window, self.rollback)
 
     def needs_split(self, q_len: int) -> bool:
-        """Whether `q_len` more slots take the unsplit layer past S + W (then call `split` before storing them)."""
-        return self.unsplit is not None and self.seen + q_len > self.sink + self.window
+        """Whether `q_len` more slots take the unsplit layer past `split_at` (then call `split` before storing them)."""
+        return self.unsplit is not None and self.seen + q_len > self.split_at
 
     def split(self, key_is_real: torch.Tensor | None) -> None:
         """Move the unsplit KV into retrieval KV and sink + ring. key_is_real [B, >= seen] bool (None: no padding)
@@ -220,8 +231,7 @@ class DuoCacheLayer(CacheLayerMixin):
         if key_is_real is None:
             pos = torch.arange(held, device=keys.device).expand(keys.shape[0], held)
         else:
-            real = key_is_real[:, :held]
-            pos = (real.long().cumsum(dim=1) - 1).masked_fill(~real, -1)
+            pos = reference.real_positions(key_is_real[:, :held])
         self.streaming.append(keys[:, hr:], values[:, hr:], pos)
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -257,7 +267,7 @@ class DuoCacheLayer(CacheLayerMixin):
 
     def memory(self) -> dict[str, int]:
         """Bytes of KV held: retrieval (T tokens), streaming (S + W + rollback tokens), and what full attention would
-        hold. While the layer is unsplit (T <= S + W) every head holds its T tokens, as with full attention."""
+        hold. While the layer is unsplit (T <= `split_at`) every head holds its T tokens, as with full attention."""
         if not self.is_initialized:
             return {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0, "reserved_bytes": 0}
         seen = int(self.seen)

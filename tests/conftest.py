@@ -1,5 +1,6 @@
-"""Test setup: Triton runs in interpreter mode where there is no GPU (set before anything imports triton), and the
-fixtures the CLI tests share (the tiny model folder and its pattern, built once per session; see cli_model.py)."""
+"""Test setup: Triton runs in interpreter mode where there is no GPU (set before anything imports triton); tiny
+models split their caches at sink + window (below); and the fixtures the CLI tests share (the tiny model folder and
+its pattern, built once per session; see cli_model.py)."""
 
 import os
 
@@ -24,3 +25,15 @@ def tiny_pattern_file(tmp_path_factory):
     from cli_model import save_tiny_pattern
 
     return save_tiny_pattern(tmp_path_factory.mktemp("pattern") / "tiny.json")
+
+
+@pytest.fixture(autouse=True)
+def split_at_sink_plus_window(request, monkeypatch):
+    """Tiny-model tests split every layer's cache at S + W, as on the GPU: the split path is what every long prompt
+    runs, and the tiny prompts would otherwise all fit in the CPU's one-call margin (`kernels.split_margin`). Tests of
+    that margin set `kernels.CPU_SPLIT_MARGIN` themselves; real-model (slow) tests and those marked
+    `default_split_margin` (compared with a CLI in another process) keep the default."""
+    if not any(request.node.get_closest_marker(name) for name in ("slow", "default_split_margin")):
+        from duohead import kernels
+
+        monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", 0)

@@ -8,7 +8,7 @@ from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
 from transformers import AutoModelForCausalLM
 
 import duohead
-from duohead import DuoCache, HeadPattern
+from duohead import DuoCache, HeadPattern, kernels
 from duohead.cache import DuoCacheLayer, cache_argument
 from duohead.runner import draft_from_context, run_prompt
 
@@ -45,9 +45,16 @@ def test_all_retrieval_equals_stock_transformers(arch):
     assert_close(logits, stock_logits)
 
 
+# CPU_SPLIT_MARGIN: 0 splits at S + W (the GPU's way); 2 * WINDOW keeps one call with a per-head Λ mask up to
+# S + 3W slots (the CPU's way, at a tiny scale), so prefills and decodes land on both sides of the split.
+MARGINS = [0, 2 * WINDOW]
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 @pytest.mark.parametrize("kind", ["mixed", "all_streaming"])
-def test_streaming_heads_follow_the_lambda_mask(arch, kind):
+@pytest.mark.parametrize("margin", MARGINS)
+def test_streaming_heads_follow_the_lambda_mask(arch, kind, margin, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
     model = tiny_model(arch)
     gates = mixed_gates(3, 2) if kind == "mixed" else torch.zeros(3, 2)
     pattern = HeadPattern(gates, sink=SINK, window=WINDOW)
@@ -83,7 +90,9 @@ def test_lambda_mask_across_gqa_ratios(heads, kv_heads):
 
 
 @pytest.mark.parametrize("chunk", [1, WINDOW - 3, WINDOW + 5])
-def test_chunked_prefill_equals_one_shot(chunk):
+@pytest.mark.parametrize("margin", MARGINS)
+def test_chunked_prefill_equals_one_shot(chunk, margin, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
     model = tiny_model("llama")
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=3), sink=SINK, window=WINDOW))
     ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
@@ -102,7 +111,9 @@ def test_chunked_prefill_equals_one_shot(chunk):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_left_padded_batch_equals_each_prompt_alone(arch):
+@pytest.mark.parametrize("margin", [0, 3 * WINDOW])  # 3W: the padded 30-token prefill stays unsplit, decoding splits
+def test_left_padded_batch_equals_each_prompt_alone(arch, margin, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
     model = tiny_model(arch)
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=6), sink=SINK, window=WINDOW))
     gen = torch.Generator().manual_seed(7)
@@ -163,6 +174,40 @@ def test_kv_memory_streaming_constant_retrieval_linear():
         assert mem["streaming_bytes"] == 2 * per_token * (SINK + WINDOW)
         assert mem["full_bytes"] == 4 * per_token * t
     assert cache.get_seq_length() == seen
+
+
+def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(monkeypatch):
+    """Within the one-call margin every head holds its T tokens (what full attention holds); one slot past
+    S + W + margin the layer splits and streaming heads hold S + W."""
+    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", 2 * WINDOW)
+    model = tiny_model("llama", layers=2)
+    duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), sink=SINK, window=WINDOW))
+    cache = DuoCache.from_model(model)
+    per_token = 2 * 1 * 16 * 4  # keys + values, batch 1, head_dim 16, fp32
+    seen = 0
+    with torch.no_grad():
+        for target in (SINK + 2 * WINDOW, SINK + 3 * WINDOW, SINK + 3 * WINDOW + 1):
+            model(torch.randint(1, 97, (1, target - seen)), **{cache_argument(model): cache})
+            seen = target
+            mem = cache.memory()
+            if target <= SINK + 3 * WINDOW:
+                assert cache.layers[0].unsplit is not None
+                assert mem["retrieval_bytes"] == mem["full_bytes"] == 4 * per_token * target
+                assert mem["streaming_bytes"] == 0
+            else:
+                assert cache.layers[0].unsplit is None
+                assert mem["retrieval_bytes"] == 2 * per_token * target
+                assert mem["streaming_bytes"] == 2 * per_token * (SINK + WINDOW)
+
+
+def test_split_margin_only_where_streaming_heads_run_the_torch_reference_on_the_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
+    assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN
+    assert kernels.split_margin(cuda) == 0
+    with kernels.use_backend("torch"):
+        assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN
+    with kernels.use_backend("triton"):
+        assert kernels.split_margin(cpu) == 0
 
 
 def test_retrieval_cache_grows_by_a_quarter_not_per_token():

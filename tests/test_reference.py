@@ -7,7 +7,7 @@ import torch
 from tiny_models import masked_attention
 
 from duohead.cache import StreamingKV
-from duohead.kernels.reference import lambda_visible, streaming_attention
+from duohead.kernels.reference import lambda_visible, mixed_attention, streaming_attention
 
 
 def dense_lambda(q, k, v, pos, sink, window, scaling):
@@ -73,3 +73,31 @@ def test_one_token_per_row_equals_dense_mask_and_padding_sees_nothing():
     expected = masked_attention(q, k_all, v_all, visible, 0.4)
     assert torch.allclose(got[:2], expected[:2], atol=1e-5)
     assert (got[2] == 0).all()
+
+
+@pytest.mark.parametrize("sink, window", [(4, 8), (1, 30)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("q_len", [1, 7, 40])
+def test_mixed_attention_is_causal_then_lambda_per_head(sink, window, padded, q_len):
+    """One call over the whole cache: query heads [:split] causal, the rest Λ (the CPU's unsplit layer past S + W)."""
+    gen = torch.Generator().manual_seed(q_len + sink)
+    batch, kv_heads, group, head_dim, slots = 2, 3, 2, 8, 40
+    split = 1 * group  # the first KV head retrieves
+    key_is_real = torch.ones(batch, slots, dtype=torch.bool)
+    if padded:
+        key_is_real[1, :9] = False  # left padding in row 1
+    pos = (key_is_real.long().cumsum(dim=1) - 1).masked_fill(~key_is_real, -1)
+    q = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, slots, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, slots, head_dim, generator=gen)
+    got = mixed_attention(q, k, v, key_is_real if padded else None, split, sink, window, 0.3)
+    q_pos, k_pos = pos[:, -q_len:, None], pos[:, None, :]
+    causal = (k_pos >= 0) & (k_pos <= q_pos)
+    lam = lambda_visible(q_pos, k_pos, sink, window)
+    assert not torch.equal(causal, lam)  # the two kinds of heads see different keys here
+    expected_retrieval = masked_attention(q[:, :split], k[:, :1], v[:, :1], causal, 0.3)
+    expected_streaming = masked_attention(q[:, split:], k[:, 1:], v[:, 1:], lam, 0.3)
+    real = (pos[:, -q_len:] >= 0)[:, None, :, None]
+    assert torch.allclose(got[:, :split] * real, expected_retrieval * real, atol=1e-5)
+    assert torch.allclose(got[:, split:] * real, expected_streaming * real, atol=1e-5)
+    assert (got.masked_select(~real.expand_as(got)) == 0).all()  # padding queries see nothing

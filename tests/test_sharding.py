@@ -178,6 +178,7 @@ def _run_torchrun(args: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.default_split_margin  # the CLI under torchrun runs with the default; so must the one-process CLI here
 def test_generate_under_torchrun_prints_once_with_each_ranks_kv(cli_model, tmp_path, capsys):
     common = ["--model", str(cli_model), "--pattern", str(cli_model / "pattern.json"), "--prompt-file",
               str(cli_model / "prompt.txt"), "--max-new-tokens", "6", "--prefill-chunk", "16"]  # fmt: skip

@@ -100,6 +100,7 @@ def main() -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    duohead.kernels.CPU_SPLIT_MARGIN = 0  # split at S + W, like the single process it is compared with (tests/conftest.py)
     rank = int(os.environ["RANK"])
     for case in cases:
         result = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), **run_case(case, out_dir, rank)}

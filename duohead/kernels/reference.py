@@ -26,6 +26,11 @@ def lambda_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: 
     return causal & ((k_pos < sink) | (q_pos - k_pos < window))
 
 
+def real_positions(is_real: torch.Tensor) -> torch.Tensor:
+    """Real positions [B, T] of slots whose flags are is_real [B, T] bool (the row's first slot at 0): -1 = padding."""
+    return (is_real.long().cumsum(dim=1) - 1).masked_fill(~is_real, -1)
+
+
 def retrieval_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -124,6 +129,41 @@ def streaming_attention(
         visible = lambda_visible(q_pos[:, q0:q1, None], k_pos[:, None, :], sink, window)
         out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling)
     return out
+
+
+def mixed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_is_real: torch.Tensor | None,
+    split: int,
+    sink: int,
+    window: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Retrieval and streaming heads in one call over one full cache (the unsplit layer past S + W slots).
+
+    q [B, Hq, Q, D]; k, v [B, Hkv, T, D] every slot so far (the last Q are the queries' own); key_is_real [B, T]
+    bool or None (no padding). Query heads [:split] attend causally, the rest under the Λ rule, as a per-head
+    mask for one SDPA. -> [B, Hq, Q, D]. Equals `retrieval_attention` on the first heads and
+    `streaming_attention` on the rest.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if key_is_real is None:
+        k_pos = torch.arange(kv_len, device=q.device)[None, :]  # [1, T]
+    else:
+        k_pos = real_positions(key_is_real)  # [B, T]
+    q_pos = k_pos[:, -q_len:, None]  # [B, Q, 1]; padding queries have -1 and see nothing
+    k_pos = k_pos[:, None, :]
+    causal = (k_pos >= 0) & (k_pos <= q_pos)  # [B, Q, T]
+    streaming = causal & ((k_pos < sink) | (q_pos - k_pos < window))  # `lambda_visible`, sharing `causal`
+    heads = q.shape[1]
+    visible = torch.cat([causal[:, None].expand(-1, split, -1, -1), streaming[:, None].expand(-1, heads - split, -1, -1)], 1)
+    if key_is_real is None:  # every query sees at least itself
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=heads > k.shape[1])
+    seen = visible.any(dim=-1, keepdim=True)  # [B, Hq, Q, 1]: False only for padding queries
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~seen, scale=scaling, enable_gqa=heads > k.shape[1])
+    return attended.masked_fill(~seen, 0.0)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
