@@ -45,9 +45,10 @@ def test_all_retrieval_equals_stock_transformers(arch):
     assert_close(logits, stock_logits)
 
 
-# CPU_SPLIT_MARGIN: 0 splits at S + W (the GPU's way); 2 * WINDOW keeps one call with a per-head Λ mask up to
-# S + 3W slots (the CPU's way, at a tiny scale), so prefills and decodes land on both sides of the split.
-MARGINS = [0, 2 * WINDOW]
+# CPU_SPLIT_MARGIN: 0 splits at S + W (the GPU's way); 4 * WINDOW keeps the cache unsplit up to S + 5W = 44 slots (the
+# CPU's way at a tiny scale: decode one call with a per-head Λ mask, prefill a dense Λ mask up to 3 (S + W) = 36 slots
+# and the blocked reference past that), so prefills and decodes land on every path and both sides of the split.
+MARGINS = [0, 4 * WINDOW]
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -111,13 +112,13 @@ def test_chunked_prefill_equals_one_shot(chunk, margin, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("margin", [0, 3 * WINDOW])  # 3W: the padded 30-token prefill stays unsplit, decoding splits
+@pytest.mark.parametrize("margin", MARGINS)  # the padded 40-token prefill stays unsplit (blocked), decoding splits
 def test_left_padded_batch_equals_each_prompt_alone(arch, margin, monkeypatch):
     monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
     model = tiny_model(arch)
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=6), sink=SINK, window=WINDOW))
     gen = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(1, 97, (n,), generator=gen) for n in (9, 30, 21)]
+    prompts = [torch.randint(1, 97, (n,), generator=gen) for n in (9, 40, 21)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -177,7 +178,7 @@ def test_kv_memory_streaming_constant_retrieval_linear():
 
 
 def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(monkeypatch):
-    """Within the one-call margin every head holds its T tokens (what full attention holds); one slot past
+    """Within the CPU's margin every head holds its T tokens (what full attention holds); one slot past
     S + W + margin the layer splits and streaming heads hold S + W."""
     monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", 2 * WINDOW)
     model = tiny_model("llama", layers=2)

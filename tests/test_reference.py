@@ -7,7 +7,7 @@ import torch
 from tiny_models import masked_attention
 
 from duohead.cache import StreamingKV
-from duohead.kernels.reference import lambda_visible, mixed_attention, streaming_attention
+from duohead.kernels.reference import dense_lambda_attention, lambda_visible, mixed_attention, streaming_attention
 
 
 def dense_lambda(q, k, v, pos, sink, window, scaling):
@@ -101,3 +101,22 @@ def test_mixed_attention_is_causal_then_lambda_per_head(sink, window, padded, q_
     assert torch.allclose(got[:, :split] * real, expected_retrieval * real, atol=1e-5)
     assert torch.allclose(got[:, split:] * real, expected_streaming * real, atol=1e-5)
     assert (got.masked_select(~real.expand_as(got)) == 0).all()  # padding queries see nothing
+
+
+@pytest.mark.parametrize("case", ["first prefill", "padded", "after cached slots"])
+def test_dense_lambda_attention_equals_the_dense_oracle(case):
+    """The streaming heads of a short unsplit cache: a first unpadded prefill (its causal first S + W rows as one
+    call), a padded one, and a chunk after cached slots."""
+    gen = torch.Generator().manual_seed(3)
+    sink, window, slots = 3, 7, 30
+    q_len = 12 if case == "after cached slots" else slots
+    key_is_real = torch.ones(2, slots, dtype=torch.bool)
+    if case == "padded":
+        key_is_real[0, :5] = False
+    pos = (key_is_real.long().cumsum(dim=1) - 1).masked_fill(~key_is_real, -1)
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k = torch.randn(2, 2, slots, 8, generator=gen)
+    v = torch.randn(2, 2, slots, 8, generator=gen)
+    got = dense_lambda_attention(q, k, v, key_is_real if case == "padded" else None, sink, window, 0.4)
+    expected = masked_attention(q, k, v, lambda_visible(pos[:, -q_len:, None], pos[:, None, :], sink, window), 0.4)
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -10,6 +10,8 @@ streaming path (this reference, the Triton kernels' block skipping, the tests' o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -98,11 +100,14 @@ def streaming_attention(
         visible = lambda_visible(q_pos[:, :, None], torch.cat([sink_pos, ring_pos, q_pos], dim=1)[:, None, :], sink, window)
         out.copy_(masked_attention(q, keys, values, visible, scaling))
         return out
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((sink_pos >= 0).any() | (ring_pos >= 0).any()):
-        # Nothing cached yet (a first prefill): leave the S + R empty slots out of every block. On the CPU this read
-        # is free, and it takes 30-50% of the work of a 1-2K-token prefill off the streaming heads.
-        sink_k, sink_v, sink_pos = sink_k[:, :, :0], sink_v[:, :, :0], sink_pos[:, :0]
-        ring_k, ring_v, ring_pos = ring_k[:, :, :0], ring_v[:, :, :0], ring_pos[:, :0]
+    padded = True  # whether some query may be padding (then masked_attention guards queries that see no key)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # host reads are free on the CPU
+        padded = bool((q_pos < 0).any())
+        if not bool((sink_pos >= 0).any() | (ring_pos >= 0).any()):
+            # Nothing cached yet (a first prefill): leave the S + R empty slots out of every block. It takes 30-50%
+            # of the work of a 1-2K-token prefill off the streaming heads.
+            sink_k, sink_v, sink_pos = sink_k[:, :, :0], sink_v[:, :, :0], sink_pos[:, :0]
+            ring_k, ring_v, ring_pos = ring_k[:, :, :0], ring_v[:, :, :0], ring_pos[:, :0]
     # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
     n_sink = min(sink, q_len)
     first_real = (q_pos >= 0).int().argmax(-1, keepdim=True)  # [B, 1]; 0 for a row without real tokens
@@ -127,7 +132,51 @@ def streaming_attention(
         values = torch.cat([fixed_v, v[:, :, k0:q1]], dim=2)
         k_pos = torch.cat([fixed_pos, win_pos[:, k0:q1]], dim=1)
         visible = lambda_visible(q_pos[:, q0:q1, None], k_pos[:, None, :], sink, window)
-        out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling)
+        out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling, padded)
+    return out
+
+
+def slot_masks(
+    key_is_real: torch.Tensor | None, q_len: int, kv_len: int, sink: int, window: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal, Λ) visibility [B, Q, T] bool of the last Q of T slots over all T, from the slots' real positions
+    (key_is_real [B, T] bool; None: no padding, then [1, Q, T], built once per shape and shared by every layer)."""
+    if key_is_real is None:
+        return _unpadded_slot_masks(q_len, kv_len, sink, window, device)
+    k_pos = real_positions(key_is_real)  # [B, T]
+    q_pos = k_pos[:, -q_len:, None]  # [B, Q, 1]; padding queries have -1 and see nothing
+    k_pos = k_pos[:, None, :]
+    causal = (k_pos >= 0) & (k_pos <= q_pos)
+    return causal, causal & ((k_pos < sink) | (q_pos - k_pos < window))  # `lambda_visible`, sharing `causal`
+
+
+@functools.lru_cache(maxsize=8)
+def _unpadded_slot_masks(
+    q_len: int, kv_len: int, sink: int, window: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return slot_masks(torch.ones(1, kv_len, dtype=torch.bool, device=device), q_len, kv_len, sink, window, device)
+
+
+def dense_lambda_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_is_real: torch.Tensor | None, sink: int, window: int, scaling: float
+) -> torch.Tensor:
+    """Λ-masked attention of the last Q of T slots over all T under a dense [Q, T] mask (streaming heads over a short
+    full cache). q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D].
+    A first unpadded prefill (Q = T) runs its first S + W rows, for which Λ is causal, as one causal call."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] > k.shape[1]
+    if key_is_real is not None or q_len != kv_len or q_len <= sink + window:
+        _, visible = slot_masks(key_is_real, q_len, kv_len, sink, window, q.device)
+        return masked_attention(q, k, v, visible, scaling, padded=key_is_real is not None)
+    head = sink + window
+    out = torch.empty_like(q)
+    out[:, :, :head] = F.scaled_dot_product_attention(
+        q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True, scale=scaling, enable_gqa=gqa
+    )
+    _, visible = slot_masks(None, q_len - head, kv_len, sink, window, q.device)
+    out[:, :, head:] = F.scaled_dot_product_attention(
+        q[:, :, head:], k, v, attn_mask=visible[:, None], scale=scaling, enable_gqa=gqa
+    )
     return out
 
 
@@ -148,16 +197,8 @@ def mixed_attention(
     mask for one SDPA. -> [B, Hq, Q, D]. Equals `retrieval_attention` on the first heads and
     `streaming_attention` on the rest.
     """
-    q_len, kv_len = q.shape[2], k.shape[2]
-    if key_is_real is None:
-        k_pos = torch.arange(kv_len, device=q.device)[None, :]  # [1, T]
-    else:
-        k_pos = real_positions(key_is_real)  # [B, T]
-    q_pos = k_pos[:, -q_len:, None]  # [B, Q, 1]; padding queries have -1 and see nothing
-    k_pos = k_pos[:, None, :]
-    causal = (k_pos >= 0) & (k_pos <= q_pos)  # [B, Q, T]
-    streaming = causal & ((k_pos < sink) | (q_pos - k_pos < window))  # `lambda_visible`, sharing `causal`
     heads = q.shape[1]
+    causal, streaming = slot_masks(key_is_real, q.shape[2], k.shape[2], sink, window, q.device)
     visible = torch.cat([causal[:, None].expand(-1, split, -1, -1), streaming[:, None].expand(-1, heads - split, -1, -1)], 1)
     if key_is_real is None:  # every query sees at least itself
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=heads > k.shape[1])
@@ -166,9 +207,16 @@ def mixed_attention(
     return attended.masked_fill(~seen, 0.0)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float, padded: bool = True
+) -> torch.Tensor:
     """Attention under an explicit mask through SDPA (fused on CPU and GPU; traceable, no host sync):
-    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool. -> [B, Hq, Q, D]. A query that sees no key outputs zeros."""
+    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool. -> [B, Hq, Q, D]. A query that sees no key outputs
+    zeros; padded=False promises that every query sees a key (no padding query), which skips that guard."""
+    if not padded:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible[:, None], scale=scaling, enable_gqa=q.shape[1] > k.shape[1]
+        )
     seen = visible.any(dim=-1, keepdim=True)  # [B, Q, 1]: False only for padding queries
     attended = F.scaled_dot_product_attention(
         q, k, v, attn_mask=(visible | ~seen)[:, None], scale=scaling, enable_gqa=q.shape[1] > k.shape[1]
