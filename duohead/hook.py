@@ -22,7 +22,7 @@ import torch
 from duohead.architecture import LayerLayout, attention_modules, check_architecture, check_sink_window, layer_layouts
 from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
-from duohead.catalogue import resolve_pattern
+from duohead.catalogue import resolve_pattern, tie_structure
 from duohead.pattern import HeadPattern
 from duohead.sharding import check_weights_in_place, head_shard, permute_heads, rank_layouts
 
@@ -120,6 +120,8 @@ def enable(
     window = pattern.window if window is None else window
     check_sink_window(sink, window)
     layout = pattern.binarize(sparsity=sparsity, threshold=threshold)
+    if threshold is None and sparsity is not None:
+        _warn_if_cut_in_tie(pattern, sparsity)
     sliding = getattr(model.config, "sliding_window", None)
     if sliding is not None and getattr(model.config, "use_sliding_window", True):
         logger.warning("duohead: retrieval heads attend to the whole context, ignoring the model's sliding window of %d", sliding)
@@ -140,6 +142,20 @@ def enable(
         window,
     )
     return model
+
+
+def _warn_if_cut_in_tie(pattern: HeadPattern, sparsity: float) -> None:
+    """Warn when the cut at `sparsity` falls among equal gates: then (layer, head) order, not calibration, picks
+    which of them stream (a converged calibration leaves 0/1 gates: a layout for its own target only)."""
+    tie = tie_structure(pattern.gates, sparsity)
+    if tie["inside_tie"]:
+        calibrated = f" (this pattern was calibrated for sparsity {pattern.default_sparsity})" if pattern.default_sparsity else ""
+        logger.warning(
+            "duohead: the cut at sparsity %g falls inside a tie: %d heads share gate %.6g and %d of them stream, chosen by "
+            "(layer, head) order, not by calibration%s; calibrate a pattern for this sparsity (duohead calibrate "
+            "--target-sparsity %g)",
+            sparsity, tie["tied"], tie["cut_gate"], tie["tied_streaming"], calibrated, sparsity,
+        )  # fmt: skip
 
 
 def _check_not_quantized(model: torch.nn.Module) -> None:

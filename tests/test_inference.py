@@ -287,6 +287,19 @@ def test_sparsity_picks_the_lowest_gates():
     assert model._duohead.sparsity == 0.5
 
 
+def test_a_cut_inside_a_tie_warns_that_order_not_calibration_decides(caplog):
+    model = tiny_model("llama")
+    tied = HeadPattern(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]), sink=SINK, window=WINDOW, default_sparsity=0.25)
+    with caplog.at_level("WARNING", logger="duohead"):
+        duohead.enable(model, tied, sparsity=0.5)  # the third-lowest gate, 0.5, ties with the fourth
+    assert "falls inside a tie: 2 heads share gate 0.5 and 1 of them stream" in caplog.text
+    assert "calibrated for sparsity 0.25" in caplog.text and "--target-sparsity 0.5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="duohead"):
+        duohead.enable(model, tied, sparsity=1 / 3)  # cut between 0.2 and 0.5
+    assert "tie" not in caplog.text
+
+
 def test_attn_implementation_duohead_without_pattern_says_what_to_do():
     model = tiny_model("llama")
     model.set_attn_implementation("duohead")
