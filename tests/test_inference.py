@@ -186,7 +186,7 @@ def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(monke
     cache = DuoCache.from_model(model)
     per_token = 2 * 1 * 16 * 4  # keys + values, batch 1, head_dim 16, fp32
     seen = 0
-    with torch.no_grad():
+    with torch.no_grad(), kernels.use_backend("torch"):  # the margin holds where streaming heads run the reference
         for target in (SINK + 2 * WINDOW, SINK + 3 * WINDOW, SINK + 3 * WINDOW + 1):
             model(torch.randint(1, 97, (1, target - seen)), **{cache_argument(model): cache})
             seen = target
@@ -203,8 +203,9 @@ def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(monke
 
 def test_split_margin_only_where_streaming_heads_run_the_torch_reference_on_the_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
-    assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN
-    assert kernels.split_margin(cuda) == 0
+    with kernels.use_backend("auto"):
+        assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN
+        assert kernels.split_margin(cuda) == 0
     with kernels.use_backend("torch"):
         assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN
     with kernels.use_backend("triton"):
