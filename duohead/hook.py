@@ -146,16 +146,23 @@ def enable(
 
 def _warn_if_cut_in_tie(pattern: HeadPattern, sparsity: float) -> None:
     """Warn when the cut at `sparsity` falls among equal gates: then (layer, head) order, not calibration, picks
-    which of them stream (a converged calibration leaves 0/1 gates: a layout for its own target only)."""
+    which of them stream (a converged calibration leaves 0/1 gates: a layout for its own target only). At the
+    pattern's own calibrated cut (`default_sparsity`) a tie is the pattern's business: logged at info level."""
     tie = tie_structure(pattern.gates, sparsity)
-    if tie["inside_tie"]:
-        calibrated = f" (this pattern was calibrated for sparsity {pattern.default_sparsity})" if pattern.default_sparsity else ""
-        logger.warning(
-            "duohead: the cut at sparsity %g falls inside a tie: %d heads share gate %.6g and %d of them stream, chosen by "
-            "(layer, head) order, not by calibration%s; calibrate a pattern for this sparsity (duohead calibrate "
-            "--target-sparsity %g)",
-            sparsity, tie["tied"], tie["cut_gate"], tie["tied_streaming"], calibrated, sparsity,
-        )  # fmt: skip
+    if not tie["inside_tie"]:
+        return
+    where = (
+        f"the cut at sparsity {sparsity:g} falls inside a tie: {tie['tied']} heads share gate {tie['cut_gate']:.6g} and "
+        f"{tie['tied_streaming']} of them stream, chosen by (layer, head) order"
+    )
+    if sparsity == pattern.default_sparsity:
+        logger.info("duohead: %s", where)
+        return
+    calibrated = f"this pattern was calibrated for sparsity {pattern.default_sparsity:g}; " if pattern.default_sparsity else ""
+    logger.warning(
+        "duohead: %s, not by calibration (%scalibrate one for this sparsity: duohead calibrate --target-sparsity %g)",
+        where, calibrated, sparsity,
+    )  # fmt: skip
 
 
 def _check_not_quantized(model: torch.nn.Module) -> None:

@@ -298,6 +298,7 @@ def test_a_cut_inside_a_tie_warns_that_order_not_calibration_decides(caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="duohead"):
         duohead.enable(model, tied, sparsity=1 / 3)  # cut between 0.2 and 0.5
+        duohead.enable(model, HeadPattern(tied.gates, sink=SINK, window=WINDOW, default_sparsity=0.5))  # its own cut
     assert "tie" not in caplog.text
 
 
