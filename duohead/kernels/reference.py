@@ -174,9 +174,7 @@ def dense_lambda_attention(
         q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True, scale=scaling, enable_gqa=gqa
     )
     _, visible = slot_masks(None, q_len - head, kv_len, sink, window, q.device)
-    out[:, :, head:] = F.scaled_dot_product_attention(
-        q[:, :, head:], k, v, attn_mask=visible[:, None], scale=scaling, enable_gqa=gqa
-    )
+    out[:, :, head:] = masked_attention(q[:, :, head:], k, v, visible, scaling, padded=False)
     return out
 
 
@@ -200,28 +198,24 @@ def mixed_attention(
     heads = q.shape[1]
     causal, streaming = slot_masks(key_is_real, q.shape[2], k.shape[2], sink, window, q.device)
     visible = torch.cat([causal[:, None].expand(-1, split, -1, -1), streaming[:, None].expand(-1, heads - split, -1, -1)], 1)
-    if key_is_real is None:  # every query sees at least itself
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=heads > k.shape[1])
-    seen = visible.any(dim=-1, keepdim=True)  # [B, Hq, Q, 1]: False only for padding queries
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~seen, scale=scaling, enable_gqa=heads > k.shape[1])
-    return attended.masked_fill(~seen, 0.0)
+    return masked_attention(q, k, v, visible, scaling, padded=key_is_real is not None)  # unpadded: each query sees itself
 
 
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float, padded: bool = True
 ) -> torch.Tensor:
     """Attention under an explicit mask through SDPA (fused on CPU and GPU; traceable, no host sync):
-    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] bool. -> [B, Hq, Q, D]. A query that sees no key outputs
-    zeros; padded=False promises that every query sees a key (no padding query), which skips that guard."""
+    q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] (every head) or [B, Hq, Q, K] (per head) bool.
+    -> [B, Hq, Q, D]. A query that sees no key outputs zeros; padded=False promises that every query sees a key
+    (no padding query), which skips that guard."""
+    if visible.dim() == 3:
+        visible = visible[:, None]
+    gqa = q.shape[1] > k.shape[1]
     if not padded:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible[:, None], scale=scaling, enable_gqa=q.shape[1] > k.shape[1]
-        )
-    seen = visible.any(dim=-1, keepdim=True)  # [B, Q, 1]: False only for padding queries
-    attended = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=(visible | ~seen)[:, None], scale=scaling, enable_gqa=q.shape[1] > k.shape[1]
-    )
-    return attended.masked_fill(~seen[:, None], 0.0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
+    seen = visible.any(dim=-1, keepdim=True)  # False only for padding queries
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~seen, scale=scaling, enable_gqa=gqa)
+    return attended.masked_fill(~seen, 0.0)
 
 
 def streaming_append(
