@@ -25,6 +25,7 @@ from duohead.kernels.reference import (
     mixed_attention,
     real_positions,
     streaming_attention,
+    unpadded_lambda_attention,
 )
 
 ATTENTION_NAME = "duohead"
@@ -120,9 +121,9 @@ def _unsplit_attention(
 
     Up to S + W slots the Λ rule is causal: one call. Past that (the CPU's split margin): a decode step is one call
     with the Λ rule as a per-head mask; a prefill chunk runs the retrieval heads causally and the streaming heads
-    under a dense [Q, T] Λ mask up to 3 (S + W) slots (`dense_lambda_attention`), past that through the blocked
-    reference, whose work is O(Q * (cached + W)) (SmolLM2's six streaming query heads, 2 threads, at 512 tokens:
-    1.2-1.4 ms dense vs 2.3-2.4 ms blocked, 1.4 ms causal; 768: 3.0-3.1, 3.3-3.6, 2.4-2.7; 1K: 5.3-5.4, 4.6-4.7, 4.0).
+    in bands of sink + window slots (`unpadded_lambda_attention`); with padding, under a dense [Q, T] Λ mask up to
+    3 (S + W) slots (`dense_lambda_attention`), past that through the blocked reference, whose work is
+    O(Q * (cached + W)).
     """
     cached, q_len = layer.seen, q.shape[2]
     keys, values = layer.unsplit.append(k, v)
@@ -135,15 +136,17 @@ def _unsplit_attention(
     out = torch.empty_like(q)
     if hr > 0:
         out[:, :split] = kernels.retrieval_attention(q[:, :split], keys[:, :hr], values[:, :hr], key_is_real, scaling)
+    if key_is_real is None:
+        unpadded_lambda_attention(
+            q[:, split:], keys[:, hr:], values[:, hr:], layer.sink, layer.window, scaling, out=out[:, split:]
+        )
+        return out
     if keys.shape[2] <= 3 * (layer.sink + layer.window):  # few slots: one dense Λ mask costs less than blocks' small ops
         out[:, split:] = dense_lambda_attention(
             q[:, split:], keys[:, hr:], values[:, hr:], key_is_real, layer.sink, layer.window, scaling
         )
         return out
-    if key_is_real is None:
-        cached_pos = torch.arange(cached, device=q.device).expand(q.shape[0], cached)
-    else:
-        cached_pos = real_positions(key_is_real[:, :cached])
+    cached_pos = real_positions(key_is_real[:, :cached])
     q_pos = _positions(layer.real_seen, query_is_real, q_len)
     ring = (keys[:, hr:, :cached], values[:, hr:, :cached], cached_pos)  # every cached slot; Λ hides the far ones
     sink = (keys[:, hr:, :0], values[:, hr:, :0], cached_pos[:, :0])

@@ -7,7 +7,14 @@ import torch
 from tiny_models import masked_attention
 
 from duohead.cache import StreamingKV
-from duohead.kernels.reference import dense_lambda_attention, lambda_visible, mixed_attention, streaming_attention
+from duohead.kernels import reference
+from duohead.kernels.reference import (
+    dense_lambda_attention,
+    lambda_visible,
+    mixed_attention,
+    streaming_attention,
+    unpadded_lambda_attention,
+)
 
 
 def dense_lambda(q, k, v, pos, sink, window, scaling):
@@ -103,10 +110,42 @@ def test_mixed_attention_is_causal_then_lambda_per_head(sink, window, padded, q_
     assert (got.masked_select(~real.expand_as(got)) == 0).all()  # padding queries see nothing
 
 
+@pytest.mark.parametrize("band", [3, 128])
+@pytest.mark.parametrize("sink, window", [(0, 1), (1, 1), (3, 7), (4, 20)])
+@pytest.mark.parametrize("slots, start", [(30, 0), (10, 0), (11, 0), (41, 2), (41, 10), (41, 11), (41, 29), (41, 40)])
+def test_unpadded_lambda_attention_equals_the_dense_oracle(monkeypatch, band, sink, window, slots, start):
+    """Bands of sink + window keys with a cached additive mask: a first prefill (start 0) and chunks after `start`
+    cached slots, before, at and past S + W, with bands of 3 rows (many, a short last one) and of 128 (one)."""
+    monkeypatch.setattr(reference, "LAMBDA_BAND", band)
+    gen = torch.Generator().manual_seed(slots + start + window)
+    q = torch.randn(2, 4, slots - start, 8, generator=gen)
+    k = torch.randn(2, 2, slots, 8, generator=gen)
+    v = torch.randn(2, 2, slots, 8, generator=gen)
+    pos = torch.arange(slots)[None].expand(2, -1)
+    expected = masked_attention(q, k, v, lambda_visible(pos[:, start:, None], pos[:, None, :], sink, window), 0.4)
+    out = torch.full_like(q, float("nan"))
+    assert unpadded_lambda_attention(q, k, v, sink, window, 0.4, out=out) is out
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_first_unpadded_prefill_through_the_blocked_reference_takes_bands(monkeypatch):
+    """`streaming_attention` on an empty cache without padding (the CPU's shortcut to the bands) equals the oracle."""
+    monkeypatch.setattr(reference, "LAMBDA_BAND", 4)
+    gen = torch.Generator().manual_seed(5)
+    sink, window, q_len = 3, 6, 37
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k = torch.randn(2, 2, q_len, 8, generator=gen)
+    v = torch.randn(2, 2, q_len, 8, generator=gen)
+    pos = torch.arange(q_len)[None].expand(2, -1)
+    empty = StreamingKV(k, sink, window)
+    got = streaming_attention(q, k, v, pos, *empty.tensors()[:3], *empty.tensors()[3:], sink, window, 0.5)
+    assert torch.allclose(got, dense_lambda(q, k, v, pos, sink, window, 0.5), atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["first prefill", "padded", "after cached slots"])
 def test_dense_lambda_attention_equals_the_dense_oracle(case):
-    """The streaming heads of a short unsplit cache: a first unpadded prefill (its causal first S + W rows as one
-    call), a padded one, and a chunk after cached slots."""
+    """The streaming heads of a short unsplit cache under one dense mask: a first unpadded prefill, a padded one,
+    and a chunk after cached slots."""
     gen = torch.Generator().manual_seed(3)
     sink, window, slots = 3, 7, 30
     q_len = 12 if case == "after cached slots" else slots
