@@ -138,17 +138,19 @@ def _require(backend: str, device: torch.device) -> None:
         raise RuntimeError(f"duohead backend {backend!r} is not available for tensors on {device}: {hint}")
 
 
-CPU_SPLIT_MARGIN = 1024  # tokens; see `split_margin`
+CPU_SPLIT_MARGIN = 1536  # tokens; see `split_margin`
 
 
 def split_margin(device: torch.device) -> int:
     """Tokens past S + W for which a dynamic layer keeps all heads' KV in one buffer and attends in one call
     (`reference.mixed_attention`: the Λ rule as a per-head mask), before it splits into retrieval KV and sink + ring.
 
-    Where streaming heads run the torch reference on the CPU, the split costs a second attention call and a dozen
-    small ops per layer, which pay only once the streaming heads skip about a thousand tokens
-    (`benchmarks/bench_ratio.py`: split at S + W, SmolLM2 decoded 0.85x full attention's speed at 512 tokens,
-    0.94x at 1K, 1.05x at 2K). Elsewhere (Triton, FlashInfer) 0: split at S + W.
+    Where streaming heads run the torch reference on the CPU, a split decode step costs a second attention call and
+    a dozen small ops per layer, which pay only once the streaming heads skip about 1.5K tokens
+    (`benchmarks/bench_ratio.py`, SmolLM2, decode speed vs full attention: split at S + W, 0.85x at 512 tokens and
+    0.94x at 1K; split at S + W + 1,024, 0.97x at 1,344 tokens, 1.00x at 1,536, 1.05x at 2K). Unsplit, a decode step
+    is full attention's (1.03-1.07x) and a prefill runs the streaming heads in bands either way. Elsewhere (Triton,
+    FlashInfer) 0: split at S + W.
     """
     streaming_on_reference = get_backend() == "torch" or (get_backend() == "auto" and device.type != "cuda")
     return CPU_SPLIT_MARGIN if device.type == "cpu" and streaming_on_reference else 0
