@@ -210,12 +210,11 @@ def unpadded_lambda_attention(
 @functools.lru_cache(maxsize=16)
 def _band_mask(rows: int, sink: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive Λ mask [rows, S + W - 1 + rows] (0 visible, -inf hidden) of `rows` consecutive query slots r0 + i,
-    r0 >= S + W, over the S sink slots then slots r0 - W + 1 + c: row i sees every sink and window columns
-    i <= c <= i + W - 1."""
-    row = torch.arange(rows, device=device)[:, None]
-    col = torch.arange(window - 1 + rows, device=device)[None, :]
-    window_visible = (col >= row) & (col <= row + window - 1)
-    visible = torch.cat([torch.ones(rows, sink, dtype=torch.bool, device=device), window_visible], dim=1)
+    r0 >= S + W, over the S sink slots then slots r0 - W + 1 + c (`lambda_visible` at r0 = S + W: the same for every
+    r0 >= S + W)."""
+    q_pos = sink + window + torch.arange(rows, device=device)
+    k_pos = torch.cat([torch.arange(sink, device=device), sink + 1 + torch.arange(window - 1 + rows, device=device)])
+    visible = lambda_visible(q_pos[:, None], k_pos[None, :], sink, window)
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
 
 
