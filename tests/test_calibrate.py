@@ -27,7 +27,8 @@ from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.convergence import convergence_report, late_side_changes
 from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, streaming_attention
-from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda
+from duohead.calibrate.refine import binary_gates
+from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda, weakest
 from duohead.inspect import gate_report
 from duohead.inspect import main as inspect_main
 from duohead.kernels.reference import lambda_visible
@@ -109,6 +110,10 @@ def test_samples_have_exact_lengths_tail_labels_and_spread_depths(tokenizer):
         assert positions[0] < 0.3 * len(context) and positions[-1] > 0.7 * len(context)
         for phrase in sample.passkeys:
             assert tail_text.count(phrase) == 1
+        answered = torch.roll(sample.predicts_answer, 1)  # the answers' own tokens
+        assert not sample.predicts_answer[-1] and bool((answered <= sample.supervised).all())
+        answers = tokenizer.decode(sample.input_ids[answered])
+        assert sorted(answers.replace(".", "").split()) == sorted(" ".join(sample.passkeys).split())
     assert len(lengths) > 1
 
 
@@ -182,6 +187,38 @@ def test_all_gates_one_is_the_teacher(arch, tokenizer):
     gated.gates.grad = None
     assert gated.distill_backward(ids, sample.supervised, target) > 1e-6  # streaming everywhere differs
     assert gated.gates.grad.abs().sum() > 0
+
+
+def test_logits_loss_is_the_kl_of_the_answers_next_token_distributions(tokenizer):
+    model = tiny_model("qwen2", len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # peaked next-token distributions, so KL(t || s) and KL(s || t) differ
+    gated = GatedModel(model, sink=4, window=16, loss="logits")
+    sample = PasskeyDataset(tokenizer, small_spec(), seed=0)[0]
+    ids, at = sample.input_ids[None], sample.predicts_answer
+    target = gated.teacher_states(ids, at)
+    assert target.shape == (int(at.sum()), len(tokenizer))
+    assert gated.distill_backward(ids, at, target) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        gated.gates.fill_(0.0)
+        teacher = torch.log_softmax(model(ids).logits[0, at].double(), -1)
+    gated.gates.grad = None
+    loss = gated.distill_backward(ids, at, target)
+    with torch.no_grad(), gates_module._attention(model, gates_module.GATED_ATTENTION):
+        gating = {gates_module.GATING_KWARG: gates_module.Gating(gated.gates, 4, 16)}
+        student = torch.log_softmax(model(ids, **gating).logits[0, at].double(), -1)
+    expected = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    reverse = (student.exp() * (student - teacher)).sum(-1).mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-3) and loss != pytest.approx(reverse.item(), rel=1e-2)
+    assert gated.gates.grad.abs().sum() > 0
+
+
+def test_a_run_and_its_gated_model_must_compare_the_same_thing(tokenizer):
+    gated = GatedModel(tiny_model("llama", len(tokenizer)), sink=4, window=16, loss="logits")
+    with pytest.raises(ValueError, match="compares 'logits' but the run's loss is 'hidden'"):
+        Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
+    with pytest.raises(ValueError, match="--loss must be one of hidden, logits"):
+        GatedModel(tiny_model("llama", len(tokenizer)), sink=4, window=16, loss="kl")
 
 
 def test_bfloat16_student_gives_finite_gate_gradients(tokenizer):
@@ -280,6 +317,30 @@ def test_testbed_heads_demonstrably_carry_the_context(tokenizer):
     assert layout_mse(gated, dataset, TESTBED_CARRIERS, range(4)) > 5 * layout_mse(gated, dataset, others, range(4))
 
 
+@pytest.mark.parametrize("probe,expected", [(None, 0.5), (0.9, 0.9), (0.0, 0.0)])
+def test_evidence_rule_measures_every_pull_at_the_probe(probe, expected, tokenizer, monkeypatch):
+    gated = GatedModel(tiny_model("llama", len(tokenizer)), sink=4, window=16)
+    calibrator = Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config(probe=probe))
+    seen = []
+    backward = gated.distill_backward
+
+    def recording(*args):
+        seen.append(gated.gates.detach().clone())
+        return backward(*args)
+
+    monkeypatch.setattr(gated, "distill_backward", recording)
+    for _ in range(3):
+        calibrator.step()
+    assert all(torch.equal(g, torch.full_like(g, expected)) for g in seen)
+    assert not torch.equal(calibrator.gates, seen[-1])  # the gates themselves move; the probe is only worn for the pull
+
+
+@pytest.mark.parametrize("probe", [1.0, -0.1, 1.5])
+def test_probe_outside_the_unit_interval_is_refused(probe):
+    with pytest.raises(ValueError, match=r"--probe must be in \[0, 1\)"):
+        train_config(probe=probe)
+
+
 def test_evidence_rule_reaches_the_target_where_the_instant_rule_does_not(tokenizer):
     instant, _, instant_mse, designed_mse = calibrate_testbed(tokenizer, "instant", seed=0)
     assert not instant["converged"]
@@ -289,6 +350,42 @@ def test_evidence_rule_reaches_the_target_where_the_instant_rule_does_not(tokeni
     assert evidence_mse <= 1.1 * designed_mse < instant_mse  # as good a layout as the designed one
     _, other_seed, _, _ = calibrate_testbed(tokenizer, "evidence", seed=1)
     assert len(set(streaming) & set(other_seed)) >= 7  # two seeds (other samples) share >= 7 of 8 streaming heads
+
+
+def test_refinement_swaps_only_to_lower_measured_losses_and_keeps_the_sparsity(tokenizer):
+    gated = GatedModel(carrier_model(len(tokenizer), TESTBED_CARRIERS), sink=4, window=16, gradient_checkpointing=False)
+    dataset = PasskeyDataset(tokenizer, small_spec(), seed=0)
+    calibrator = Calibrator(gated, dataset, train_config(steps=2, refine_rounds=6))
+    for _ in range(2):
+        calibrator.step()
+    designed = [i for i in range(16) if i not in TESTBED_CARRIERS]
+    held_out = range(1000, 1006)
+    before = layout_mse(gated, dataset, weakest(calibrator.gates, 8).tolist(), held_out)
+    records = []
+    while calibrator.refining:
+        records.append(calibrator.refine_step())
+    assert 1 <= len(records) <= 6 and records[0]["opened"] is not None
+    for previous, record in zip(records, records[1:]):
+        assert record["loss_before"] == pytest.approx(previous["loss_after"] or previous["loss_before"], rel=1e-5)
+    for record in records:
+        assert len(record["streaming"]) == 8
+        if record["opened"] is None:
+            assert record is records[-1] and calibrator.refine_stopped
+        else:
+            assert record["loss_after"] < record["loss_before"]
+            assert record["opened"] not in record["streaming"] and record["closed"] in record["streaming"]
+    final = records[-1]["streaming"]
+    assert torch.equal(calibrator.gates, binary_gates(final, calibrator.gates.shape, calibrator.gates.device))
+    assert calibrator.refiner.loss(final) == pytest.approx(records[-1]["loss_after"] or records[-1]["loss_before"], rel=1e-5)
+    after = layout_mse(gated, dataset, final, held_out)
+    assert after < before and after <= 1.1 * layout_mse(gated, dataset, designed, held_out)  # held-out samples too
+
+
+def test_refinement_needs_the_evidence_rule():
+    with pytest.raises(ValueError, match="--refine-rounds needs a target sparsity and --rule evidence"):
+        train_config(rule="lagrange", refine_rounds=2)
+    with pytest.raises(ValueError, match="--refine-rounds must be >= 0"):
+        train_config(refine_rounds=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -402,6 +499,26 @@ def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finis
     capsys.readouterr()
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 2
     assert "at step 8 already; pass --steps larger than 8" in capsys.readouterr().err
+
+
+def test_cli_refines_after_the_steps_and_resume_extends_the_refinement(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--out", str(out), *CLI_ARGS]
+    assert calibrate_main([*args, "--refine-rounds", "1"]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in records] == [1, 2, 3, 4, None] and records[-1]["refine"] == 1
+    report = HeadPattern.load(out / "pattern.json").provenance["gate_report"]
+    assert report["refinement"]["rounds"] == 1 and report["refinement"]["loss_before"] == records[-1]["loss_before"]
+    assert report["below_half"] == 2 and report["decided"] == 1.0  # the gates are the binary layout
+    capsys.readouterr()
+    assert calibrate_main([*args, "--refine-rounds", "1", "--resume"]) == 2
+    assert "1 refinement rounds already; pass --refine-rounds larger than 1" in capsys.readouterr().err
+    assert calibrate_main([*args[: -len(CLI_ARGS)], "--steps", "6", *CLI_ARGS[2:], "--refine-rounds", "3", "--resume"]) == 2
+    assert "was refined after step 4; continue it with --steps 4" in capsys.readouterr().err
+    assert calibrate_main([*args, "--refine-rounds", "3", "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    refinements = [r["refine"] for r in records if "refine" in r]
+    assert refinements[0] == 1 and refinements == list(range(1, len(refinements) + 1)) and len(refinements) >= 2
 
 
 def test_cli_gradient_checkpointing_is_off_on_cpu_unless_asked(model_dir, tmp_path, monkeypatch):
