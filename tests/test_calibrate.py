@@ -110,10 +110,6 @@ def test_samples_have_exact_lengths_tail_labels_and_spread_depths(tokenizer):
         assert positions[0] < 0.3 * len(context) and positions[-1] > 0.7 * len(context)
         for phrase in sample.passkeys:
             assert tail_text.count(phrase) == 1
-        answered = torch.roll(sample.predicts_answer, 1)  # the answers' own tokens
-        assert not sample.predicts_answer[-1] and bool((answered <= sample.supervised).all())
-        answers = tokenizer.decode(sample.input_ids[answered])
-        assert sorted(answers.replace(".", "").split()) == sorted(" ".join(sample.passkeys).split())
     assert len(lengths) > 1
 
 
@@ -187,38 +183,6 @@ def test_all_gates_one_is_the_teacher(arch, tokenizer):
     gated.gates.grad = None
     assert gated.distill_backward(ids, sample.supervised, target) > 1e-6  # streaming everywhere differs
     assert gated.gates.grad.abs().sum() > 0
-
-
-def test_logits_loss_is_the_kl_of_the_answers_next_token_distributions(tokenizer):
-    model = tiny_model("qwen2", len(tokenizer))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)  # peaked next-token distributions, so KL(t || s) and KL(s || t) differ
-    gated = GatedModel(model, sink=4, window=16, loss="logits")
-    sample = PasskeyDataset(tokenizer, small_spec(), seed=0)[0]
-    ids, at = sample.input_ids[None], sample.predicts_answer
-    target = gated.teacher_states(ids, at)
-    assert target.shape == (int(at.sum()), len(tokenizer))
-    assert gated.distill_backward(ids, at, target) == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        gated.gates.fill_(0.0)
-        teacher = torch.log_softmax(model(ids).logits[0, at].double(), -1)
-    gated.gates.grad = None
-    loss = gated.distill_backward(ids, at, target)
-    with torch.no_grad(), gates_module._attention(model, gates_module.GATED_ATTENTION):
-        gating = {gates_module.GATING_KWARG: gates_module.Gating(gated.gates, 4, 16)}
-        student = torch.log_softmax(model(ids, **gating).logits[0, at].double(), -1)
-    expected = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    reverse = (student.exp() * (student - teacher)).sum(-1).mean()
-    assert loss == pytest.approx(expected.item(), rel=1e-3) and loss != pytest.approx(reverse.item(), rel=1e-2)
-    assert gated.gates.grad.abs().sum() > 0
-
-
-def test_a_run_and_its_gated_model_must_compare_the_same_thing(tokenizer):
-    gated = GatedModel(tiny_model("llama", len(tokenizer)), sink=4, window=16, loss="logits")
-    with pytest.raises(ValueError, match="compares 'logits' but the run's loss is 'hidden'"):
-        Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config())
-    with pytest.raises(ValueError, match="--loss must be one of hidden, logits"):
-        GatedModel(tiny_model("llama", len(tokenizer)), sink=4, window=16, loss="kl")
 
 
 def test_bfloat16_student_gives_finite_gate_gradients(tokenizer):
@@ -315,30 +279,6 @@ def test_testbed_heads_demonstrably_carry_the_context(tokenizer):
     dataset = PasskeyDataset(tokenizer, small_spec(), seed=0)
     others = [i for i in range(16) if i not in TESTBED_CARRIERS]
     assert layout_mse(gated, dataset, TESTBED_CARRIERS, range(4)) > 5 * layout_mse(gated, dataset, others, range(4))
-
-
-@pytest.mark.parametrize("probe,expected", [(None, 0.5), (0.9, 0.9), (0.0, 0.0)])
-def test_evidence_rule_measures_every_pull_at_the_probe(probe, expected, tokenizer, monkeypatch):
-    gated = GatedModel(tiny_model("llama", len(tokenizer)), sink=4, window=16)
-    calibrator = Calibrator(gated, PasskeyDataset(tokenizer, small_spec(), seed=0), train_config(probe=probe))
-    seen = []
-    backward = gated.distill_backward
-
-    def recording(*args):
-        seen.append(gated.gates.detach().clone())
-        return backward(*args)
-
-    monkeypatch.setattr(gated, "distill_backward", recording)
-    for _ in range(3):
-        calibrator.step()
-    assert all(torch.equal(g, torch.full_like(g, expected)) for g in seen)
-    assert not torch.equal(calibrator.gates, seen[-1])  # the gates themselves move; the probe is only worn for the pull
-
-
-@pytest.mark.parametrize("probe", [1.0, -0.1, 1.5])
-def test_probe_outside_the_unit_interval_is_refused(probe):
-    with pytest.raises(ValueError, match=r"--probe must be in \[0, 1\)"):
-        train_config(probe=probe)
 
 
 def test_evidence_rule_reaches_the_target_where_the_instant_rule_does_not(tokenizer):

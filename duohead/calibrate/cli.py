@@ -62,22 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how gates move toward the target: evidence (default), lagrange or instant; see docs/calibration.md",
     )
     p.add_argument(
-        "--loss",
-        default="hidden",
-        help="what the student matches: hidden (final hidden states on the question/answer tail, default) or "
-        "logits (next-token distributions at the answers' tokens, KL); see docs/calibration.md",
-    )
-    p.add_argument(
         "--refine-rounds",
         type=int,
         default=0,
         help="after the steps, at most N rounds of swaps measured at the binary layout (rule evidence; default 0); "
         "with --resume, more than a finished run's extend it",
-    )
-    p.add_argument(
-        "--probe",
-        type=float,
-        help="gate value of every head while the evidence rule measures pulls (default: 1 - target sparsity)",
     )
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
@@ -172,14 +161,12 @@ def run(args: argparse.Namespace) -> int:
         passkey_words=args.passkey_words,
         seed=args.seed,
         rule=args.rule,
-        loss=args.loss,
-        probe=args.probe,
         refine_rounds=args.refine_rounds,
     )
     spec = PasskeySpec(ctx_min, ctx_max, args.num_passkeys, args.passkey_words)
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.startswith("cuda")
-    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=checkpointing, loss=config.loss)
+    gated = GatedModel(model, sink=args.sink, window=args.window, gradient_checkpointing=checkpointing)
     haystack = FileHaystack(tokenizer, args.haystack) if args.haystack else None
     dataset = PasskeyDataset(tokenizer, spec, haystack=haystack, seed=args.seed)
     if haystack is not None:

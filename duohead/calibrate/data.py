@@ -75,13 +75,11 @@ class PasskeySpec:
 
 @dataclass
 class Sample:
-    """input_ids [T] long; supervised [T] bool (True on the question/answer tail); predicts_answer [T] bool
-    (True where the next token is a token of an answer); one depth (fraction of the haystack) and one
-    passphrase per passkey."""
+    """input_ids [T] long; supervised [T] bool (True on the question/answer tail); one depth (fraction of
+    the haystack) and one passphrase per passkey."""
 
     input_ids: torch.Tensor
     supervised: torch.Tensor
-    predicts_answer: torch.Tensor
     depths: list[float]
     passkeys: list[str]
 
@@ -182,12 +180,8 @@ class PasskeyDataset:
         phrases = [" ".join(rng.choice(NATO) for _ in range(spec.passkey_words)) for _ in range(spec.num_passkeys)]
         needles = [self._needle(k + 1, p) for k, p in enumerate(phrases)]
         tail = self._encode("\n\n")
-        answer_offsets = []  # offsets in the tail of the answers' tokens
         for k in rng.sample(range(spec.num_passkeys), spec.num_passkeys):  # questions in random order
-            tail += self._question(k + 1)
-            answer = self._answer(phrases[k])
-            answer_offsets += range(len(tail), len(tail) + len(answer))
-            tail += answer
+            tail += self._question(k + 1) + self._answer(phrases[k])
         hay_len = ctx_len - len(self.prefix) - sum(map(len, needles)) - len(tail)
         if hay_len < 0:
             raise ValueError(f"context length {ctx_len} is too short for the passkeys; raise --ctx-min")
@@ -206,7 +200,5 @@ class PasskeyDataset:
         ids += hay[cursor:]
         supervised = torch.zeros(ctx_len, dtype=torch.bool)
         supervised[len(ids) :] = True
-        predicts_answer = torch.zeros(ctx_len, dtype=torch.bool)
-        predicts_answer[[len(ids) + offset - 1 for offset in answer_offsets]] = True
         ids += tail
-        return Sample(torch.tensor(ids, dtype=torch.long), supervised, predicts_answer, depths, phrases)
+        return Sample(torch.tensor(ids, dtype=torch.long), supervised, depths, phrases)

@@ -151,24 +151,15 @@ def _attention(model: torch.nn.Module, name: str) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-LOSSES = ("hidden", "logits")
-
-
 class GatedModel:
     """A frozen causal LM with one learnable gate per (layer, KV head).
 
-    `teacher_states` runs the model as loaded (no gradients) and returns what the student is distilled toward
-    at the supervised positions (input_ids [1, T], supervised [T] bool, P = its count): with loss "hidden",
-    the final hidden states (after the final norm), [P, hidden], compared by MSE; with loss "logits", the
-    next-token log-probabilities, [P, vocab], compared by KL(teacher || student) per position.
+    `teacher_states` runs the model as loaded (no gradients): the final hidden states (after the final norm)
+    at the supervised positions, [P, hidden] for input_ids [1, T] and supervised [T] bool (P = its count).
     `distill_backward` runs the gated blend (gradient checkpointing per decoder layer) against them.
     """
 
-    def __init__(
-        self, model: torch.nn.Module, *, sink: int, window: int, gradient_checkpointing: bool = True, loss: str = "hidden"
-    ) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}; got {loss!r}")
+    def __init__(self, model: torch.nn.Module, *, sink: int, window: int, gradient_checkpointing: bool = True) -> None:
         config = model.config
         check_architecture(config.model_type, "calibration")
         check_sink_window(sink, window)
@@ -180,38 +171,26 @@ class GatedModel:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
-        self.sink, self.window, self.loss = sink, window, loss
+        self.sink, self.window = sink, window
         device = next(model.parameters()).device
         self.gates = torch.nn.Parameter(torch.ones(config.num_hidden_layers, num_kv_heads(config), device=device))
 
     @torch.no_grad()
     def teacher_states(self, input_ids: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return self._outputs(self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[0, supervised])
-
-    def _outputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[P, hidden] final hidden states -> what the loss compares: themselves, or log-probabilities [P, vocab]."""
-        if self.loss == "hidden":
-            return hidden.float()
-        return F.log_softmax(self.model.get_output_embeddings()(hidden).float(), dim=-1)
-
-    def _distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        if self.loss == "hidden":
-            return F.mse_loss(student, teacher)
-        return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[0, supervised]
 
     @torch.no_grad()
     def distill_loss(self, input_ids: torch.Tensor, supervised: torch.Tensor, target: torch.Tensor) -> float:
-        """The student's loss at the current gates, forward only (as `distill_backward`, without gradients)."""
+        """The student's MSE at the current gates, forward only (as `distill_backward`, without gradients)."""
         self.model.eval()
         with _attention(self.model, GATED_ATTENTION):
             gating = Gating(self.gates, self.sink, self.window)
             out = self.model.base_model(input_ids=input_ids, use_cache=False, **{GATING_KWARG: gating})
-        return self._distance(self._outputs(out.last_hidden_state[0, supervised]), target).item()
+        return F.mse_loss(out.last_hidden_state[0, supervised].float(), target.float()).item()
 
     def distill_backward(self, input_ids: torch.Tensor, supervised: torch.Tensor, target: torch.Tensor) -> float:
-        """Student forward and backward: accumulates d(loss)/d(gates) into `self.gates.grad`; returns the loss
-        (MSE of the hidden states or mean KL of the next-token distributions, as `loss` says).
+        """Student forward and backward: accumulates d(MSE)/d(gates) into `self.gates.grad`; returns the MSE.
 
         target [P, hidden] = `teacher_states(input_ids, supervised)`. The backward runs inside the same
         attention/training state as the forward, because gradient checkpointing recomputes layers there.
@@ -221,7 +200,7 @@ class GatedModel:
             with _attention(self.model, GATED_ATTENTION):
                 gating = Gating(self.gates, self.sink, self.window)
                 out = self.model.base_model(input_ids=input_ids, use_cache=False, **{GATING_KWARG: gating})
-                loss = self._distance(self._outputs(out.last_hidden_state[0, supervised]), target)
+                loss = F.mse_loss(out.last_hidden_state[0, supervised].float(), target.float())
                 loss.backward()
         finally:
             self.model.eval()

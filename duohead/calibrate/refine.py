@@ -55,14 +55,14 @@ def binary_gates(streaming: list[int], shape: torch.Size, device: torch.device) 
 class LayoutRefiner:
     """Measures binary layouts of `gated` on `REFINE_SAMPLES` fixed samples and finds the best swap."""
 
-    def __init__(self, gated: GatedModel, dataset: PasskeyDataset, positions: str) -> None:
+    def __init__(self, gated: GatedModel, dataset: PasskeyDataset) -> None:
         self.gated = gated
         self.samples = []
         for i in range(REFINE_SAMPLES):
             sample = dataset[SAMPLE_OFFSET + i]
             ids = sample.input_ids[None].to(gated.gates.device)
-            at = getattr(sample, positions).to(gated.gates.device)
-            self.samples.append((ids, at, gated.teacher_states(ids, at)))
+            supervised = sample.supervised.to(gated.gates.device)
+            self.samples.append((ids, supervised, gated.teacher_states(ids, supervised)))
 
     def _wear(self, streaming: list[int]) -> None:
         with torch.no_grad():

@@ -6,8 +6,8 @@ gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md
 
 - "l1" (`target_sparsity=None`): the reference's fixed push, loss + `reg` * mean(G), AdamW; gates start at 1.
 - "evidence" (the default with a target): the student runs with every gate at the probe value 1 - target (the
-  target's expected sparsity; `probe` overrides it), so a head's pull is its own cost of streaming plus its
-  overlap with the others', the same for every head whatever its current side. Each step adds the sample's pull, scaled to mean
+  target's expected sparsity), so a head's pull is its own cost of streaming plus its overlap with the others',
+  the same for every head whatever its current side. Each step adds the sample's pull, scaled to mean
   |pull| = 1, to a running mean (the evidence); the k = round(target * N) gates with the weakest evidence step
   down by the learning rate, all others up (signed steps, no optimiser). Gates start at 1 - target. As the
   evidence settles, the k streaming gates reach 0 and the rest 1: the run lands on its target by construction,
@@ -19,8 +19,7 @@ gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md
 
 With `refine_rounds` (rule evidence), the steps are followed by refinement rounds at the binary layout
 (`duohead.calibrate.refine`): swaps of a streaming and a retrieval head, each kept only if it lowers the
-layout's measured loss on fixed held-out samples. The loss (`loss`) is the MSE of the final hidden states on
-the question/answer tail, or the KL of the next-token distributions at the answers' tokens.
+layout's measured loss on fixed held-out samples.
 
 A checkpoint holds the gates, the rule's state (AdamW moments, evidence, multiplier), the step and the
 refinement rounds done; sample i depends only on (seed, i), so a resumed run reproduces an uninterrupted one
@@ -44,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from duohead.calibrate.convergence import decided_fraction
 from duohead.calibrate.data import PasskeyDataset
-from duohead.calibrate.gates import LOSSES, GatedModel
+from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.refine import LayoutRefiner, binary_gates
 from duohead.files import atomic_write
 
@@ -72,8 +71,6 @@ class TrainConfig:
     passkey_words: int
     seed: int
     rule: str = "evidence"
-    loss: str = "hidden"
-    probe: float | None = None
     refine_rounds: int = 0
     warmup: float = 0.2
     decay: float = 0.2
@@ -89,23 +86,14 @@ class TrainConfig:
             raise ValueError(
                 f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {self.target_sparsity}"
             )
-        if self.probe is not None and not 0.0 <= self.probe < 1.0:
-            raise ValueError(f"--probe must be in [0, 1) (at 1 the student is the teacher and every pull is 0); got {self.probe}")
         if self.refine_rounds < 0:
             raise ValueError(f"--refine-rounds must be >= 0; got {self.refine_rounds}")
         if self.refine_rounds and self.mode != "evidence":
             raise ValueError(
                 "--refine-rounds needs a target sparsity and --rule evidence (its evidence picks the heads to close)"
             )
-        if self.loss not in LOSSES:
-            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         if self.rule not in RULES:
             raise ValueError(f"--rule must be one of {', '.join(RULES)}; got {self.rule!r}")
-
-    @property
-    def probe_value(self) -> float:
-        """The gate value every head takes while the evidence rule measures pulls: --probe, else 1 - target."""
-        return self.probe if self.probe is not None else 1.0 - self.target_sparsity
 
     @property
     def mode(self) -> str:
@@ -150,8 +138,6 @@ class Calibrator:
     """Owns the gates' update rule, its state and the step counter; `step()` runs one sample."""
 
     def __init__(self, gated: GatedModel, dataset: PasskeyDataset, config: TrainConfig) -> None:
-        if gated.loss != config.loss:
-            raise ValueError(f"the gated model compares {gated.loss!r} but the run's loss is {config.loss!r}")
         self.gated = gated
         self.dataset = dataset
         self.config = config
@@ -179,13 +165,13 @@ class Calibrator:
         start = time.perf_counter()
         sample = self.dataset[self.step_index]
         ids = sample.input_ids[None].to(self.device)
-        supervised = (sample.supervised if cfg.loss == "hidden" else sample.predicts_answer).to(self.device)
+        supervised = sample.supervised.to(self.device)
         target = self.gated.teacher_states(ids, supervised)
         gates.grad = None
         if cfg.mode == "evidence":
             kept = gates.detach().clone()
             with torch.no_grad():
-                gates.fill_(cfg.probe_value)
+                gates.fill_(1.0 - cfg.target_sparsity)
         distill = self.gated.distill_backward(ids, supervised, target)
         if cfg.mode == "evidence":
             with torch.no_grad():
@@ -221,9 +207,7 @@ class Calibrator:
         resulting binary layout; returns its log record."""
         start = time.perf_counter()
         if self.refiner is None:
-            self.refiner = LayoutRefiner(
-                self.gated, self.dataset, "supervised" if self.config.loss == "hidden" else "predicts_answer"
-            )
+            self.refiner = LayoutRefiner(self.gated, self.dataset)
         streaming = weakest(self.gates, self.num_streaming).tolist()
         swap = self.refiner.best_swap(streaming, self.evidence)
         if swap.opened is None:
