@@ -27,8 +27,7 @@ from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.convergence import convergence_report, late_side_changes
 from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, streaming_attention
-from duohead.calibrate.refine import binary_gates
-from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda, weakest
+from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda
 from duohead.inspect import gate_report
 from duohead.inspect import main as inspect_main
 from duohead.kernels.reference import lambda_visible
@@ -292,42 +291,6 @@ def test_evidence_rule_reaches_the_target_where_the_instant_rule_does_not(tokeni
     assert len(set(streaming) & set(other_seed)) >= 7  # two seeds (other samples) share >= 7 of 8 streaming heads
 
 
-def test_refinement_swaps_only_to_lower_measured_losses_and_keeps_the_sparsity(tokenizer):
-    gated = GatedModel(carrier_model(len(tokenizer), TESTBED_CARRIERS), sink=4, window=16, gradient_checkpointing=False)
-    dataset = PasskeyDataset(tokenizer, small_spec(), seed=0)
-    calibrator = Calibrator(gated, dataset, train_config(steps=2, refine_rounds=6))
-    for _ in range(2):
-        calibrator.step()
-    designed = [i for i in range(16) if i not in TESTBED_CARRIERS]
-    held_out = range(1000, 1006)
-    before = layout_mse(gated, dataset, weakest(calibrator.gates, 8).tolist(), held_out)
-    records = []
-    while calibrator.refining:
-        records.append(calibrator.refine_step())
-    assert 1 <= len(records) <= 6 and records[0]["opened"] is not None
-    for previous, record in zip(records, records[1:]):
-        assert record["loss_before"] == pytest.approx(previous["loss_after"] or previous["loss_before"], rel=1e-5)
-    for record in records:
-        assert len(record["streaming"]) == 8
-        if record["opened"] is None:
-            assert record is records[-1] and calibrator.refine_stopped
-        else:
-            assert record["loss_after"] < record["loss_before"]
-            assert record["opened"] not in record["streaming"] and record["closed"] in record["streaming"]
-    final = records[-1]["streaming"]
-    assert torch.equal(calibrator.gates, binary_gates(final, calibrator.gates.shape, calibrator.gates.device))
-    assert calibrator.refiner.loss(final) == pytest.approx(records[-1]["loss_after"] or records[-1]["loss_before"], rel=1e-5)
-    after = layout_mse(gated, dataset, final, held_out)
-    assert after < before and after <= 1.1 * layout_mse(gated, dataset, designed, held_out)  # held-out samples too
-
-
-def test_refinement_needs_the_evidence_rule():
-    with pytest.raises(ValueError, match="--refine-rounds needs a target sparsity and --rule evidence"):
-        train_config(rule="lagrange", refine_rounds=2)
-    with pytest.raises(ValueError, match="--refine-rounds must be >= 0"):
-        train_config(refine_rounds=-1)
-
-
 # ---------------------------------------------------------------------------------------------------- resume
 
 
@@ -439,26 +402,6 @@ def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finis
     capsys.readouterr()
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 2
     assert "at step 8 already; pass --steps larger than 8" in capsys.readouterr().err
-
-
-def test_cli_refines_after_the_steps_and_resume_extends_the_refinement(model_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    args = ["--model", str(model_dir), "--out", str(out), *CLI_ARGS]
-    assert calibrate_main([*args, "--refine-rounds", "1"]) == 0
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r.get("step") for r in records] == [1, 2, 3, 4, None] and records[-1]["refine"] == 1
-    report = HeadPattern.load(out / "pattern.json").provenance["gate_report"]
-    assert report["refinement"]["rounds"] == 1 and report["refinement"]["loss_before"] == records[-1]["loss_before"]
-    assert report["below_half"] == 2 and report["decided"] == 1.0  # the gates are the binary layout
-    capsys.readouterr()
-    assert calibrate_main([*args, "--refine-rounds", "1", "--resume"]) == 2
-    assert "1 refinement rounds already; pass --refine-rounds larger than 1" in capsys.readouterr().err
-    assert calibrate_main([*args[: -len(CLI_ARGS)], "--steps", "6", *CLI_ARGS[2:], "--refine-rounds", "3", "--resume"]) == 2
-    assert "was refined after step 4; continue it with --steps 4" in capsys.readouterr().err
-    assert calibrate_main([*args, "--refine-rounds", "3", "--resume"]) == 0
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    refinements = [r["refine"] for r in records if "refine" in r]
-    assert refinements[0] == 1 and refinements == list(range(1, len(refinements) + 1)) and len(refinements) >= 2
 
 
 def test_cli_gradient_checkpointing_is_off_on_cpu_unless_asked(model_dir, tmp_path, monkeypatch):

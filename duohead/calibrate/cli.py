@@ -61,13 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="evidence",
         help="how gates move toward the target: evidence (default), lagrange or instant; see docs/calibration.md",
     )
-    p.add_argument(
-        "--refine-rounds",
-        type=int,
-        default=0,
-        help="after the steps, at most N rounds of swaps measured at the binary layout (rule evidence; default 0); "
-        "with --resume, more than a finished run's extend it",
-    )
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
     p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 8, at least 4096)")
@@ -161,7 +154,6 @@ def run(args: argparse.Namespace) -> int:
         passkey_words=args.passkey_words,
         seed=args.seed,
         rule=args.rule,
-        refine_rounds=args.refine_rounds,
     )
     spec = PasskeySpec(ctx_min, ctx_max, args.num_passkeys, args.passkey_words)
     model, tokenizer = load_model(folder, dtype=dtype, device=device)
@@ -176,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     log_lines: list[str] = []
     if args.resume:
         calibrator.load(out / CHECKPOINT)
-        log_lines = read_log(out / LOG, calibrator.step_index, calibrator.refined)
+        log_lines = read_log(out / LOG, calibrator.step_index)
     else:
         (out / PATTERN).unlink(missing_ok=True)
     _write_log(out / LOG, log_lines)
@@ -199,18 +191,6 @@ def run(args: argparse.Namespace) -> int:
                 )
                 if calibrator.step_index % args.checkpoint_every == 0:
                     calibrator.save(out / CHECKPOINT)
-            bar.close()
-            if calibrator.refining:
-                bar = tqdm(
-                    total=config.refine_rounds, initial=calibrator.refined, desc="refine", unit="round", dynamic_ncols=True
-                )
-            while calibrator.refining:
-                record = calibrator.refine_step()
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss_after'] or record['loss_before']:.4g}", swapped=record["opened"] is not None)
-                calibrator.save(out / CHECKPOINT)
     except KeyboardInterrupt:
         bar.close()
         calibrator.save(out / CHECKPOINT)
@@ -225,17 +205,8 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
 
     cut = config.target_sparsity if config.target_sparsity is not None else 0.5
-    records = [json.loads(line) for line in (out / LOG).read_text(encoding="utf-8").splitlines()]
-    report = convergence_report(calibrator.gates, cut, [r["streaming"] for r in records if "step" in r])
-    rounds = [r for r in records if "refine" in r]
-    if rounds:
-        report["refinement"] = {
-            "rounds": len(rounds),
-            "swaps": sum(r["opened"] is not None for r in rounds),
-            "loss_before": rounds[0]["loss_before"],
-            "loss_after": rounds[-1]["loss_after"] or rounds[-1]["loss_before"],
-            "stopped": calibrator.refine_stopped,
-        }
+    layouts = [json.loads(line)["streaming"] for line in (out / LOG).read_text(encoding="utf-8").splitlines()]
+    report = convergence_report(calibrator.gates, cut, layouts)
     pattern = HeadPattern(
         calibrator.gates.cpu(),
         sink=args.sink,
@@ -264,12 +235,11 @@ def run(args: argparse.Namespace) -> int:
     print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
     print(f"gate report at sparsity {cut}: {json.dumps(report)}")
     if not report["converged"]:
-        fix = (
-            f"run it again with --steps {2 * config.steps} (a refined run takes no more steps)"
-            if rounds
-            else f"continue this run with the same command plus --resume --steps {2 * config.steps}"
+        print(
+            f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with the "
+            f"same command plus --resume --steps {2 * config.steps}",
+            file=sys.stderr,
         )
-        print(f"warning: the gates have not converged ({'; '.join(report['reasons'])}); {fix}", file=sys.stderr)
     return 0
 
 

@@ -180,15 +180,6 @@ class GatedModel:
         self.model.eval()
         return self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[0, supervised]
 
-    @torch.no_grad()
-    def distill_loss(self, input_ids: torch.Tensor, supervised: torch.Tensor, target: torch.Tensor) -> float:
-        """The student's MSE at the current gates, forward only (as `distill_backward`, without gradients)."""
-        self.model.eval()
-        with _attention(self.model, GATED_ATTENTION):
-            gating = Gating(self.gates, self.sink, self.window)
-            out = self.model.base_model(input_ids=input_ids, use_cache=False, **{GATING_KWARG: gating})
-        return F.mse_loss(out.last_hidden_state[0, supervised].float(), target.float()).item()
-
     def distill_backward(self, input_ids: torch.Tensor, supervised: torch.Tensor, target: torch.Tensor) -> float:
         """Student forward and backward: accumulates d(MSE)/d(gates) into `self.gates.grad`; returns the MSE.
 

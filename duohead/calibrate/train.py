@@ -17,14 +17,9 @@ gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md
 - "instant": the previous rule, kept for comparison: lambda is re-solved after every backward so that exactly
   k gates get a downward net gradient from that one sample; AdamW; gates start at 1 (warm-up floor `reg`).
 
-With `refine_rounds` (rule evidence), the steps are followed by refinement rounds at the binary layout
-(`duohead.calibrate.refine`): swaps of a streaming and a retrieval head, each kept only if it lowers the
-layout's measured loss on fixed held-out samples.
-
-A checkpoint holds the gates, the rule's state (AdamW moments, evidence, multiplier), the step and the
-refinement rounds done; sample i depends only on (seed, i), so a resumed run reproduces an uninterrupted one
-bit for bit. A finished run can be continued with more steps (the schedule is then the one of the new step
-count) until it is refined, and with more refinement rounds.
+A checkpoint holds the gates, the rule's state (AdamW moments, evidence, multiplier) and the step; sample i
+depends only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A finished run can
+be continued with more steps (the schedule is then the one of the new step count).
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +39,6 @@ from safetensors.torch import load_file, save_file
 from duohead.calibrate.convergence import decided_fraction
 from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
-from duohead.calibrate.refine import LayoutRefiner, binary_gates
 from duohead.files import atomic_write
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -71,7 +65,6 @@ class TrainConfig:
     passkey_words: int
     seed: int
     rule: str = "evidence"
-    refine_rounds: int = 0
     warmup: float = 0.2
     decay: float = 0.2
 
@@ -85,12 +78,6 @@ class TrainConfig:
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:
             raise ValueError(
                 f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {self.target_sparsity}"
-            )
-        if self.refine_rounds < 0:
-            raise ValueError(f"--refine-rounds must be >= 0; got {self.refine_rounds}")
-        if self.refine_rounds and self.mode != "evidence":
-            raise ValueError(
-                "--refine-rounds needs a target sparsity and --rule evidence (its evidence picks the heads to close)"
             )
         if self.rule not in RULES:
             raise ValueError(f"--rule must be one of {', '.join(RULES)}; got {self.rule!r}")
@@ -150,9 +137,6 @@ class Calibrator:
             with torch.no_grad():
                 gates.fill_(1.0 - config.target_sparsity)  # at G = 1 the pull is zero: start at the expected target
         self.step_index = 0
-        self.refined = 0  # refinement rounds done
-        self.refine_stopped = False  # a round found no swap that lowers the loss
-        self.refiner: LayoutRefiner | None = None
         self.device = gates.device
 
     @property
@@ -196,36 +180,6 @@ class Calibrator:
             seconds=round(time.perf_counter() - start, 3),
         )
         return record
-
-    @property
-    def refining(self) -> bool:
-        """Whether a refinement round is still to run (after the last step)."""
-        return self.refined < self.config.refine_rounds and not self.refine_stopped
-
-    def refine_step(self) -> dict[str, Any]:
-        """One refinement round (`duohead.calibrate.refine`) from the layout at the cut; leaves the gates at the
-        resulting binary layout; returns its log record."""
-        start = time.perf_counter()
-        if self.refiner is None:
-            self.refiner = LayoutRefiner(self.gated, self.dataset)
-        streaming = weakest(self.gates, self.num_streaming).tolist()
-        swap = self.refiner.best_swap(streaming, self.evidence)
-        if swap.opened is None:
-            self.refine_stopped = True
-        else:
-            streaming = sorted(set(streaming) - {swap.opened} | {swap.closed})
-        with torch.no_grad():
-            self.gated.gates.copy_(binary_gates(streaming, self.gated.gates.shape, self.device))
-        self.refined += 1
-        return {
-            "refine": self.refined,
-            "loss_before": swap.loss_before,
-            "opened": swap.opened,
-            "closed": swap.closed,
-            "loss_after": swap.loss_after,
-            "streaming": streaming,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
 
     def _evidence_step(self, lr: float) -> None:
         gates = self.gated.gates
@@ -275,8 +229,6 @@ class Calibrator:
             tensors["adam.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
         metadata = {
             "step": str(self.step_index),
-            "refined": str(self.refined),
-            "refine_stopped": str(self.refine_stopped),
             "multiplier": repr(self.multiplier),
             "config": json.dumps(asdict(self.config), sort_keys=True),
         }
@@ -288,29 +240,16 @@ class Calibrator:
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        defaults = {f.name: f.default for f in fields(TrainConfig)}  # settings added since the checkpoint was written
-        saved = {**defaults, **json.loads(metadata.get("config", "{}"))}
+        saved = json.loads(metadata.get("config", "{}"))
         mine = asdict(self.config)
-        extendable = ("steps", "refine_rounds")  # a finished run can be continued with more of either
-        diffs = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k not in extendable and saved.get(k) != v]
+        diffs = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "steps" and saved.get(k) != v]
         if diffs:
             raise ValueError(
                 f"{path} was made with other settings: {', '.join(diffs)}; rerun with the same options or use --force"
             )
         step = int(metadata["step"])
-        refined = int(metadata.get("refined", 0))
-        stopped = metadata.get("refine_stopped") == "True"
-        if refined and self.config.steps != step:
-            raise ValueError(f"{path} was refined after step {step}; continue it with --steps {step}")
-        if step >= self.config.steps and (refined >= self.config.refine_rounds or stopped):
-            if stopped:
-                raise ValueError(f"{path} is refined already: its last round found no swap that lowers the loss")
-            if refined:
-                raise ValueError(f"{path} has {refined} refinement rounds already; pass --refine-rounds larger than {refined}")
-            raise ValueError(
-                f"{path} is at step {step} already; pass --steps larger than {step} to continue it "
-                "(or --refine-rounds N to refine its layout)"
-            )
+        if step >= self.config.steps:
+            raise ValueError(f"{path} is at step {step} already; pass --steps larger than {step} to continue it")
         tensors = load_file(str(path), device="cpu")
         with torch.no_grad():
             self.gated.gates.copy_(tensors["gates"].to(self.device))
@@ -323,19 +262,16 @@ class Calibrator:
                 "exp_avg_sq": tensors["adam.exp_avg_sq"].to(self.device),
             }
         self.step_index = step
-        self.refined, self.refine_stopped = refined, stopped
 
 
-def read_log(path: Path, upto_step: int, upto_refine: int = 0) -> list[str]:
-    """The log lines of steps <= `upto_step` and refinement rounds <= `upto_refine` (a resumed run drops the
-    records after its checkpoint)."""
+def read_log(path: Path, upto_step: int) -> list[str]:
+    """The log lines of steps <= `upto_step` (a resumed run drops the steps after its checkpoint)."""
     if not path.exists():
         return []
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            record = json.loads(line)
-            if record.get("step", math.inf) <= upto_step or record.get("refine", math.inf) <= upto_refine:
+            if json.loads(line).get("step", math.inf) <= upto_step:
                 lines.append(line)
         except json.JSONDecodeError:
             break  # a line cut by an interruption ends the usable log
