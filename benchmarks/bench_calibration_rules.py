@@ -3,7 +3,7 @@ known KV heads; tests/calibration_testbed.py), two seeds each, at two targets.
 
     nice python benchmarks/bench_calibration_rules.py            # about a minute on an idle 2-core CPU
 
-For each rule (l1 = the reference's fixed push, instant = the previous target rule, lagrange, evidence) and seed:
+For each rule (l1 = the reference's fixed push, instant = the rule before, lagrange, evidence, relaxed) and seed:
 the convergence report at the target (gates below 0.5, cut margin, fraction of gates within 0.05 of 0/1, heads
 that changed side in the last 20% of steps), the held-out distillation MSE of the layout it ends with (6 samples
 it never saw) against the designed layout's (stream every non-carrier), and the overlap of the two seeds'
@@ -71,7 +71,7 @@ def run(tokenizer, rule: str, target: float, carriers: list[int], seed: int, ste
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rules", nargs="+", default=["l1", "instant", "lagrange", "evidence"])
+    parser.add_argument("--rules", nargs="+", default=["l1", "instant", "lagrange", "evidence", "relaxed"])
     parser.add_argument("--out", default=str(Path(__file__).with_name("bench_calibration_rules.json")))
     args = parser.parse_args()
     tokenizer = word_tokenizer()

@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="optimisation steps, one sample each (default 100); with --resume, more than a finished run's extend it",
     )
-    p.add_argument("--lr", type=float, default=0.1, help="gate step size: signed steps (rule evidence) or AdamW lr (default 0.1)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="gate step size: signed steps (rules relaxed, evidence) or AdamW lr (the others; and relaxed layouts) (default 0.1)",
+    )
     p.add_argument(
         "--reg",
         type=float,
@@ -58,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rule",
-        default="evidence",
-        help="how gates move toward the target: evidence (default), lagrange or instant; see docs/calibration.md",
+        default="relaxed",
+        help="how gates move toward the target: relaxed (default), evidence, lagrange or instant; see docs/calibration.md",
     )
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")

@@ -12,12 +12,16 @@ gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md
   down by the learning rate, all others up (signed steps, no optimiser). Gates start at 1 - target. As the
   evidence settles, the k streaming gates reach 0 and the rest 1: the run lands on its target by construction,
   and one noisy sample cannot flip a head.
+- "relaxed": like "evidence", but the student runs at a *relaxed layout* R [L, Hkv] instead of the uniform
+  probe: continuous gates that follow the "lagrange" dynamics below, so a head's pull is measured where the
+  other heads are heading (a head whose overlapping neighbours stream is wanted more). The evidence is the
+  running mean of R; the deployed gates take the same signed steps as under "evidence".
 - "lagrange": loss + mu * m * mean(G), m = the sample's mean |pull|, AdamW on the gates; the multiplier mu
   rises by dual ascent while mean(G) > 1 - target (the expected sparsity below target). Gates start at 1 - target.
 - "instant": the previous rule, kept for comparison: lambda is re-solved after every backward so that exactly
   k gates get a downward net gradient from that one sample; AdamW; gates start at 1 (warm-up floor `reg`).
 
-A checkpoint holds the gates, the rule's state (AdamW moments, evidence, multiplier) and the step; sample i
+A checkpoint holds the gates, the rule's state (AdamW moments, evidence, relaxed layout, multiplier) and the step; sample i
 depends only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A finished run can
 be continued with more steps (the schedule is then the one of the new step count).
 """
@@ -45,7 +49,8 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
 
 
-RULES = ("evidence", "lagrange", "instant")
+RULES = ("relaxed", "evidence", "lagrange", "instant")
+SIGNED = ("relaxed", "evidence")  # rules that move the deployed gates by signed steps toward the evidence's top-k
 DUAL_LR = 2.0  # "lagrange": multiplier change per unit of (mean gate - (1 - target)) per step
 
 
@@ -64,7 +69,7 @@ class TrainConfig:
     num_passkeys: int
     passkey_words: int
     seed: int
-    rule: str = "evidence"
+    rule: str = "relaxed"
     warmup: float = 0.2
     decay: float = 0.2
 
@@ -130,18 +135,26 @@ class Calibrator:
         self.config = config
         gates = gated.gates
         self.num_streaming = round(config.target_sparsity * gates.numel()) if config.target_sparsity is not None else 0
-        self.optimizer = torch.optim.AdamW([gates], lr=config.lr, weight_decay=0.0) if config.mode != "evidence" else None
         self.evidence = torch.zeros(gates.numel(), dtype=torch.float64)
         self.multiplier = 0.0
-        if config.mode in ("evidence", "lagrange"):
+        if config.mode in ("relaxed", "evidence", "lagrange"):
             with torch.no_grad():
                 gates.fill_(1.0 - config.target_sparsity)  # at G = 1 the pull is zero: start at the expected target
+        # the gates AdamW moves: the relaxed layout R under "relaxed", none under "evidence", else the gates
+        self.relaxed = torch.nn.Parameter(gates.detach().clone()) if config.mode == "relaxed" else None
+        self.optimizer = (
+            torch.optim.AdamW([self._adam_gates], lr=config.lr, weight_decay=0.0) if config.mode != "evidence" else None
+        )
         self.step_index = 0
         self.device = gates.device
 
     @property
     def gates(self) -> torch.Tensor:
         return self.gated.gates.detach()
+
+    @property
+    def _adam_gates(self) -> torch.nn.Parameter:
+        return self.relaxed if self.relaxed is not None else self.gated.gates
 
     def step(self) -> dict[str, Any]:
         """One optimisation step on sample `step_index`; returns its log record."""
@@ -152,20 +165,31 @@ class Calibrator:
         supervised = sample.supervised.to(self.device)
         target = self.gated.teacher_states(ids, supervised)
         gates.grad = None
-        if cfg.mode == "evidence":
+        if cfg.mode in SIGNED:  # the student runs at the probe, the deployed gates wait
             kept = gates.detach().clone()
             with torch.no_grad():
-                gates.fill_(1.0 - cfg.target_sparsity)
+                gates.copy_(self._probe())
         distill = self.gated.distill_backward(ids, supervised, target)
-        if cfg.mode == "evidence":
+        if cfg.mode in SIGNED:
             with torch.no_grad():
                 gates.copy_(kept)
         lr = cfg.lr * lr_factor(self.step_index, cfg.steps, cfg.warmup, cfg.decay)
         record: dict[str, Any] = {"step": self.step_index + 1, "distill": distill, "lr": lr}
-        if cfg.mode == "evidence":
-            self._evidence_step(lr)
+        if cfg.mode == "relaxed":
+            self.relaxed.grad = gates.grad
+            gates.grad = None
+            record.update(self._adam_step(self.relaxed, lr))
+            self.evidence += (self.relaxed.detach().flatten().double().cpu() - self.evidence) / (self.step_index + 1)
+            self._signed_step(lr)
+        elif cfg.mode == "evidence":
+            pull = -gates.grad.detach().flatten().double().cpu()
+            gates.grad = None
+            scale = pull.abs().mean().item()
+            if scale > 0:
+                self.evidence += (pull / scale - self.evidence) / (self.step_index + 1)
+            self._signed_step(lr)
         else:
-            record.update(self._adam_step(lr))
+            record.update(self._adam_step(gates, lr))
         self.step_index += 1
         flat = self.gates.flatten().float().cpu()
         cut = self.num_streaming if cfg.target_sparsity is not None else int((flat < 0.5).sum())
@@ -181,38 +205,42 @@ class Calibrator:
         )
         return record
 
-    def _evidence_step(self, lr: float) -> None:
+    def _probe(self) -> torch.Tensor:
+        """Where the student runs under a signed rule: the relaxed layout, or every gate at 1 - target."""
+        if self.relaxed is not None:
+            return self.relaxed.detach()
+        return torch.full_like(self.gates, 1.0 - self.config.target_sparsity)
+
+    def _signed_step(self, lr: float) -> None:
+        """The k gates with the weakest evidence step down by `lr`, all others up; clamped to [0, 1]."""
         gates = self.gated.gates
-        pull = -gates.grad.detach().flatten().double().cpu()
-        scale = pull.abs().mean().item()
-        if scale > 0:
-            self.evidence += (pull / scale - self.evidence) / (self.step_index + 1)
         direction = torch.ones_like(self.evidence)
         direction[weakest(self.evidence, self.num_streaming)] = -1.0
         with torch.no_grad():
             gates.add_(lr * direction.view_as(gates).to(gates))
             gates.clamp_(0.0, 1.0)
-        gates.grad = None
 
-    def _adam_step(self, lr: float) -> dict[str, Any]:
-        cfg, gates = self.config, self.gated.gates
-        mean_gate = gates.detach().mean().item()
+    def _adam_step(self, param: torch.nn.Parameter, lr: float) -> dict[str, Any]:
+        """One AdamW step of loss + lam * mean(param) on `param` (the gates, or the relaxed layout)."""
+        cfg = self.config
+        mean_gate = param.detach().mean().item()
         if cfg.mode == "l1":
             lam = cfg.reg
         elif cfg.mode == "instant":
-            lam = target_lambda(gates.grad, self.num_streaming)
+            lam = target_lambda(param.grad, self.num_streaming)
             if self.step_index < cfg.warmup * cfg.steps:
                 lam = max(lam, cfg.reg)
-        else:  # lagrange
-            lam = self.multiplier * gates.grad.detach().abs().mean().item() * gates.numel()
-        gates.grad += lam / gates.numel()  # d(lam * mean(G)) / dG
+        else:  # lagrange, relaxed
+            lam = self.multiplier * param.grad.detach().abs().mean().item() * param.numel()
+        param.grad += lam / param.numel()  # d(lam * mean(G)) / dG
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         with torch.no_grad():
-            gates.clamp_(0.0, 1.0)
-        if cfg.mode == "lagrange":
-            excess = gates.detach().mean().item() - (1.0 - cfg.target_sparsity)
+            param.clamp_(0.0, 1.0)
+        param.grad = None
+        if cfg.mode in ("lagrange", "relaxed"):
+            excess = param.detach().mean().item() - (1.0 - cfg.target_sparsity)
             self.multiplier = max(0.0, self.multiplier + DUAL_LR * excess)
         return {"lambda": lam, "reg": lam * mean_gate}
 
@@ -222,7 +250,9 @@ class Calibrator:
         """Write gates, the rule's state and the step to a safetensors file, atomically."""
         path = Path(path)
         tensors = {"gates": self.gates.cpu().contiguous(), "evidence": self.evidence.contiguous()}
-        state = self.optimizer.state.get(self.gated.gates, {}) if self.optimizer is not None else {}
+        if self.relaxed is not None:
+            tensors["relaxed"] = self.relaxed.detach().cpu().contiguous()
+        state = self.optimizer.state.get(self._adam_gates, {}) if self.optimizer is not None else {}
         if state:
             tensors["adam.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
             tensors["adam.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
@@ -254,9 +284,12 @@ class Calibrator:
         with torch.no_grad():
             self.gated.gates.copy_(tensors["gates"].to(self.device))
         self.evidence = tensors["evidence"]
+        if self.relaxed is not None:
+            with torch.no_grad():
+                self.relaxed.copy_(tensors["relaxed"].to(self.device))
         self.multiplier = float(metadata["multiplier"])
         if "adam.step" in tensors and self.optimizer is not None:
-            self.optimizer.state[self.gated.gates] = {
+            self.optimizer.state[self._adam_gates] = {
                 "step": tensors["adam.step"].reshape(()),
                 "exp_avg": tensors["adam.exp_avg"].to(self.device),
                 "exp_avg_sq": tensors["adam.exp_avg_sq"].to(self.device),
