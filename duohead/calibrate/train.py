@@ -5,25 +5,26 @@ hidden states at the supervised positions), and its gradient's negative, the *pu
 gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md compares them):
 
 - "l1" (`target_sparsity=None`): the reference's fixed push, loss + `reg` * mean(G), AdamW; gates start at 1.
-- "evidence" (the default with a target): the student runs with every gate at the probe value 1 - target (the
+- "evidence" (the default before "relaxed"): the student runs with every gate at the probe value 1 - target (the
   target's expected sparsity), so a head's pull is its own cost of streaming plus its overlap with the others',
   the same for every head whatever its current side. Each step adds the sample's pull, scaled to mean
   |pull| = 1, to a running mean (the evidence); the k = round(target * N) gates with the weakest evidence step
   down by the learning rate, all others up (signed steps, no optimiser). Gates start at 1 - target. As the
   evidence settles, the k streaming gates reach 0 and the rest 1: the run lands on its target by construction,
   and one noisy sample cannot flip a head.
-- "relaxed": like "evidence", but the student runs at a *relaxed layout* R [L, Hkv] instead of the uniform
-  probe: continuous gates that follow the "lagrange" dynamics below, so a head's pull is measured where the
-  other heads are heading (a head whose overlapping neighbours stream is wanted more). The evidence is the
-  running mean of R; the deployed gates take the same signed steps as under "evidence".
+- "relaxed" (the default with a target): like "evidence", but the student runs at a *relaxed layout* R
+  [L, Hkv] instead of the uniform probe: continuous gates that follow the "lagrange" dynamics below, so a
+  head's pull is measured where the other heads are heading (a head whose overlapping neighbours stream is
+  wanted more). The evidence is the running mean of R; the deployed gates take the same signed steps as under
+  "evidence", so they converge like them.
 - "lagrange": loss + mu * m * mean(G), m = the sample's mean |pull|, AdamW on the gates; the multiplier mu
   rises by dual ascent while mean(G) > 1 - target (the expected sparsity below target). Gates start at 1 - target.
-- "instant": the previous rule, kept for comparison: lambda is re-solved after every backward so that exactly
+- "instant": the rule before "evidence", kept for comparison: lambda is re-solved after every backward so that exactly
   k gates get a downward net gradient from that one sample; AdamW; gates start at 1 (warm-up floor `reg`).
 
-A checkpoint holds the gates, the rule's state (AdamW moments, evidence, relaxed layout, multiplier) and the step; sample i
-depends only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A finished run can
-be continued with more steps (the schedule is then the one of the new step count).
+A checkpoint holds the gates, the rule's state (AdamW moments, evidence, relaxed layout, multiplier) and the
+step; sample i depends only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A
+finished run can be continued with more steps (the schedule is then the one of the new step count).
 """
 
 from __future__ import annotations
