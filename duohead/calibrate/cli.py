@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=0.1,
-        help="gate step size: signed steps (rules relaxed, evidence) or AdamW lr (the others; and relaxed layouts) (default 0.1)",
+        help="gate step size: the signed step of rules relaxed/evidence, else the AdamW lr; also R's AdamW lr (default 0.1)",
     )
     p.add_argument(
         "--reg",

@@ -176,18 +176,8 @@ class Calibrator:
                 gates.copy_(kept)
         lr = cfg.lr * lr_factor(self.step_index, cfg.steps, cfg.warmup, cfg.decay)
         record: dict[str, Any] = {"step": self.step_index + 1, "distill": distill, "lr": lr}
-        if cfg.mode == "relaxed":
-            self.relaxed.grad = gates.grad
-            gates.grad = None
-            record.update(self._adam_step(self.relaxed, lr))
-            self.evidence += (self.relaxed.detach().flatten().double().cpu() - self.evidence) / (self.step_index + 1)
-            self._signed_step(lr)
-        elif cfg.mode == "evidence":
-            pull = -gates.grad.detach().flatten().double().cpu()
-            gates.grad = None
-            scale = pull.abs().mean().item()
-            if scale > 0:
-                self.evidence += (pull / scale - self.evidence) / (self.step_index + 1)
+        if cfg.mode in SIGNED:
+            record.update(self._add_evidence(lr))
             self._signed_step(lr)
         else:
             record.update(self._adam_step(gates, lr))
@@ -211,6 +201,25 @@ class Calibrator:
         if self.relaxed is not None:
             return self.relaxed.detach()
         return torch.full_like(self.gates, 1.0 - self.config.target_sparsity)
+
+    def _add_evidence(self, lr: float) -> dict[str, Any]:
+        """Fold this sample into the running-mean evidence: the relaxed layout after its AdamW step ("relaxed"),
+        or the pulls at the probe scaled to mean |pull| = 1 ("evidence"). Consumes the gates' gradient."""
+        gates = self.gated.gates
+        record: dict[str, Any] = {}
+        if self.relaxed is not None:
+            self.relaxed.grad, gates.grad = gates.grad, None
+            record = self._adam_step(self.relaxed, lr)
+            sample = self.relaxed.detach().flatten().double().cpu()
+        else:
+            pull = -gates.grad.detach().flatten().double().cpu()
+            gates.grad = None
+            scale = pull.abs().mean().item()
+            if scale == 0:
+                return record
+            sample = pull / scale
+        self.evidence += (sample - self.evidence) / (self.step_index + 1)
+        return record
 
     def _signed_step(self, lr: float) -> None:
         """The k gates with the weakest evidence step down by `lr`, all others up; clamped to [0, 1]."""
