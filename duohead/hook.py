@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from duohead.architecture import LayerLayout, attention_modules, check_architecture, check_sink_window, layer_layouts
+from duohead.architecture import LayerLayout, attention_modules, check_architecture, layer_layouts
 from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
-from duohead.catalogue import resolve_pattern, tie_structure
+from duohead.catalogue import resolve_pattern
+from duohead.deployment import deploy
 from duohead.pattern import HeadPattern
 from duohead.sharding import check_weights_in_place, head_shard, permute_heads, rank_layouts
 
@@ -112,16 +113,7 @@ def enable(
     """
     check_architecture(getattr(model.config, "model_type", None))
     _check_not_quantized(model)
-    pattern = resolve_pattern(pattern, model.config)
-    pattern.validate(model.config)
-    if sparsity is None and threshold is None:
-        sparsity = pattern.default_sparsity
-    sink = pattern.sink if sink is None else sink
-    window = pattern.window if window is None else window
-    check_sink_window(sink, window)
-    layout = pattern.binarize(sparsity=sparsity, threshold=threshold)
-    if threshold is None and sparsity is not None:
-        _warn_if_cut_in_tie(pattern, sparsity)
+    chosen = deploy(pattern, model.config, sparsity=sparsity, threshold=threshold, sink=sink, window=window)
     sliding = getattr(model.config, "sliding_window", None)
     if sliding is not None and getattr(model.config, "use_sliding_window", True):
         logger.warning("duohead: retrieval heads attend to the whole context, ignoring the model's sliding window of %d", sliding)
@@ -130,39 +122,12 @@ def enable(
     if is_enabled(model):
         disable(model)
 
-    layouts = rank_layouts([LayerLayout.from_retrieval(retrieval, sink, window) for retrieval in layout.tolist()], shard)
-    state = _EnabledState(model.config._attn_implementation, type(model), pattern, layout, HeadPattern.sparsity_of(layout))
+    retrieval_rows = chosen.layout.tolist()
+    layouts = rank_layouts([LayerLayout.from_retrieval(row, chosen.sink, chosen.window) for row in retrieval_rows], shard)
+    state = _EnabledState(model.config._attn_implementation, type(model), chosen.pattern, chosen.layout, chosen.sparsity)
     _attach(model, layouts, state)
-    logger.info(
-        "duohead: %d of %d KV heads stream (sparsity %.3f), sink %d, window %d",
-        int((~layout).sum()),
-        layout.numel(),
-        state.sparsity,
-        sink,
-        window,
-    )
+    logger.info("duohead: %s", chosen.describe())
     return model
-
-
-def _warn_if_cut_in_tie(pattern: HeadPattern, sparsity: float) -> None:
-    """Warn when the cut at `sparsity` falls among equal gates: then (layer, head) order, not calibration, picks
-    which of them stream (a converged calibration leaves 0/1 gates: a layout for its own target only). At the
-    pattern's own calibrated cut (`default_sparsity`) a tie is the pattern's business: logged at info level."""
-    tie = tie_structure(pattern.gates, sparsity)
-    if not tie["inside_tie"]:
-        return
-    where = (
-        f"the cut at sparsity {sparsity:g} falls inside a tie: {tie['tied']} heads share gate {tie['cut_gate']:.6g} and "
-        f"{tie['tied_streaming']} of them stream, chosen by (layer, head) order"
-    )
-    if sparsity == pattern.default_sparsity:
-        logger.info("duohead: %s", where)
-        return
-    calibrated = f"this pattern was calibrated for sparsity {pattern.default_sparsity:g}; " if pattern.default_sparsity else ""
-    logger.warning(
-        "duohead: %s, not by calibration (%scalibrate one for this sparsity: duohead calibrate --target-sparsity %g)",
-        where, calibrated, sparsity,
-    )  # fmt: skip
 
 
 def _check_not_quantized(model: torch.nn.Module) -> None:

@@ -1,0 +1,35 @@
+"""duohead in vLLM: retrieval heads keep vLLM's full paged KV, streaming heads keep S + W tokens, in one layer.
+
+Installed with `pip install "duohead[vllm]"`, the plugin is found by vLLM through the `vllm.general_plugins` entry
+point and loaded in every vLLM process. A model runs duohead when its config carries a `duohead` key:
+
+    from vllm import LLM
+    llm = LLM(model=path, hf_overrides={"duohead": {"pattern": "auto", "sparsity": 0.5}})
+
+or `vllm serve PATH --hf-overrides '{"duohead": {"pattern": "llama-3.1-8b-instruct"}}'`. A model without that key
+runs as stock vLLM. Pieces: `settings` (the key, checked), `models` (the split attention and the model classes),
+`kv_spec` (the sink + window KV spec and its block manager), `backend` (the streaming heads' attention).
+"""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: registers duohead's model classes under vLLM's architecture names
+    (Llama, Mistral, Qwen2, Qwen3), the sink + window KV spec with its manager, and the streaming attention backend.
+    Idempotent."""
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from duohead.vllm.backend import BACKEND_NAME
+    from duohead.vllm.kv_spec import SinkWindowManager, SinkWindowSpec
+
+    KVCacheSpecRegistry._ensure_registered()  # vLLM registers its built-in specs only into an empty registry
+    KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, "duohead.vllm.backend.StreamingBackend")
+    from duohead.vllm.models import STOCK_CLASSES
+
+    for architecture in STOCK_CLASSES:
+        ModelRegistry.register_model(architecture, f"duohead.vllm.models:{architecture}")
