@@ -29,7 +29,10 @@ def register() -> None:
     KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)
     if BACKEND_NAME not in AttentionBackendEnum.__members__:
         register_backend(BACKEND_NAME, "duohead.vllm.backend.StreamingBackend")
-    from duohead.vllm.models import STOCK_CLASSES
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    for architecture in STOCK_CLASSES:
+    from duohead.vllm.engine import ARCHITECTURES, EngineCheck
+
+    for architecture in ARCHITECTURES:
         ModelRegistry.register_model(architecture, f"duohead.vllm.models:{architecture}")
+        MODELS_CONFIG_MAP.setdefault(architecture, EngineCheck)  # vLLM 0.32 has no check of its own for them

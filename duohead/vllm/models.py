@@ -27,6 +27,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from duohead.architecture import LayerLayout, head_dim, num_kv_heads, text_config
 from duohead.sharding import head_rows
 from duohead.vllm.backend import StreamingBackend
+from duohead.vllm.engine import check_engine
 from duohead.vllm.kv_spec import SinkWindowSpec
 from duohead.vllm.settings import deployment_for, global_kv_order, rank_layer_layouts, requested
 
@@ -139,9 +140,8 @@ def _duohead_class(stock: type) -> type:
             if requested(config) is None:
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
                 return
-            deployment = deployment_for(config)  # fails here, before the model is built and weights load
-            if vllm_config.quant_config is not None:
-                raise ValueError("duohead's vLLM plugin does not support quantized checkpoints (it permutes attention heads)")
+            check_engine(vllm_config)  # as EngineCheck did in the engine's first process
+            deployment = deployment_for(config)
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
             layouts = rank_layer_layouts(deployment, config, tp_rank, tp_size)
