@@ -172,4 +172,5 @@ def test_unsupported_engine_settings_are_refused_by_name(checkpoints, tmp_path):
     path, _ = checkpoints["llama"]
     pattern = _pattern_file(tmp_path, MIXED, "llama")
     with pytest.raises(ValueError, match="does not support tensor_parallel_size=2 yet"):
-        LLM(model=str(path), skip_tokenizer_init=True, tensor_parallel_size=2, hf_overrides={"duohead": {"pattern": str(pattern)}})
+        settings = {"duohead": {"pattern": str(pattern)}}
+        LLM(model=str(path), skip_tokenizer_init=True, tensor_parallel_size=2, hf_overrides=settings)
