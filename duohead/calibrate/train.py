@@ -33,65 +33,21 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from duohead.calibrate.convergence import decided_fraction
 from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
+from duohead.calibrate.settings import TrainConfig, checkpoint_metadata
 from duohead.files import atomic_write
 
-CHECKPOINT = "checkpoint.safetensors"
-LOG = "train_log.jsonl"
-
-
-RULES = ("relaxed", "evidence", "lagrange", "instant")
 SIGNED = ("relaxed", "evidence")  # rules that move the deployed gates by signed steps toward the evidence's top-k
 DUAL_LR = 2.0  # "lagrange": multiplier change per unit of (mean gate - (1 - target)) per step
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines the result of a calibration run (checked on --resume, except `steps`)."""
-
-    steps: int
-    lr: float
-    reg: float
-    target_sparsity: float | None
-    sink: int
-    window: int
-    ctx_min: int
-    ctx_max: int
-    num_passkeys: int
-    passkey_words: int
-    seed: int
-    rule: str = "relaxed"
-    warmup: float = 0.2
-    decay: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1; got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0; got {self.lr}")
-        if self.reg < 0:
-            raise ValueError(f"--reg must be >= 0; got {self.reg}")
-        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:
-            raise ValueError(
-                f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {self.target_sparsity}"
-            )
-        if self.rule not in RULES:
-            raise ValueError(f"--rule must be one of {', '.join(RULES)}; got {self.rule!r}")
-
-    @property
-    def mode(self) -> str:
-        """The rule in effect: "l1" without a target, else `rule`."""
-        return "l1" if self.target_sparsity is None else self.rule
 
 
 def lr_factor(step: int, steps: int, warmup: float = 0.2, decay: float = 0.2) -> float:
@@ -256,8 +212,9 @@ class Calibrator:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write gates, the rule's state and the step to a safetensors file, atomically."""
+    def save(self, path: str | os.PathLike, run: dict[str, Any] | None = None) -> None:
+        """Write gates, the rule's state, the step and the config to a safetensors file, atomically; `run`: further
+        JSON-ready settings to record beside the config (what `duohead calibrate --resume` needs to continue)."""
         path = Path(path)
         tensors = {"gates": self.gates.cpu().contiguous(), "evidence": self.evidence.contiguous()}
         if self.relaxed is not None:
@@ -272,14 +229,15 @@ class Calibrator:
             "multiplier": repr(self.multiplier),
             "config": json.dumps(asdict(self.config), sort_keys=True),
         }
+        if run is not None:
+            metadata["run"] = json.dumps(run, sort_keys=True)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save`; refuses one made with different settings (`steps` may
         differ: a longer run continues a finished one)."""
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        metadata = checkpoint_metadata(path)
         saved = json.loads(metadata.get("config", "{}"))
         mine = asdict(self.config)
         diffs = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "steps" and saved.get(k) != v]
