@@ -9,11 +9,12 @@ The detail view's KV bytes use the pattern's default cut and the byte formula of
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from duohead.catalogue import describe, layout_kv_bytes, shipped_patterns, tie_structure
 from duohead.cli_support import DTYPES, run_cli
-from duohead.inspect import histogram_lines
-from duohead.pattern import HeadPattern
+
+if TYPE_CHECKING:  # torch loads only once the arguments are checked (a bad one is answered at once)
+    from duohead.pattern import HeadPattern
 
 TIE_CUTS = (0.5, 0.75)
 
@@ -32,6 +33,8 @@ def calibrated_by(pattern: HeadPattern) -> str:
 
 def list_lines() -> list[str]:
     """One row per shipped pattern."""
+    from duohead.catalogue import shipped_patterns
+
     header = ("name", "model", "layers x KV x dim", "sink/window", "cut", "calibrated by")
     rows = [header]
     for name, p in shipped_patterns().items():
@@ -53,6 +56,8 @@ def list_lines() -> list[str]:
 
 def tie_line(pattern: HeadPattern, sparsity: float) -> str:
     """How the cut at `sparsity` falls among equal gates, in words."""
+    from duohead.catalogue import tie_structure
+
     t = tie_structure(pattern.gates, sparsity)
     head = f"cut at {sparsity:g}: {t['streaming']} of {pattern.gates.numel()} KV heads stream"
     if t["cut_gate"] is None:
@@ -67,6 +72,9 @@ def tie_line(pattern: HeadPattern, sparsity: float) -> str:
 
 def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) -> list[str]:
     """What `duohead patterns NAME` prints."""
+    from duohead.catalogue import describe, layout_kv_bytes
+    from duohead.inspect import histogram_lines
+
     prov = pattern.provenance
     architecture = pattern.model.get("architecture", "?")
     lines = [describe(name, pattern), f"architecture: {architecture}; sink {pattern.sink}, window {pattern.window}"]
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 def _patterns(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1; got {args.tokens}")
+    from duohead.catalogue import shipped_patterns
+
     patterns = shipped_patterns()
     if args.name is None:
         print("\n".join(list_lines()))

@@ -6,6 +6,7 @@ duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
 duohead inspect ...     summarise a pattern file       (duohead.inspect)
 duohead plan ...        memory per GPU of a deployment (duohead.planner)
 duohead patterns [NAME] the shipped patterns           (duohead.catalogue_cli)
+duohead --version       the installed version
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: duohead <command> [options]", "", "commands:"]
+    lines = ["usage: duohead <command> [options]   (or: duohead --version)", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "run `duohead <command> --help` for a command's options"]
     return "\n".join(lines)
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from duohead import __version__
+
+        print(f"duohead {__version__}")
         return 0
     if argv[0] not in COMMANDS:
         print(f"duohead: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)

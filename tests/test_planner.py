@@ -14,7 +14,7 @@ import duohead
 from duohead import DuoCache, HeadPattern
 from duohead.architecture import LayerLayout
 from duohead.cache import cache_argument
-from duohead.planner import load_config, main, parse_bytes, plan_deployment, spread_layout
+from duohead.planner import format_tokens, load_config, main, parse_bytes, parse_tokens, plan_deployment, spread_layout
 from duohead.sharding import HeadShard, rank_layouts
 
 DATA = Path(__file__).parent / "data"
@@ -122,12 +122,36 @@ def test_plan_cli_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_plan_reads_only_configs_it_can_use(tmp_path, capsys):
+def test_plan_reads_only_configs_it_can_use(tmp_path, capsys, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     assert main(["--model", str(tmp_path), "--context", "8", "--sparsity", "0.5"]) == 2
     assert "no 'model_type' field" in capsys.readouterr().err
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a hub that refuses connections: fail at once, no retries
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert main(["--model", "no-such-org/no-such-model", "--context", "8", "--sparsity", "0.5"]) == 2
-    assert "local Hugging Face cache" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nor in the Hugging Face cache, and the hub (127.0.0.1) cannot be reached" in err
+
+
+def test_plan_from_a_shipped_pattern_alone_in_any_folder(tmp_path, capsys, monkeypatch):
+    """The README's plan needs no file of the repository: the shipped pattern ships its model's config."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--pattern", "llama-3.1-8b-instruct", "--context", "128K", "--gpu-memory", "80GiB", "--json"]) == 0
+    shipped = json.loads(capsys.readouterr().out)
+    assert main(["--model", str(LLAMA_8B), "--pattern", "llama-3.1-8b-instruct", "--context", "131072",
+                 "--gpu-memory", "80GiB", "--json"]) == 0  # fmt: skip
+    assert shipped == json.loads(capsys.readouterr().out) and shipped["context"] == 131072
+    assert main(["--pattern", "mistral-7b-instruct-v0.2", "--context", "1M"]) == 2
+    assert "ships no model config: pass --model" in capsys.readouterr().err
+
+
+def test_token_counts_read_and_print_in_one_unit():
+    assert [parse_tokens(t) for t in ("131072", "128K", "128k", "1M", "1.5M")] == [131072, 131072, 131072, 2**20, 3 * 2**19]
+    for bad in ("0", "12Q", "1.0001K", "-5"):
+        with pytest.raises(ValueError, match="token count"):
+            parse_tokens(bad)
+    assert format_tokens(532_827) == "532,827 (520.3K)" and format_tokens(1_065_271) == "1,065,271 (1.02M)"
+    assert format_tokens(1000) == "1,000"
 
 
 def test_parse_bytes():
