@@ -47,7 +47,7 @@ import torch
 from duohead import kernels
 from duohead.cache import RetrievalKV, StreamingKV
 from duohead.files import atomic_write_text
-from duohead.kernels import flashinfer_retrieval, reference
+from duohead.kernels import StreamingView, flashinfer_retrieval, reference
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,11 @@ def max_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def fp32(*tensors):
     return [t.float() if t.is_floating_point() else t for t in tensors]
+
+
+def fp32_view(cache: StreamingView) -> StreamingView:
+    """A streaming cache's fp32 copy, for the reference."""
+    return StreamingView(*fp32(*cache.tensors()), cache.sink, cache.window)
 
 
 def short(error: BaseException | str, limit: int = 160) -> str:
@@ -177,13 +182,13 @@ def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
         pos = chunk_positions(q_len, i == 0, seen, device)
         if ours is None:
             ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
-        expected = reference.streaming_attention(*fp32(q, k, v, pos, *theirs.tensors()), sink, window, scale)
-        reference.streaming_append(k, v, pos, *theirs.tensors())
+        expected = reference.streaming_attention(*fp32(q, k, v, pos), fp32_view(theirs.view()), scale)
+        reference.streaming_append(k, v, pos, theirs.view())
         got = torch.full_like(q, float("nan"))
         if q_len == 1 and decode_steps % 2:
-            triton_decode.streaming_decode(q, k, v, pos, *ours.tensors(), sink, window, scale, got, splits=1)
+            triton_decode.streaming_decode(q, k, v, pos, ours.view(), scale, got, splits=1)
         else:
-            triton_streaming.streaming_attention_and_append(q, k, v, pos, *ours.tensors(), sink, window, scale, out=got)
+            triton_streaming.streaming_attention_and_append(q, k, v, pos, ours.view(), scale, out=got)
         decode_steps += q_len == 1
         worst = max(worst, max_error(got, expected))
         mismatches += sum(int((a != b).sum()) for a, b in zip(ours.tensors(), theirs.tensors()))
@@ -201,8 +206,8 @@ def check_append(device, dtype, shapes: Shapes, dry: bool) -> dict:
         pos = chunk_positions(q_len, i == 0, seen, device)
         if ours is None:
             ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
-        triton_streaming.streaming_append(k, v, pos, *ours.tensors())
-        reference.streaming_append(k, v, pos, *theirs.tensors())
+        triton_streaming.streaming_append(k, v, pos, ours.view())
+        reference.streaming_append(k, v, pos, theirs.view())
         mismatches += sum(int((a != b).sum()) for a, b in zip(ours.tensors(), theirs.tensors()))
     return {"max_error": float(mismatches), "chunks": list(chunks)}
 
@@ -373,7 +378,7 @@ def copy_bandwidth(device: torch.device, clock: Clock, dry: bool) -> float:
     return 2 * n / (ms / 1e3)
 
 
-def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> list[torch.Tensor]:
+def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> StreamingView:
     """The streaming cache after `seen` >= S + W tokens (sink positions [0, S), ring positions [seen - W, seen)),
     or an empty one for `seen` = 0. Random contents."""
     like = torch.empty(1, num_heads, 1, shapes.head_dim, device=device, dtype=shapes.dtype)
@@ -384,7 +389,7 @@ def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> list[t
         cache.sink_pos.copy_(torch.arange(shapes.sink, device=device))
         ring = torch.arange(seen - shapes.window, seen, device=device)
         cache.ring_pos[0, (ring - shapes.sink) % shapes.window] = ring
-    return cache.tensors()
+    return cache.view()
 
 
 def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
@@ -438,7 +443,7 @@ def decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, full_ba
             def streaming_part():
                 for state in states:
                     kernels.streaming_attention_and_append(
-                        q[:, hr * group :], new_kv[0][:, hr:], new_kv[1][:, hr:], pos, *state, shapes.sink, shapes.window, scale
+                        q[:, hr * group :], new_kv[0][:, hr:], new_kv[1][:, hr:], pos, state, scale
                     )
 
             def duo_step():
@@ -509,9 +514,7 @@ def prefill_bench(device, shapes: Shapes, clock: Clock, full_backend: str, duo_b
                 if hr:
                     kernels.retrieval_attention(q[:, : hr * group], buf[0][:, :hr], buf[1][:, :hr], None, scale)
                 if hs:
-                    kernels.streaming_attention(
-                        q[:, hr * group :], buf[0][:, hr:], buf[1][:, hr:], pos, *state, shapes.sink, shapes.window, scale
-                    )
+                    kernels.streaming_attention(q[:, hr * group :], buf[0][:, hr:], buf[1][:, hr:], pos, state, scale)
 
             with kernels.use_backend(duo_backend):
                 duo_ms = few(duo)

@@ -27,6 +27,7 @@ from duohead.kernels.reference import (
     streaming_attention,
     unpadded_lambda_attention,
 )
+from duohead.kernels.streaming_view import StreamingView
 
 ATTENTION_NAME = "duohead"
 
@@ -148,11 +149,10 @@ def _unsplit_attention(
         return out
     cached_pos = real_positions(key_is_real[:, :cached])
     q_pos = _positions(layer.real_seen, query_is_real, q_len)
-    ring = (keys[:, hr:, :cached], values[:, hr:, :cached], cached_pos)  # every cached slot; Λ hides the far ones
     sink = (keys[:, hr:, :0], values[:, hr:, :0], cached_pos[:, :0])
-    streaming_attention(
-        q[:, split:], k[:, hr:], v[:, hr:], q_pos, *sink, *ring, layer.sink, layer.window, scaling, out=out[:, split:]
-    )
+    ring = (keys[:, hr:, :cached], values[:, hr:, :cached], cached_pos)  # every cached slot; Λ hides the far ones
+    cache = StreamingView(*sink, *ring, layer.sink, layer.window)
+    streaming_attention(q[:, split:], k[:, hr:], v[:, hr:], q_pos, cache, scaling, out=out[:, split:])
     return out
 
 
@@ -221,10 +221,9 @@ def duohead_attention(
                 keys, values = layer.retrieval.append(new_k[:, :hr], new_v[:, :hr])
                 by_head[:, :split] = kernels.retrieval_attention(query[:, :split], keys, values, key_is_real, scaling)
         if layer.streaming is not None:
-            s = layer.streaming
             k_s, v_s = new_k[:, hr:], new_v[:, hr:]
             kernels.streaming_attention_and_append(  # attend, then store (one launch at decode with Triton)
-                query[:, split:], k_s, v_s, q_pos, *s.tensors(), layer.sink, layer.window, scaling, out=by_head[:, split:]
+                query[:, split:], k_s, v_s, q_pos, layer.streaming.view(), scaling, out=by_head[:, split:]
             )
     if layer.static:
         layer.seen.add_(q_len)

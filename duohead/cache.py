@@ -22,6 +22,7 @@ from duohead import kernels
 from duohead.accounting import kv_bytes
 from duohead.architecture import LayerLayout, layer_layouts
 from duohead.kernels import reference
+from duohead.kernels.streaming_view import StreamingView
 
 RECORDING_ROLLBACK = 64  # tokens a cache can take back once generate() starts assisted / prompt-lookup decoding
 
@@ -112,10 +113,16 @@ class StreamingKV:
     def append(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
         """Store new tokens' keys/values [B, Hs, Q, D] at real positions pos [B, Q] (-1 = padding, skipped).
         In place; on CUDA one Triton launch without a device-to-host sync. See `duohead.kernels.streaming_append`."""
-        kernels.streaming_append(keys, values, pos, *self.tensors())
+        kernels.streaming_append(keys, values, pos, self.view())
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.sink_k, self.sink_v, self.sink_pos, self.ring_k, self.ring_v, self.ring_pos]
+    def view(self) -> StreamingView:
+        """The cache as the kernels take it: its tensors (shared, so kernels write this cache), sink and window."""
+        return StreamingView(
+            self.sink_k, self.sink_v, self.sink_pos, self.ring_k, self.ring_v, self.ring_pos, self.sink, self.window
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.view().tensors()
 
 
 @dataclass

@@ -81,7 +81,7 @@ def test_decode_step_compiles_to_one_graph_and_equals_eager():
 def test_append_one_by_index_equals_the_slice_copies(rollback):
     """The traceable one-token append (compiled steps, accelerators) stores what the CPU's slice copies store:
     rows in the sink phase, rows wrapping the ring and padding rows, step after step."""
-    from duohead.kernels import reference
+    from duohead.kernels import StreamingView, reference
 
     batch, heads, dim = 3, 2, 8
     gen = torch.Generator().manual_seed(11)
@@ -99,8 +99,8 @@ def test_append_one_by_index_equals_the_slice_copies(rollback):
         keys, values = torch.randn(batch, heads, 1, dim, generator=gen), torch.randn(batch, heads, 1, dim, generator=gen)
         is_real = torch.tensor([step % 5 != 4, True, step % 3 != 0])  # some padding tokens in rows 0 and 2
         pos = torch.where(is_real, real, -1)[:, None]
-        reference.streaming_append(keys, values, pos, *by_slices)  # eager on the CPU: slice copies
-        reference.append_one(keys, values, pos, *by_index)
+        reference.streaming_append(keys, values, pos, StreamingView(*by_slices, SINK, WINDOW))  # eager on the CPU: slice copies
+        reference.append_one(keys, values, pos, StreamingView(*by_index, SINK, WINDOW))
         real += is_real.long()
         for got, expected in zip(by_index, by_slices, strict=True):
             assert torch.equal(got, expected)

@@ -20,13 +20,14 @@ from tiny_models import masked_attention
 
 from duohead import kernels
 from duohead.cache import StreamingKV
-from duohead.kernels import reference
+from duohead.kernels import StreamingView, reference
 
 triton_streaming = pytest.importorskip("duohead.kernels.triton_streaming")
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+CACHE_NAMES = ("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
 runs_kernel = pytest.mark.skipif(  # an old Triton's interpreter with a new NumPy cannot run it: say so instead of failing
     not ON_GPU and kernels.interpreter_problem() is not None, reason=str(kernels.interpreter_problem())
 )
@@ -44,17 +45,23 @@ def make_positions(chunk: int, pads: list[int], seen: list[int], right: bool = F
     return pos
 
 
-def fp32(tensors):
-    """Floating tensors in float32 (the oracle's precision), others unchanged."""
-    return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+def fp32(args):
+    """Floating tensors, and those of a `StreamingView`, in float32 (the oracle's precision), others unchanged."""
+
+    def one(t):
+        if isinstance(t, StreamingView):
+            return StreamingView(*fp32(t.tensors()), t.sink, t.window)
+        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return [one(t) for t in args]
 
 
-def dense_oracle(q, k, v, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling):
+def dense_oracle(q, k, v, pos, cache: StreamingView, scaling):
     """The Λ rule over every cached and new key at once: O(Q * (S + W + Q)), fine for test sizes."""
-    keys = torch.cat([sink_k, ring_k, k], dim=2)
-    values = torch.cat([sink_v, ring_v, v], dim=2)
-    k_pos = torch.cat([sink_pos, ring_pos, pos], dim=1)
-    visible = reference.lambda_visible(pos[:, :, None], k_pos[:, None, :], sink, window)
+    keys = torch.cat([cache.sink_k, cache.ring_k, k], dim=2)
+    values = torch.cat([cache.sink_v, cache.ring_v, v], dim=2)
+    k_pos = torch.cat([cache.sink_pos, cache.ring_pos, pos], dim=1)
+    visible = reference.lambda_visible(pos[:, :, None], k_pos[:, None, :], cache.sink, cache.window)
     return masked_attention(q, keys, values, visible, scaling)
 
 
@@ -71,9 +78,9 @@ def run_chunks(group, head_dim, sink, window, chunks, pads, dtype, *, right=Fals
         pos = make_positions(q_len, pads if i == 0 else (later_pads or [0] * batch), seen, right).to(DEVICE)
         if cache is None:
             cache = StreamingKV(k, sink, window, rollback)
-        args = (q, k, v, pos, *cache.tensors()[:3], *cache.tensors()[3:], sink, window, head_dim**-0.5)
+        args = (q, k, v, pos, cache.view(), head_dim**-0.5)
         expected = dense_oracle(*fp32(args))
-        reference_out = reference.streaming_attention(*fp32(args[:10]), *args[10:])
+        reference_out = reference.streaming_attention(*fp32(args))
         torch.testing.assert_close(reference_out, expected, atol=TOL[torch.float32], rtol=TOL[torch.float32])
         out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
         got = triton_streaming.streaming_attention(*args, out=out)
@@ -144,7 +151,7 @@ def test_streaming_writes_into_its_heads_of_a_token_major_buffer(impl):
     q = torch.randn(2, 4, 37, 64, generator=gen)
     k, v = torch.randn(2, 2, 37, 64, generator=gen), torch.randn(2, 2, 37, 64, generator=gen)
     cache = StreamingKV(k, 4, 16)
-    args = (q, k, v, torch.arange(37).expand(2, -1), *cache.tensors(), 4, 16, 0.125)
+    args = (q, k, v, torch.arange(37).expand(2, -1), cache.view(), 0.125)
     fn = reference.streaming_attention if impl == "reference" else triton_streaming.streaming_attention
     buffer = torch.full((2, 37, 7, 64), float("nan"))  # 3 other heads first, then these 4
     got = fn(*args, out=buffer.transpose(1, 2)[:, 3:])
@@ -178,9 +185,9 @@ def test_triton_append_stores_what_the_reference_stores(sink, window, chunks, pa
                 if a.is_floating_point():
                     a.normal_(generator=None)
                     b.copy_(a)
-        triton_streaming.streaming_append(k, v, pos, *ours.tensors())
-        reference.streaming_append(k, v, pos, *theirs.tensors())
-        for name, a, b in zip(("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"), ours.tensors(), theirs.tensors()):
+        triton_streaming.streaming_append(k, v, pos, ours.view())
+        reference.streaming_append(k, v, pos, theirs.view())
+        for name, a, b in zip(CACHE_NAMES, ours.tensors(), theirs.tensors()):
             assert torch.equal(a, b), (i, name)
     stored = torch.cat([ours.sink_pos, ours.ring_pos], dim=1).cpu()
     for row, count in enumerate(seen):  # each row keeps its first min(S, n) and last min(W, n - S) tokens
@@ -209,12 +216,12 @@ def test_append_reads_each_rows_positions_through_their_strides(fn):
         if ours is None:
             ours, theirs = StreamingKV(k, sink, ring), StreamingKV(k, sink, ring)
         if fn == "append":
-            triton_streaming.streaming_append(k, v, pos, *ours.tensors())
+            triton_streaming.streaming_append(k, v, pos, ours.view())
         else:
             q = torch.randn(batch, 4, q_len, 16, generator=gen).to(DEVICE)
-            triton_streaming.streaming_attention_and_append(q, k, v, pos, *ours.tensors(), sink, ring, 0.25)
-        reference.streaming_append(k, v, pos, *theirs.tensors())
-        for name, a, b in zip(("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos"), ours.tensors(), theirs.tensors()):
+            triton_streaming.streaming_attention_and_append(q, k, v, pos, ours.view(), 0.25)
+        reference.streaming_append(k, v, pos, theirs.view())
+        for name, a, b in zip(CACHE_NAMES, ours.tensors(), theirs.tensors()):
             assert torch.equal(a, b), (i, name)
 
 
@@ -243,7 +250,7 @@ def test_keys_outside_sink_and_window_are_never_loaded():
         *(torch.randn(1, 1, 20, head_dim, generator=gen).to(DEVICE) for _ in range(2)), torch.arange(20, device=DEVICE)[None]
     )
     pos = torch.arange(20, 20 + q_len, device=DEVICE)[None]
-    args = (q, k, v, pos, *cache.tensors(), sink, window, head_dim**-0.5)
+    args = (q, k, v, pos, cache.view(), head_dim**-0.5)
     expected = reference.streaming_attention(*args)
 
     first_query = cfg["BLOCK_Q"]
@@ -252,7 +259,7 @@ def test_keys_outside_sink_and_window_are_never_loaded():
     v_bad[:, :, : first_query - window + 1] = float("nan")
     cache.ring_k.fill_(float("nan"))
     cache.ring_v.fill_(float("nan"))
-    got = triton_streaming.streaming_attention(q, k_bad, v_bad, pos, *cache.tensors(), sink, window, head_dim**-0.5)
+    got = triton_streaming.streaming_attention(q, k_bad, v_bad, pos, cache.view(), head_dim**-0.5)
     last_block = got[:, :, first_query:]
     assert bool(torch.isfinite(last_block).all())
     torch.testing.assert_close(last_block, expected[:, :, first_query:], atol=2e-5, rtol=2e-5)
@@ -270,7 +277,7 @@ def test_decode_without_out_allocates_its_output_and_matches_the_oracle():
     cache.append(k, v, make_positions(30, [0, 3], seen).to(DEVICE))
     q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
     k1, v1 = torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE), torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE)
-    args = (q, k1, v1, make_positions(1, [0, 0], seen).to(DEVICE), *cache.tensors(), 4, 16, 64**-0.5)
+    args = (q, k1, v1, make_positions(1, [0, 0], seen).to(DEVICE), cache.view(), 64**-0.5)
     got = triton_streaming.streaming_attention(*args)
     assert got.shape == (2, 8, 1, 64) and got.is_contiguous()
     inputs = (q, k1, v1, *cache.tensors())
@@ -343,6 +350,20 @@ def test_kernel_compiles_for_hopper():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_kernel_functions_take_the_streaming_cache_as_one_view():
+    """No function of the kernels (dispatch, reference, Triton wrappers and launchers) takes the cache's tensors one
+    by one: only the torch.library ops, which cannot take objects, and the Triton kernels, which take pointers."""
+    import inspect
+
+    from duohead.kernels import triton_decode
+
+    for module in (kernels, reference, triton_streaming, triton_decode):
+        for name, fn in vars(module).items():
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__:
+                loose = set(inspect.signature(fn).parameters) & set(CACHE_NAMES)
+                assert not loose, f"{module.__name__}.{name} takes {sorted(loose)}: pass a StreamingView"
+
+
 # ---- dispatch ----
 
 
@@ -351,7 +372,7 @@ def streaming_args(dtype=torch.float32, device=DEVICE):
     q = torch.randn(1, 4, 6, 16, generator=gen).to(device, dtype)
     k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(device, dtype) for _ in range(2))
     cache = StreamingKV(k, 2, 8)
-    return (q, k, v, torch.arange(6, device=device)[None], *cache.tensors(), 2, 8, 0.25)
+    return (q, k, v, torch.arange(6, device=device)[None], cache.view(), 0.25)
 
 
 def test_backend_names_env_and_context(monkeypatch):

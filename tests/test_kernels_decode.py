@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from duohead import kernels
 from duohead.cache import StreamingKV
-from duohead.kernels import reference
+from duohead.kernels import StreamingView, reference
 
 triton_streaming = pytest.importorskip("duohead.kernels.triton_streaming")
 triton_decode = pytest.importorskip("duohead.kernels.triton_decode")
@@ -42,8 +42,8 @@ def decode_steps(group, head_dim, sink, window, prefill, steps, dtype, *, rollba
         pos[b, pad:] = torch.arange(prefill - pad)
     pos = pos.to(DEVICE)
     ours, theirs = StreamingKV(keys, sink, window, rollback), StreamingKV(keys, sink, window, rollback)
-    reference.streaming_append(keys, values, pos, *ours.tensors())
-    reference.streaming_append(keys, values, pos, *theirs.tensors())
+    reference.streaming_append(keys, values, pos, ours.view())
+    reference.streaming_append(keys, values, pos, theirs.view())
     seen = torch.tensor([prefill - pad for pad in pads], device=DEVICE)
     scaling = head_dim**-0.5
     for step in range(steps):
@@ -52,10 +52,10 @@ def decode_steps(group, head_dim, sink, window, prefill, steps, dtype, *, rollba
         q_pos = seen[:, None].clone()
         if step == 1:
             q_pos[2] = -1
-        expected = reference.streaming_attention(q, k, v, q_pos, *theirs.tensors(), sink, window, scaling)
-        reference.streaming_append(k, v, q_pos, *theirs.tensors())
+        expected = reference.streaming_attention(q, k, v, q_pos, theirs.view(), scaling)
+        reference.streaming_append(k, v, q_pos, theirs.view())
         out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-        triton_decode.streaming_decode(q, k, v, q_pos, *ours.tensors(), sink, window, scaling, out, splits=splits)
+        triton_decode.streaming_decode(q, k, v, q_pos, ours.view(), scaling, out, splits=splits)
         for name, a, b in zip(CACHE_NAMES, ours.tensors(), theirs.tensors(), strict=True):
             assert torch.equal(a, b), (step, name)
         yield out, expected, step
@@ -121,11 +121,11 @@ def test_dispatcher_attend_then_store_matches_the_reference_twin():
         for backend in ("torch", "triton", "reference"):
             cache = caches.setdefault(backend, StreamingKV(k, sink, window))
             if backend == "reference":
-                outs[backend] = reference.streaming_attention(q, k, v, pos, *cache.tensors(), sink, window, 0.2)
-                reference.streaming_append(k, v, pos, *cache.tensors())
+                outs[backend] = reference.streaming_attention(q, k, v, pos, cache.view(), 0.2)
+                reference.streaming_append(k, v, pos, cache.view())
             else:
                 with kernels.use_backend(backend):
-                    outs[backend] = kernels.streaming_attention_and_append(q, k, v, pos, *cache.tensors(), sink, window, 0.2)
+                    outs[backend] = kernels.streaming_attention_and_append(q, k, v, pos, cache.view(), 0.2)
         assert torch.equal(outs["torch"], outs["reference"])
         torch.testing.assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=2e-5)
         for name, a, b in zip(CACHE_NAMES, caches["triton"].tensors(), caches["reference"].tensors(), strict=True):
@@ -133,6 +133,10 @@ def test_dispatcher_attend_then_store_matches_the_reference_twin():
 
 
 # ---- torch.library ops ----
+
+
+def cloned(cache: StreamingView) -> StreamingView:
+    return StreamingView(*(t.clone() for t in cache.tensors()), cache.sink, cache.window)
 
 
 def op_args(q_len: int, dtype=torch.float32, device=DEVICE):
@@ -153,20 +157,21 @@ def test_ops_run_the_kernels_and_pass_opcheck(op, q_len):
     """Each op equals the reference (outputs and cache writes) and passes torch.library.opcheck (schema, fake
     tensor, autograd registration, AOT dispatch: what torch.compile relies on)."""
     q, k, v, pos, cache = op_args(q_len)
-    theirs = [t.clone() for t in cache.tensors()]
+    theirs = cloned(cache.view())
+    flat = (*cache.tensors(), 2, 8)  # an op's arguments end with the view's fields
     if op == "streaming_append":
-        args = (k, v, pos, *cache.tensors())
-        reference.streaming_append(k, v, pos, *theirs)
+        args = (k, v, pos, *flat)
+        reference.streaming_append(k, v, pos, theirs)
         expected = None
     else:
-        args = (q, k, v, pos, *cache.tensors(), torch.full_like(q, float("nan")), 2, 8, 0.25)
-        expected = reference.streaming_attention(q, k, v, pos, *theirs, 2, 8, 0.25)
+        args = (q, k, v, pos, torch.full_like(q, float("nan")), 0.25, *flat)
+        expected = reference.streaming_attention(q, k, v, pos, theirs, 0.25)
         if op == "streaming_decode":
-            reference.streaming_append(k, v, pos, *theirs)
+            reference.streaming_append(k, v, pos, theirs)
     getattr(torch.ops.duohead, op)(*args)
     if expected is not None:
-        torch.testing.assert_close(args[10], expected, atol=2e-5, rtol=2e-5)
-    for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs, strict=True):
+        torch.testing.assert_close(args[4], expected, atol=2e-5, rtol=2e-5)
+    for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs.tensors(), strict=True):
         assert torch.equal(a, b), name
     torch.library.opcheck(getattr(torch.ops.duohead, op).default, args)
 
@@ -183,34 +188,33 @@ def test_fake_implementations_check_shapes_and_write_nothing():
     q, k, v, pos, *cache = fake(1)
     with mode:
         out = torch.empty_like(q)
-        torch.ops.duohead.streaming_decode(q, k, v, pos, *cache, out, 2, 8, 0.25)
-        torch.ops.duohead.streaming_append(k, v, pos, *cache)
+        torch.ops.duohead.streaming_decode(q, k, v, pos, out, 0.25, *cache, 2, 8)
+        torch.ops.duohead.streaming_append(k, v, pos, *cache, 2, 8)
         assert out.shape == (2, 4, 1, 16)
         with pytest.raises(ValueError, match="ring_pos has shape"):
-            torch.ops.duohead.streaming_append(k, v, pos, *cache[:5], torch.empty(2, 3, dtype=torch.long))
+            torch.ops.duohead.streaming_append(k, v, pos, *cache[:5], torch.empty(2, 3, dtype=torch.long), 2, 8)
         with pytest.raises(ValueError, match="out has shape"):
-            torch.ops.duohead.streaming_attention(q, k, v, pos, *cache, out[:, :2], 2, 8, 0.25)
+            torch.ops.duohead.streaming_attention(q, k, v, pos, out[:, :2], 0.25, *cache, 2, 8)
     q5, k5, v5, pos5, *cache5 = fake(5)
     with mode, pytest.raises(ValueError, match="one new token per row"):
-        torch.ops.duohead.streaming_decode(q5, k5, v5, pos5, *cache5, torch.empty_like(q5), 2, 8, 0.25)
+        torch.ops.duohead.streaming_decode(q5, k5, v5, pos5, torch.empty_like(q5), 0.25, *cache5, 2, 8)
 
 
 def test_compiled_attend_then_store_has_no_graph_break_and_equals_eager():
     """torch.compile(fullgraph=True) of attend-then-store with Triton forced traces the ops (a graph break would
     raise) and gives the eager reference's output and cache, for a chunk and a decode step."""
-    sink, window = 2, 8
 
-    def step(q, k, v, pos, *cache):
-        return kernels.streaming_attention_and_append(q, k, v, pos, *cache, sink, window, 0.25)
+    def step(q, k, v, pos, cache: StreamingKV):
+        return kernels.streaming_attention_and_append(q, k, v, pos, cache.view(), 0.25)  # the view built while tracing
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for q_len in (5, 1):
         q, k, v, pos, cache = op_args(q_len)
-        theirs = [t.clone() for t in cache.tensors()]
-        expected = reference.streaming_attention(q, k, v, pos, *theirs, sink, window, 0.25)
-        reference.streaming_append(k, v, pos, *theirs)
+        theirs = cloned(cache.view())
+        expected = reference.streaming_attention(q, k, v, pos, theirs, 0.25)
+        reference.streaming_append(k, v, pos, theirs)
         with kernels.use_backend("triton"):
-            got = compiled(q, k, v, pos, *cache.tensors())
+            got = compiled(q, k, v, pos, cache)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
-        for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs, strict=True):
+        for name, a, b in zip(CACHE_NAMES, cache.tensors(), theirs.tensors(), strict=True):
             assert torch.equal(a, b), (q_len, name)

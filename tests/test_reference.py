@@ -35,7 +35,7 @@ def test_blocked_reference_equals_dense_mask(sink, window, real_lengths):
     k = torch.randn(batch, kv_heads, q_len, head_dim, generator=gen)
     v = torch.randn(batch, kv_heads, q_len, head_dim, generator=gen)
     empty = StreamingKV(k, sink, window)
-    got = streaming_attention(q, k, v, pos, *empty.tensors()[:3], *empty.tensors()[3:], sink, window, 0.35)
+    got = streaming_attention(q, k, v, pos, empty.view(), 0.35)
     expected = dense_lambda(q, k, v, pos, sink, window, 0.35)
     real = (pos >= 0)[:, None, :, None]  # [B, 1, Q, 1]
     assert torch.allclose(got * real, expected * real, atol=1e-5)
@@ -54,8 +54,7 @@ def test_chunks_over_the_cache_equal_one_pass():
     outs = []
     for start, stop in [(0, 2), (2, 3), (3, 11), (11, 12), (12, 30), (30, 37)]:
         sl = slice(start, stop)
-        s = cache.tensors()
-        outs.append(streaming_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos[:, sl], *s[:3], *s[3:], sink, window, 0.5))
+        outs.append(streaming_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos[:, sl], cache.view(), 0.5))
         cache.append(k[:, :, sl], v[:, :, sl], pos[:, sl])
     assert torch.allclose(torch.cat(outs, dim=2), expected, atol=1e-5)
 
@@ -75,7 +74,7 @@ def test_one_token_per_row_equals_dense_mask_and_padding_sees_nothing():
     cache.append(k_all[:, :, :prompt], v_all[:, :, :prompt], pos[:, :prompt])
     q = torch.randn(3, 6, 1, 8, generator=gen)
     new = slice(prompt, prompt + 1)
-    got = streaming_attention(q, k_all[:, :, new], v_all[:, :, new], pos[:, new], *cache.tensors(), sink, window, 0.4)
+    got = streaming_attention(q, k_all[:, :, new], v_all[:, :, new], pos[:, new], cache.view(), 0.4)
     visible = lambda_visible(pos[:, new, None], pos[:, None, :], sink, window)  # [B, 1, all slots]
     expected = masked_attention(q, k_all, v_all, visible, 0.4)
     assert torch.allclose(got[:2], expected[:2], atol=1e-5)
@@ -138,7 +137,7 @@ def test_first_unpadded_prefill_through_the_blocked_reference_takes_bands(monkey
     v = torch.randn(2, 2, q_len, 8, generator=gen)
     pos = torch.arange(q_len)[None].expand(2, -1)
     empty = StreamingKV(k, sink, window)
-    got = streaming_attention(q, k, v, pos, *empty.tensors()[:3], *empty.tensors()[3:], sink, window, 0.5)
+    got = streaming_attention(q, k, v, pos, empty.view(), 0.5)
     assert torch.allclose(got, dense_lambda(q, k, v, pos, sink, window, 0.5), atol=1e-5)
 
 

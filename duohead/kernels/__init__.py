@@ -2,7 +2,8 @@
 
 `retrieval_attention`, `streaming_attention` and `streaming_append` have the signatures of their twins in
 `duohead.kernels.reference`, the oracle and the CPU path; `streaming_attention_and_append` is "attend, then store"
-(the attention's call for streaming heads: with Triton one fused launch per decode step). Backends:
+(the attention's call for streaming heads: with Triton one fused launch per decode step). The streaming cache goes
+to every backend as one `StreamingView` (`duohead.cache.StreamingKV.view()` hands one out). Backends:
 
     torch       the reference everywhere (SDPA for retrieval heads, blocked torch for streaming heads)
     triton      streaming heads (attention and cache writes): Triton (CUDA, or the CPU interpreter when TRITON_INTERPRET=1);
@@ -40,6 +41,7 @@ import torch
 
 from duohead.kernels import reference
 from duohead.kernels.reference import lambda_visible
+from duohead.kernels.streaming_view import StreamingView
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
 ENV_VAR = "DUOHEAD_BACKEND"
@@ -226,43 +228,24 @@ def streaming_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
+    cache: StreamingView,
     scaling: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
-    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D], sink_pos [B, S];
-    ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]; out [B, Hq, Q, D] (any strides, last dim contiguous)
-    or None. -> out, or a new [B, Hq, Q, D] tensor. See `duohead.kernels.reference.streaming_attention`.
+    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; cache: sink [B, Hkv, S, D] and ring [B, Hkv, R, D] with their
+    positions, sink and window (read only); out [B, Hq, Q, D] (any strides, last dim contiguous) or None.
+    -> out, or a new [B, Hq, Q, D] tensor. See `duohead.kernels.reference.streaming_attention`.
     """
-    args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling)
-    return _streaming_module(q.device, q.dtype).streaming_attention(*args, out=out)
+    return _streaming_module(q.device, q.dtype).streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
 
 
-def streaming_append(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-) -> None:
+def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
     """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""
-    cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
-    _streaming_module(keys.device, keys.dtype).streaming_append(keys, values, pos, *cache)
+    _streaming_module(keys.device, keys.dtype).streaming_append(keys, values, pos, cache)
 
 
 def streaming_attention_and_append(
@@ -270,14 +253,7 @@ def streaming_attention_and_append(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
+    cache: StreamingView,
     scaling: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -288,16 +264,16 @@ def streaming_attention_and_append(
     reference (and Triton for Q > 1) runs the two calls.
     """
     module = _streaming_module(q.device, q.dtype)
-    cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
     if module is reference:
-        out = reference.streaming_attention(q, k, v, q_pos, *cache, sink, window, scaling, out=out)
-        reference.streaming_append(k, v, q_pos, *cache)
+        out = reference.streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
+        reference.streaming_append(k, v, q_pos, cache)
         return out
-    return module.streaming_attention_and_append(q, k, v, q_pos, *cache, sink, window, scaling, out=out)
+    return module.streaming_attention_and_append(q, k, v, q_pos, cache, scaling, out=out)
 
 
 __all__ = [
     "BACKENDS",
+    "StreamingView",
     "available_backends",
     "get_backend",
     "lambda_visible",

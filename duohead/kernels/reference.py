@@ -15,6 +15,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from duohead.kernels.streaming_view import StreamingView
+
 QUERY_BLOCK = 128  # query rows per block in `streaming_attention`; a memory bound, not a semantic one
 LAMBDA_BAND = 128  # query rows per call in `unpadded_lambda_attention` (64-128 measured fastest on the CPU)
 
@@ -68,14 +70,7 @@ def streaming_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
+    cache: StreamingView,
     scaling: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -83,34 +78,34 @@ def streaming_attention(
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D] the new tokens' keys/values (not yet in the cache);
     q_pos [B, Q] their real positions (-1 = padding), increasing along Q for real tokens, which are
-    contiguous within a row (left or right padding);
-    sink_k, sink_v [B, Hkv, S, D] with sink_pos [B, S]; ring_k, ring_v [B, Hkv, W, D] with
-    ring_pos [B, W]: the cache before this call (positions -1 = empty; sink holds positions < S,
-    the ring positions >= S); out [B, Hq, Q, D] to write into, or None. -> out, or a new [B, Hq, Q, D].
+    contiguous within a row (left or right padding); cache: the streaming cache before this call, with the Λ rule's
+    sink and window (sink [B, Hkv, S, D] holds positions < sink, the ring [B, Hkv, R, D] positions >= sink);
+    out [B, Hq, Q, D] to write into, or None. -> out, or a new [B, Hq, Q, D].
 
     Work and memory are O(Q * (S + W)): query blocks visit the cache, the new tokens that are sinks,
     and the new tokens in their own window, never a Q x Q mask.
     """
     batch, num_kv_heads, q_len, head_dim = k.shape
+    sink, window = cache.sink, cache.window
     if out is None:
         out = q.new_empty(q.shape)
     if q.shape[1] == 0:
         return out
     if q_len == 1:  # decode: the token sees cached keys and itself, nothing else
-        keys, values = torch.cat([sink_k, ring_k, k], dim=2), torch.cat([sink_v, ring_v, v], dim=2)
-        visible = lambda_visible(q_pos[:, :, None], torch.cat([sink_pos, ring_pos, q_pos], dim=1)[:, None, :], sink, window)
+        keys, values = torch.cat([cache.sink_k, cache.ring_k, k], dim=2), torch.cat([cache.sink_v, cache.ring_v, v], dim=2)
+        k_pos = torch.cat([cache.sink_pos, cache.ring_pos, q_pos], dim=1)
+        visible = lambda_visible(q_pos[:, :, None], k_pos[:, None, :], sink, window)
         out.copy_(masked_attention(q, keys, values, visible, scaling))
         return out
     padded = True  # whether some query may be padding (then masked_attention guards queries that see no key)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # host reads are free on the CPU
         padded = bool((q_pos < 0).any())
-        if not bool((sink_pos >= 0).any() | (ring_pos >= 0).any()):
+        if not bool((cache.sink_pos >= 0).any() | (cache.ring_pos >= 0).any()):
             if not padded and bool((q_pos[:, 0] == 0).all()):  # a first unpadded prefill: positions 0 .. Q - 1
                 return unpadded_lambda_attention(q, k, v, sink, window, scaling, out=out)
             # Nothing cached yet (a first prefill): leave the S + R empty slots out of every block. It takes 30-50%
             # of the work of a 1-2K-token prefill off the streaming heads.
-            sink_k, sink_v, sink_pos = sink_k[:, :, :0], sink_v[:, :, :0], sink_pos[:, :0]
-            ring_k, ring_v, ring_pos = ring_k[:, :, :0], ring_v[:, :, :0], ring_pos[:, :0]
+            cache = cache.without_slots()
     # New tokens that are sinks (real position < S), gathered per row: [B, Hkv, S', D], S' = min(S, Q).
     n_sink = min(sink, q_len)
     first_real = (q_pos >= 0).int().argmax(-1, keepdim=True)  # [B, 1]; 0 for a row without real tokens
@@ -122,9 +117,9 @@ def streaming_attention(
     gather_idx = idx[:, None, :, None].expand(batch, num_kv_heads, n_sink, head_dim)
     new_sink_k, new_sink_v = k.gather(2, gather_idx), v.gather(2, gather_idx)
     # Keys every query block sees: old sinks, new sinks, the old ring. Positions -1 are hidden.
-    fixed_k = torch.cat([sink_k, new_sink_k, ring_k], dim=2)
-    fixed_v = torch.cat([sink_v, new_sink_v, ring_v], dim=2)
-    fixed_pos = torch.cat([sink_pos, new_sink_pos, ring_pos], dim=1)
+    fixed_k = torch.cat([cache.sink_k, new_sink_k, cache.ring_k], dim=2)
+    fixed_v = torch.cat([cache.sink_v, new_sink_v, cache.ring_v], dim=2)
+    fixed_pos = torch.cat([cache.sink_pos, new_sink_pos, cache.ring_pos], dim=1)
     # New tokens that are sinks are already in `fixed`; hide them in the windowed part.
     win_pos = torch.where(q_pos >= sink, q_pos, torch.full_like(q_pos, -1))
 
@@ -258,18 +253,8 @@ def masked_attention(
     return attended.masked_fill(~seen, 0.0)
 
 
-def streaming_append(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-) -> None:
-    """Store new tokens in the streaming cache, in place (the layout of `streaming_attention`).
+def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
+    """Store new tokens in the streaming cache, in place (the layout of `StreamingView`).
 
     keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding, skipped; a row's real tokens are
     contiguous with consecutive positions). With S sink slots and R ring slots (R >= the window; more keeps
@@ -281,21 +266,21 @@ def streaming_append(
     the CPU the read costs nothing and the slices take a third of the ops.
     """
     if keys.shape[2] == 1 and (torch.compiler.is_compiling() or keys.device.type != "cpu"):
-        append_one(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+        append_one(keys, values, pos, cache)
         return
-    sink, ring = sink_k.shape[2], ring_k.shape[2]
+    sink, ring = cache.sink_slots, cache.ring_slots
     real = pos >= 0
     first = real.int().argmax(dim=1)  # slot of each row's first real token (0 if none)
     rows = torch.stack([real.sum(dim=1), first, pos.gather(1, first[:, None])[:, 0]], dim=1).tolist()
     for b, (count, slot, start) in enumerate(rows):  # new tokens: slots slot + i, positions start + i, i < count
         end = start + count
         to_sink = max(0, min(end, sink) - start)
-        _copy_run(keys, values, pos, b, slot, sink_k, sink_v, sink_pos, start, to_sink)
+        _copy_run(keys, values, pos, b, slot, cache.sink_k, cache.sink_v, cache.sink_pos, start, to_sink)
         first_ring = max(start + to_sink, end - ring)  # positions [first_ring, end) reach the ring
         while first_ring < end:  # at most two runs: the ring may wrap
             ring_slot = (first_ring - sink) % ring
             n = min(end - first_ring, ring - ring_slot)
-            _copy_run(keys, values, pos, b, slot + first_ring - start, ring_k, ring_v, ring_pos, ring_slot, n)
+            _copy_run(keys, values, pos, b, slot + first_ring - start, cache.ring_k, cache.ring_v, cache.ring_pos, ring_slot, n)
             first_ring += n
 
 
@@ -307,24 +292,14 @@ def _copy_run(keys, values, pos, row, src, dst_k, dst_v, dst_pos, dst, n) -> Non
         dst_pos[row, dst : dst + n] = pos[row, src : src + n]
 
 
-def append_one(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-) -> None:
+def append_one(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
     """`streaming_append` of one new token per row, keys/values [B, Hkv, 1, D] at pos [B, 1], as index writes:
     no device-to-host read and no data-dependent branch, so a decode step stays traceable and capturable."""
-    sink, ring = sink_k.shape[2], ring_k.shape[2]
+    sink, ring = cache.sink_slots, cache.ring_slots
     p = pos[:, 0]  # [B]
     if sink > 0:
-        _put_one(keys, values, p, (p >= 0) & (p < sink), p.clamp(0, sink - 1), sink_k, sink_v, sink_pos)
-    _put_one(keys, values, p, p >= sink, (p - sink).clamp_min(0) % ring, ring_k, ring_v, ring_pos)
+        _put_one(keys, values, p, (p >= 0) & (p < sink), p.clamp(0, sink - 1), cache.sink_k, cache.sink_v, cache.sink_pos)
+    _put_one(keys, values, p, p >= sink, (p - sink).clamp_min(0) % ring, cache.ring_k, cache.ring_v, cache.ring_pos)
 
 
 def _put_one(keys, values, p, write, slot, dst_k, dst_v, dst_pos) -> None:

@@ -6,7 +6,7 @@ Tensors (last dim contiguous; other strides passed to the kernel):
     q, out            [B, Hq, 1, D]    strides (b, h); padding tokens (q_pos = -1) get 0
     k, v              [B, Hkv, 1, D]   the new token's key/value, written into the cache by the kernel
     q_pos             [B, 1] int64     real position of the new token (any row stride)
-    sink_*, ring_*    as in `triton_streaming`; updated in place
+    cache             a `StreamingView` (sink_*, ring_* as in `triton_streaming`); updated in place
     PartAcc, PartML   fp32 partial softmax states [B * Hkv, SPLITS, ROWS, BLOCK_D] and [B * Hkv, SPLITS, 2, ROWS]
 
 Grid (SPLITS, B * Hkv); ROWS = the G query heads of one KV head, padded to >= 16 (the smallest `tl.dot`).
@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from duohead.kernels.streaming_view import StreamingView
 from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
 
 
@@ -271,14 +272,7 @@ def streaming_decode(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
+    cache: StreamingView,
     scaling: float,
     out: torch.Tensor,
     splits: int | None = None,
@@ -286,8 +280,8 @@ def streaming_decode(
     """One decode step of the streaming heads: Λ attention of one new token per row over the cache and itself,
     then its key/value stored in the cache, in place; writes out.
 
-    q, out [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; q_pos [B, 1] (any strides); the cache tensors as in
-    `streaming_attention`. Semantics of `reference.streaming_attention` then `reference.streaming_append`.
+    q, out [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; q_pos [B, 1] (any strides); cache as in
+    `triton_streaming.streaming_attention`. Semantics of `reference.streaming_attention` then `reference.streaming_append`.
     One launch when B * Hkv programs fill the GPU, else the keys are split (`splits`: None = by device) and a
     second small launch combines the splits. No host sync.
     """
@@ -297,11 +291,12 @@ def streaming_decode(
         return
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos = cache.tensors()
     q, k, v, sink_k, sink_v, ring_k, ring_v = map(last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
     group = num_q_heads // num_kv_heads
     rows, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
     block_n = 16 if interpreted() else 64
-    keys = sink_k.shape[2] + ring_k.shape[2] + 1
+    keys = cache.sink_slots + cache.ring_slots + 1
     if splits is None:
         splits, per_split = decode_splits(batch * num_kv_heads, keys, block_n, q.device)
     else:
@@ -336,10 +331,10 @@ def streaming_decode(
         out.stride(0),
         out.stride(1),
         num_kv_heads,
-        sink_k.shape[2],
-        ring_k.shape[2],
-        sink,
-        window,
+        cache.sink_slots,
+        cache.ring_slots,
+        cache.sink,
+        cache.window,
         scaling * 1.4426950408889634,
         per_split,
         GROUP=group,

@@ -9,8 +9,9 @@ Tensors (last dim contiguous; every other stride is passed to the kernel):
     q, out            [B, Hq, Q, D]    strides (b, h, t); out is written in full (padding rows get 0)
     k, v              [B, Hkv, Q, D]   the new tokens' keys/values, not yet in the cache
     q_pos             [B, Q] int64     real positions of the new tokens, -1 = padding
-    sink_k, sink_v    [B, Hkv, S, D]   cached tokens at positions < sink; sink_pos [B, S] int64
-    ring_k, ring_v    [B, Hkv, W, D]   cached tokens at positions >= sink; ring_pos [B, W] int64
+    cache             a `StreamingView`, taken apart only where a kernel is launched or an op is called:
+      sink_k, sink_v  [B, Hkv, S, D]   cached tokens at positions < sink; sink_pos [B, S] int64
+      ring_k, ring_v  [B, Hkv, W, D]   cached tokens at positions >= sink; ring_pos [B, W] int64
 
 Grid: (ceil(Q / BLOCK_Q), B * Hkv). One program owns BLOCK_Q new tokens of one KV head and all G query
 heads that share it: its BLOCK_M = G_PAD * BLOCK_Q rows are (query head g, token t), so every key tile
@@ -31,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from duohead.kernels.streaming_view import StreamingView
 from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
 from duohead.kernels.triton_decode import streaming_decode
 
@@ -255,43 +257,40 @@ def streaming_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
+    cache: StreamingView,
     scaling: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
-    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D], sink_pos [B, S];
-    ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W]; out [B, Hq, Q, D] or None (allocated).
-    -> [B, Hq, Q, D]. Semantics of `duohead.kernels.reference.streaming_attention`; one launch
+    q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; cache (read only) as in the header; out [B, Hq, Q, D] or
+    None (allocated). -> [B, Hq, Q, D]. Semantics of `duohead.kernels.reference.streaming_attention`; one launch
     (under torch.compile: the op duohead::streaming_attention).
     """
-    if out is None:
-        out = q.new_empty(q.shape)
-    if out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
-    args = (q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    out = _checked_out(q, out)
     if torch.compiler.is_compiling():
-        torch.ops.duohead.streaming_attention(*args, out, sink, window, scaling)
+        _call_op(torch.ops.duohead.streaming_attention, q, k, v, q_pos, out, scaling, cache=cache)
     else:
-        _launch_attention(*args, sink, window, scaling, out)
+        _launch_attention(q, k, v, q_pos, cache, scaling, out)
     return out
 
 
-def _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out) -> None:
+def _checked_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return q.new_empty(q.shape)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
+    return out
+
+
+def _launch_attention(q, k, v, q_pos, cache: StreamingView, scaling: float, out) -> None:
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_q_heads == 0 or q_len == 0 or batch == 0:
         return
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos = cache.tensors()
     q, k, v, sink_k, sink_v, ring_k, ring_v = map(last_dim_contiguous, (q, k, v, sink_k, sink_v, ring_k, ring_v))
     group = num_q_heads // num_kv_heads
     cfg = launch_config(group, q_len, head_dim)
@@ -311,10 +310,10 @@ def _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, 
         *kernel_strides(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out),
         num_kv_heads,
         q_len,
-        sink_k.shape[2],
-        ring_k.shape[2],
-        sink,
-        window,
+        cache.sink_slots,
+        cache.ring_slots,
+        cache.sink,
+        cache.window,
         scaling * 1.4426950408889634,
         GROUP=group,
         GROUP_PAD=cfg["GROUP_PAD"],
@@ -401,34 +400,24 @@ def _streaming_append_kernel(
         tl.store(RingPos + b * stride_rpb + ring_slot * stride_rpt, p, mask=to_ring)
 
 
-def streaming_append(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-) -> None:
+def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
     """Store new tokens in the streaming cache, in place: semantics of `duohead.kernels.reference.streaming_append`.
 
-    keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding); the cache tensors as in
-    `streaming_attention` (last dims contiguous). One launch (plus a row-wise max for Q > 1), no host sync
-    (under torch.compile: the op duohead::streaming_append).
+    keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding); cache (written) as in the header.
+    One launch (plus a row-wise max for Q > 1), no host sync (under torch.compile: the op duohead::streaming_append).
     """
     if torch.compiler.is_compiling():
-        torch.ops.duohead.streaming_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+        _call_op(torch.ops.duohead.streaming_append, keys, values, pos, cache=cache)
     else:
-        _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+        _launch_append(keys, values, pos, cache)
 
 
-def _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos) -> None:
+def _launch_append(keys, values, pos, cache: StreamingView) -> None:
     batch, num_kv_heads, q_len, head_dim = keys.shape
     if batch == 0 or num_kv_heads == 0 or q_len == 0:
         return
     keys, values = last_dim_contiguous(keys), last_dim_contiguous(values)
+    sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos = cache.tensors()
     if any(t.stride(-1) != 1 for t in (sink_k, sink_v, ring_k, ring_v)):
         raise ValueError("the streaming cache buffers must have a contiguous last dim")
     newest = pos[:, 0] if q_len == 1 else pos.amax(dim=1)  # [B]; real tokens are the row's largest positions
@@ -449,8 +438,8 @@ def _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, 
         newest.stride(0),
         num_kv_heads,
         q_len,
-        sink_k.shape[2],
-        ring_k.shape[2],
+        cache.sink_slots,
+        cache.ring_slots,
         BLOCK_T=block_t,
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -463,39 +452,36 @@ def streaming_attention_and_append(
     k: torch.Tensor,
     v: torch.Tensor,
     q_pos: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    sink_pos: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_pos: torch.Tensor,
-    sink: int,
-    window: int,
+    cache: StreamingView,
     scaling: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`streaming_attention` then `streaming_append` of the same new tokens: q, out [B, Hq, Q, D]; k, v
-    [B, Hkv, Q, D]; q_pos [B, Q]; the cache as in `streaming_attention`. -> out (allocated if None).
+    [B, Hkv, Q, D]; q_pos [B, Q]; cache (written) as in the header. -> out (allocated if None).
     Decode (Q = 1) is one fused launch (`streaming_decode`); longer chunks are the two launches."""
-    if out is None:
-        out = q.new_empty(q.shape)
-    if out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError(f"out must have the shape of q {list(q.shape)} and a contiguous last dim")
-    cache = (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    out = _checked_out(q, out)
     if q.shape[2] == 1:
         if torch.compiler.is_compiling():
-            torch.ops.duohead.streaming_decode(q, k, v, q_pos, *cache, out, sink, window, scaling)
+            _call_op(torch.ops.duohead.streaming_decode, q, k, v, q_pos, out, scaling, cache=cache)
         else:
-            streaming_decode(q, k, v, q_pos, *cache, sink, window, scaling, out)
+            streaming_decode(q, k, v, q_pos, cache, scaling, out)
         return out
-    streaming_attention(q, k, v, q_pos, *cache, sink, window, scaling, out=out)
-    streaming_append(k, v, q_pos, *cache)
+    streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
+    streaming_append(k, v, q_pos, cache)
     return out
 
 
 # ---- torch.library ops: what torch.compile traces (opaque to it; their fakes check shapes and write nothing) ----
+# An op takes tensors and numbers, not a `StreamingView`: every op's arguments end with the view's eight fields
+# (six tensors, sink, window). `_call_op` takes the view apart and each op (and fake) puts it back together: nowhere
+# else is the cache passed as separate tensors.
 
 Tensor = torch.Tensor
+_CACHE_ARGS = ("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
+
+
+def _call_op(op, *args, cache: StreamingView) -> None:
+    op(*args, *cache.tensors(), cache.sink, cache.window)
 
 
 @torch.library.custom_op("duohead::streaming_attention", mutates_args=("out",))
@@ -504,21 +490,20 @@ def _attention_op(
     k: Tensor,
     v: Tensor,
     q_pos: Tensor,
+    out: Tensor,
+    scaling: float,
     sink_k: Tensor,
     sink_v: Tensor,
     sink_pos: Tensor,
     ring_k: Tensor,
     ring_v: Tensor,
     ring_pos: Tensor,
-    out: Tensor,
     sink: int,
     window: int,
-    scaling: float,
 ) -> None:
-    _launch_attention(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out)
-
-
-_CACHE_ARGS = ("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
+    _launch_attention(
+        q, k, v, q_pos, StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window), scaling, out
+    )
 
 
 @torch.library.custom_op("duohead::streaming_append", mutates_args=_CACHE_ARGS)
@@ -532,8 +517,10 @@ def _append_op(
     ring_k: Tensor,
     ring_v: Tensor,
     ring_pos: Tensor,
+    sink: int,
+    window: int,
 ) -> None:
-    _launch_append(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+    _launch_append(keys, values, pos, StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window))
 
 
 @torch.library.custom_op("duohead::streaming_decode", mutates_args=("out", *_CACHE_ARGS))
@@ -542,34 +529,35 @@ def _decode_op(
     k: Tensor,
     v: Tensor,
     q_pos: Tensor,
+    out: Tensor,
+    scaling: float,
     sink_k: Tensor,
     sink_v: Tensor,
     sink_pos: Tensor,
     ring_k: Tensor,
     ring_v: Tensor,
     ring_pos: Tensor,
-    out: Tensor,
     sink: int,
     window: int,
-    scaling: float,
 ) -> None:
-    streaming_decode(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window, scaling, out)
+    streaming_decode(
+        q, k, v, q_pos, StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window), scaling, out
+    )
 
 
-def check_shapes(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: tuple[Tensor, ...], out: Tensor | None) -> None:
-    """Raise ValueError unless q, out [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; sink_k, sink_v [B, Hkv, S, D],
-    sink_pos [B, S]; ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W] agree (the ops' fake implementations)."""
-    sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos = cache
+def check_shapes(q: Tensor | None, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, out: Tensor | None) -> None:
+    """Raise ValueError unless q, out [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; the cache's sink_k, sink_v
+    [B, Hkv, S, D], sink_pos [B, S]; ring_k, ring_v [B, Hkv, W, D], ring_pos [B, W] agree (the ops' fake implementations)."""
     batch, heads, q_len, head_dim = k.shape
     expected = {
         "v": (v.shape, k.shape),
         "q_pos": (q_pos.shape, (batch, q_len)),
-        "sink_v": (sink_v.shape, sink_k.shape),
-        "ring_v": (ring_v.shape, ring_k.shape),
-        "sink_k": (sink_k.shape[:2] + sink_k.shape[3:], (batch, heads, head_dim)),
-        "ring_k": (ring_k.shape[:2] + ring_k.shape[3:], (batch, heads, head_dim)),
-        "sink_pos": (sink_pos.shape, (batch, sink_k.shape[2])),
-        "ring_pos": (ring_pos.shape, (batch, ring_k.shape[2])),
+        "sink_v": (cache.sink_v.shape, cache.sink_k.shape),
+        "ring_v": (cache.ring_v.shape, cache.ring_k.shape),
+        "sink_k": (cache.sink_k.shape[:2] + cache.sink_k.shape[3:], (batch, heads, head_dim)),
+        "ring_k": (cache.ring_k.shape[:2] + cache.ring_k.shape[3:], (batch, heads, head_dim)),
+        "sink_pos": (cache.sink_pos.shape, (batch, cache.sink_slots)),
+        "ring_pos": (cache.ring_pos.shape, (batch, cache.ring_slots)),
     }
     if q is not None:
         expected["q"] = ((q.shape[0], q.shape[2], q.shape[3]), (batch, q_len, head_dim))
@@ -581,17 +569,17 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: tuple[Te
 
 
 @_attention_op.register_fake
-def _(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out, sink, window, scaling) -> None:
-    check_shapes(q, k, v, q_pos, (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out)
+def _(q, k, v, q_pos, out, scaling, *cache) -> None:
+    check_shapes(q, k, v, q_pos, StreamingView(*cache), out)
 
 
 @_append_op.register_fake
-def _(keys, values, pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos) -> None:
-    check_shapes(None, keys, values, pos, (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), None)
+def _(keys, values, pos, *cache) -> None:
+    check_shapes(None, keys, values, pos, StreamingView(*cache), None)
 
 
 @_decode_op.register_fake
-def _(q, k, v, q_pos, sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, out, sink, window, scaling) -> None:
-    check_shapes(q, k, v, q_pos, (sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos), out)
+def _(q, k, v, q_pos, out, scaling, *cache) -> None:
+    check_shapes(q, k, v, q_pos, StreamingView(*cache), out)
     if q.shape[2] != 1:
         raise ValueError(f"duohead::streaming_decode takes one new token per row; got Q = {q.shape[2]}")

@@ -195,8 +195,8 @@ class StreamingImpl(AttentionImpl):
         k, v = key[m.q_index].transpose(1, 2), value[m.q_index].transpose(1, 2)  # [R, Hs, Qm, D]
         sink_k, sink_v = _gather(kv_cache, m.sink_slot, d)
         ring_k, ring_v = _gather(kv_cache, m.ring_slot, d)
-        cache = (sink_k, sink_v, m.sink_pos, ring_k, ring_v, m.ring_pos)
-        out = kernels.streaming_attention(q, k, v, m.q_pos, *cache, m.sink, m.window, self.scale)  # [R, Hq, Qm, D]
+        cache = kernels.StreamingView(sink_k, sink_v, m.sink_pos, ring_k, ring_v, m.ring_pos, m.sink, m.window)
+        out = kernels.streaming_attention(q, k, v, m.q_pos, cache, self.scale)  # [R, Hq, Qm, D]
         real = m.q_pos >= 0
         output[m.q_index[real]] = out.transpose(1, 2)[real].to(output.dtype)
         return output
