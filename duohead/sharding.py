@@ -160,7 +160,7 @@ def rank_layouts(layouts: list[LayerLayout], shard: HeadShard | None) -> list[La
     return sliced
 
 
-def head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int) -> torch.Tensor:
+def _head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int) -> torch.Tensor:
     """Row indices of a [num_kv_heads * heads_per_kv * head_dim, ...] projection, KV heads in `kv_order`."""
     rows = [(kv * heads_per_kv + g) * head_dim + d for kv in kv_order for g in range(heads_per_kv) for d in range(head_dim)]
     return torch.tensor(rows, dtype=torch.long)
@@ -176,6 +176,6 @@ def permute_heads(attn: torch.nn.Module, kv_order: list[int]) -> None:
         for param in (proj.weight, proj.bias):
             if param is not None:
                 local = local_shard(param)
-                local.copy_(local.index_select(0, head_rows(kv_order, heads_per_kv, head_dim).to(local.device)))
+                local.copy_(local.index_select(0, _head_rows(kv_order, heads_per_kv, head_dim).to(local.device)))
     local = local_shard(attn.o_proj.weight)
-    local.copy_(local.index_select(1, head_rows(kv_order, group, head_dim).to(local.device)))
+    local.copy_(local.index_select(1, _head_rows(kv_order, group, head_dim).to(local.device)))

@@ -1,10 +1,13 @@
 """The streaming heads' KV in vLLM's paged pool: a spec that keeps the first S and the last W tokens, and its manager.
 
 vLLM's `SlidingWindowSpec` keeps the last W tokens of a request and its manager frees every block before them, the
-first S tokens included. `SinkWindowSpec` adds the sink: `SinkWindowManager` frees the blocks strictly between the
-sink blocks and the window, so a streaming head's request holds ceil(S / block) + ceil((W - 1 + chunk) / block) + 1
-blocks at most, whatever its length. Freed blocks are replaced by vLLM's null block in the block table, as for
-sliding windows; attention never reads them (`duohead.vllm.backend` gathers only sink and window positions).
+first S tokens included; during a prefill chunk it also holds a block for every token of the chunk. A streaming
+head needs neither: `SinkWindowManager` keeps the sink blocks, frees the blocks strictly between them and the window,
+and gives a new chunk real blocks only where its tokens will be sinks or inside the window once the chunk is done.
+The other positions of the chunk map to vLLM's null block: their keys and values are written there and never read,
+because the streaming backend takes a chunk's own keys from the step (`duohead.vllm.backend`) and reads the cache
+only at sink and window positions. So a request holds at most ceil(S / block) + 2 (ceil((W - 1) / block) + 1)
+blocks per streaming group (its window before and after a chunk), whatever its length and the chunk size.
 
 Prefix caching: a streaming group reports no cache hit, so a model served with duohead recomputes shared prefixes
 (vLLM takes the hit common to every group). The KV of a cached block would be right (it depends on the prefix
@@ -34,11 +37,15 @@ class SinkWindowSpec(SlidingWindowSpec):
         """Blocks that hold the sink tokens, kept for the whole request."""
         return cdiv(self.sink, self.block_size)
 
+    @property
+    def window_blocks(self) -> int:
+        """Blocks that can hold the W - 1 cached tokens a new token may see (the window may straddle a boundary)."""
+        return cdiv(self.sliding_window - 1, self.block_size) + 1
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
-        """The sliding window's cap (window and in-flight tokens) plus the sink blocks; never more than the whole
-        request. vLLM sizes the pool and admits requests by this number."""
-        window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
-        return min(window + self.sink_blocks, cdiv(max_model_len, self.block_size))
+        """Blocks a request holds at its peak: the sink blocks, and the window before and after a step (both held
+        while the step runs); never more than the whole request. vLLM sizes the pool and admits requests by it."""
+        return min(self.sink_blocks + 2 * self.window_blocks, cdiv(max_model_len, self.block_size))
 
     def is_uniform_with_collection(self, kv_cache_specs) -> bool:
         return all(
@@ -55,6 +62,28 @@ class SinkWindowManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = cdiv(kv_cache_spec.sink, self.block_size)
+
+    def _keeps(self, block: int, num_tokens: int) -> bool:
+        """Whether block index `block` must hold real KV once `num_tokens` tokens are computed (sink or window)."""
+        return block < self.sink_blocks or block >= self.get_num_skipped_tokens(num_tokens) // self.block_size
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
+        """Real blocks the request needs for `num_tokens` slots: the new ones that `allocate_new_blocks` keeps."""
+        have = len(self.req_to_blocks.get(request_id, ()))
+        return sum(self._keeps(b, num_tokens) for b in range(have, cdiv(num_tokens, self.block_size)))
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list:
+        """Extend the request's block table to `num_tokens` slots: real blocks for sink and window positions, the
+        null block for the rest of a long chunk (written, never read). Returns the blocks appended, null ones included."""
+        blocks = self.req_to_blocks[request_id]
+        added = range(len(blocks), cdiv(num_tokens, self.block_size))
+        real = self.block_pool.get_new_blocks(sum(self._keeps(b, num_tokens) for b in added))
+        fresh = iter(real)
+        extension = [next(fresh) if self._keeps(b, num_tokens) else self._null_block for b in added]
+        blocks.extend(extension)
+        if self.records_new_block_ids:
+            self.new_block_ids.extend(b.block_id for b in real)
+        return extension  # null blocks included: the worker's block table is positional
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from duohead.architecture import LayerLayout, check_architecture, num_kv_heads, text_config
+from duohead.architecture import check_architecture, text_config
 from duohead.deployment import Deployment, deploy
-from duohead.sharding import HeadShard, rank_layouts
 
 CONFIG_KEY = "duohead"
 SETTINGS = ("pattern", "sparsity", "threshold", "sink", "window")
@@ -48,26 +47,3 @@ def deployment_for(config: Any) -> Deployment:
         return deploy(settings["pattern"], text_config(config), **options)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{where}: {e}") from None
-
-
-def rank_layer_layouts(deployment: Deployment, config: Any, tp_rank: int, tp_size: int) -> list[LayerLayout]:
-    """Each layer's layout on tensor-parallel rank `tp_rank` of `tp_size`: vLLM gives rank r the KV heads
-    [r * Hkv / N, (r + 1) * Hkv / N), as transformers' plan does, so `duohead.sharding` slices it; indices are local."""
-    total = num_kv_heads(config)
-    if total % tp_size:
-        raise ValueError(f"duohead: {total} KV heads do not split evenly over {tp_size} tensor-parallel ranks")
-    per_rank = total // tp_size
-    shard = HeadShard(tp_rank, tp_size, total, tp_rank * per_rank, (tp_rank + 1) * per_rank)
-    layouts = [LayerLayout.from_retrieval(row, deployment.sink, deployment.window) for row in deployment.layout.tolist()]
-    return rank_layouts(layouts, shard)
-
-
-def global_kv_order(deployment: Deployment, config: Any, tp_size: int) -> list[list[int]]:
-    """Per layer, the order of all Hkv KV heads in the reordered weights: every rank's heads stay in its own slice,
-    retrieval heads first within it. Weight loading permutes the checkpoint's heads by it before vLLM shards them."""
-    per_rank = num_kv_heads(config) // tp_size
-    orders: list[list[int]] = [[] for _ in range(deployment.layout.shape[0])]
-    for rank in range(tp_size):
-        for layer, layout in enumerate(rank_layer_layouts(deployment, config, rank, tp_size)):
-            orders[layer] += [rank * per_rank + head for head in layout.kv_order]
-    return orders
