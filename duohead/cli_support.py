@@ -6,6 +6,7 @@ Importing this module imports neither torch nor transformers (the CLIs check the
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -53,6 +54,50 @@ def run_cli(command: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"duohead {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options `argv` sets explicitly (their argparse dests), as opposed to those left at their defaults."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def recorded_value(value: object) -> object:
+    """An option's value as a run folder records it: local paths (a string or a list of them) made absolute, so the
+    run can be continued from any folder; anything else as it is."""
+    if isinstance(value, list):
+        return [recorded_value(v) for v in value]
+    if isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def adopt_recorded(
+    args: argparse.Namespace,
+    given: set[str],
+    recorded: Mapping,
+    run: str,
+    paths: tuple[str, ...] = (),
+    extends: tuple[str, ...] = (),
+) -> None:
+    """`--resume`: every setting `recorded` holds for an option of `args` replaces the option's default; an option
+    given explicitly must agree with it (those in `paths` compared as `recorded_value`), except those in `extends`.
+    Raises ValueError naming each conflicting option. `run`: the run folder, for the message."""
+    conflicts = []
+    for dest, value in recorded.items():
+        if not hasattr(args, dest):
+            continue
+        if dest not in given:
+            setattr(args, dest, value)
+        elif dest not in extends and (recorded_value(getattr(args, dest)) if dest in paths else getattr(args, dest)) != value:
+            option = "--" + dest.replace("_", "-")
+            conflicts.append(f"{option} {getattr(args, dest)} (the run has {value})")
+    if conflicts:
+        raise ValueError(
+            f"--resume continues {run} with the settings it was started with, and {'; '.join(conflicts)}: drop "
+            f"{'that option' if len(conflicts) == 1 else 'those options'} (or start a new run with another --out or --force)"
+        )
 
 
 def check_fraction(name: str, value: float | None) -> None:

@@ -8,6 +8,10 @@ Methods: `full` (the unmodified model), `pattern` (the head pattern at each --sp
 baseline a calibrated pattern must beat). Every method sees the same prompts (`duohead.prompts`, a haystack
 unlike the calibration one); each prompt is prefilled once and decoded greedily for a few tokens; the score is
 1 when the answer appears in the output, else 0. Writes `results.json` and one heat map per method to --out.
+
+`results.json` is rewritten (atomically) after every prompt, so an interrupted grid keeps what it ran:
+`duohead eval --out DIR --resume` continues it with the settings it records and runs only the prompts still
+missing. A folder that holds results is never reused without `--resume` or `--force`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,10 +30,13 @@ from duohead import prompts, ranks
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
+    adopt_recorded,
     check_fraction,
     check_model_source,
+    given_options,
     load_model_for_cli,
     load_pattern_for_cli,
+    recorded_value,
     resolve_device,
     run_cli,
 )
@@ -42,6 +51,12 @@ if TYPE_CHECKING:  # torch and transformers load only once the arguments are che
 METHOD_KINDS = ("full", "pattern", "streaming", "random")
 RESULTS_FORMAT = "duohead-eval"
 RESULTS_VERSION = 1
+RESULTS = "results.json"
+HEATMAPS = "heatmap_*.png"
+# the options that decide a grid's results: recorded in results.json, taken from it by --resume
+SETTINGS = ("model", "gguf_file", "pattern", "methods", "sparsities", "sink", "window", "tasks", "lengths", "depths",
+            "samples", "limit", "seed", "max_new_tokens", "prefill_chunk", "dtype")  # fmt: skip
+PATH_SETTINGS = ("model", "pattern")  # recorded as absolute paths where they are local files
 
 
 @dataclass(frozen=True)
@@ -114,7 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor parallel over the processes of `torchrun --nproc-per-node N -m duohead eval --tp ...` (rank 0 reports)",
     )
     p.add_argument("--out", default="eval-results", help="folder for results.json and heat maps (default eval-results)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the grid in --out with the settings its results.json records, running only the missing prompts",
+    )
+    p.add_argument("--force", action="store_true", help="replace the results and heat maps already in --out")
     return p
+
+
+def _check_out(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse a folder that holds results unless --resume or --force says what to do with them; --resume takes the
+    recorded settings (an explicit option must agree with them)."""
+    out = Path(args.out)
+    if args.resume and args.force:
+        raise ValueError("--resume and --force contradict each other; pass one")
+    if args.resume:
+        if not (out / RESULTS).is_file():
+            raise FileNotFoundError(f"--resume: no {RESULTS} in {out}; start without --resume")
+        try:
+            settings = json.loads((out / RESULTS).read_text(encoding="utf-8"))["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{out / RESULTS} records no settings to resume from; start over with --force") from None
+        adopt_recorded(args, given, settings, str(out), paths=PATH_SETTINGS)
+    elif not args.force and ((out / RESULTS).exists() or any(out.glob(HEATMAPS))):
+        raise FileExistsError(
+            f"{out} holds the results of an earlier eval; pass --resume to continue it, --force to replace it, or another --out"
+        )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -208,10 +249,16 @@ def score(answer: str, output: str) -> float:
 
 
 def evaluate_method(
-    model, tokenizer, method: Method, items: list[Prompt], args: argparse.Namespace, bar: tqdm | None = None
+    model,
+    tokenizer,
+    method: Method,
+    items: list[Prompt],
+    args: argparse.Namespace,
+    bar: tqdm | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Run every prompt under one method; one result row per prompt. `bar` (tqdm) advances by one per prompt
-    and prints each prompt's line above itself."""
+    """Run every prompt under one method; one result row per prompt, passed to `on_row` as soon as it is made.
+    `bar` (tqdm) advances by one per prompt and prints each prompt's line above itself."""
     import duohead
     from duohead.runner import run_prompt
 
@@ -236,6 +283,8 @@ def evaluate_method(
                     "prefill_seconds": result.prefill_seconds,
                 }
             )
+            if on_row is not None:
+                on_row(rows[-1])
             if bar is not None:
                 bar.write(
                     f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  "
@@ -279,7 +328,23 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def row_key(row: dict) -> tuple:
+    """What identifies a prompt of the grid in a result row."""
+    return (row["task"], row["length"], row["depth"], row["sample"])
+
+
+def prompt_key(item: Prompt) -> tuple:
+    return (item.sample.task, item.sample.length, item.sample.depth, item.index)
+
+
+def _keep(rows: list[dict], save: Callable[[], None], row: dict) -> None:
+    """Add a finished prompt's row to its method's rows and write the results so far."""
+    rows.append(row)
+    save()
+
+
+def _evaluate(args: argparse.Namespace, given: set[str]) -> int:
+    _check_out(args, given)
     _check_args(args)
     return _run(args)
 
@@ -299,6 +364,7 @@ def _run(args: argparse.Namespace) -> int:
     if ranks.is_main():
         print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)
 
+    previous = json.loads((out / RESULTS).read_text(encoding="utf-8")) if args.resume else None
     report = {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
@@ -309,40 +375,62 @@ def _run(args: argparse.Namespace) -> int:
         "lengths": args.lengths,
         "depths": args.depths,
         "max_new_tokens": args.max_new_tokens,
+        "settings": {dest: recorded_value(getattr(args, dest)) if dest in PATH_SETTINGS else getattr(args, dest)
+                     for dest in SETTINGS},
+        "complete": False,
         "methods": [],
-    }
-    quiet = not ranks.is_main()  # under torchrun --tp, rank 0 alone shows progress
-    with tqdm(total=len(items) * len(methods), desc="eval", unit="prompt", dynamic_ncols=True, disable=quiet) as bar:
-        for method in methods:
-            rows = evaluate_method(model, tokenizer, method, items, args, None if quiet else bar)
-            report["methods"].append(
-                {
-                    "name": method.name,
-                    "kind": method.kind,
-                    "sparsity": method.sparsity,
-                    "summary": summarize(rows, args.tasks, args.lengths, args.depths),
-                    "results": rows,
-                }
-            )
+    }  # fmt: skip
+    earlier = {m["name"]: m["results"] for m in previous["methods"]} if previous else {}
+    quiet = not ranks.is_main()  # under torchrun --tp, rank 0 alone shows progress and writes the results
+    order = {prompt_key(item): i for i, item in enumerate(items)}
+    if not quiet and not args.resume:
+        for stale in out.glob(HEATMAPS):  # --force: the heat maps of the run being replaced
+            stale.unlink()
+
+    def save() -> None:
+        if not quiet:
+            atomic_write_text(out / RESULTS, json.dumps(report, indent=1) + "\n")
+
+    total = len(items) * len(methods)
+    with tqdm(total=total, desc="eval", unit="prompt", dynamic_ncols=True, disable=quiet) as bar:
+        try:
+            for method in methods:
+                rows = [r for r in earlier.get(method.name, []) if row_key(r) in order]
+                report["methods"].append({"name": method.name, "kind": method.kind, "sparsity": method.sparsity})
+                report["methods"][-1]["results"] = rows
+                done = {row_key(r) for r in rows}
+                bar.update(len(done))
+                todo = [item for item in items if prompt_key(item) not in done]
+                evaluate_method(model, tokenizer, method, todo, args, None if quiet else bar, partial(_keep, rows, save))
+                rows.sort(key=lambda r: order[row_key(r)])
+                report["methods"][-1]["summary"] = summarize(rows, args.tasks, args.lengths, args.depths)
+        except KeyboardInterrupt:
+            ran = sum(len(m["results"]) for m in report["methods"])
+            print(f"\ninterrupted: {ran} of {total} prompts are in {out / RESULTS}", file=sys.stderr)
+            print(f"continue with: duohead eval --out {out} --resume", file=sys.stderr)
+            raise
+    report["complete"] = True
+    save()
     if quiet:  # every rank ran every prompt (its slice of the heads); rank 0 writes the results
         return 0
-    atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
     print(format_table(report))
     if have_matplotlib():
         for m in report["methods"]:
             grids = {t: m["summary"]["tasks"][t]["grid"] for t in args.tasks}
             title = f"{m['name']} (sparsity {m['sparsity']:.2f})"
             plot_needle_grid(out / f"heatmap_{m['name'].replace('@', '_')}.png", title, args.lengths, args.depths, grids)
-        print(f"wrote {out / 'results.json'} and one heat map per method", file=sys.stderr)
+        print(f"wrote {out / RESULTS} and one heat map per method", file=sys.stderr)
     else:
-        print(f"wrote {out / 'results.json'}; install matplotlib for the heat maps", file=sys.stderr)
+        print(f"wrote {out / RESULTS}; install matplotlib for the heat maps", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `duohead eval`; returns the exit code (2 for a user error, printed as one line)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    given = given_options(build_parser(), argv)
     if args.tp:
         with ranks.main_rank_speaks():
-            return run_cli("eval", lambda: _evaluate(args))
-    return run_cli("eval", lambda: _evaluate(args))
+            return run_cli("eval", lambda: _evaluate(args, given))
+    return run_cli("eval", lambda: _evaluate(args, given))

@@ -422,7 +422,7 @@ def test_cli_resume_refuses_only_an_explicit_conflicting_option(model_dir, tmp_p
     assert calibrate_main(["--out", str(out), "--resume", "--ctx-min", "100", "--lr", "0.2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "--ctx-min 100 (the checkpoint has 120); --lr 0.2 (the checkpoint has 0.1): drop those options" in err
+    assert "--ctx-min 100 (the run has 120); --lr 0.2 (the run has 0.1): drop those options" in err
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]  # untouched
     assert calibrate_main(["--out", str(out), "--resume", "--ctx-min", "120", "--model", str(model_dir)]) == 0  # agreeing
 

@@ -246,3 +246,62 @@ def test_bad_input_is_one_line_error(case, tiny_model_dir, tiny_pattern_file, tm
 def test_missing_model(tmp_path, capsys):
     assert evaluate.main(["--model", str(tmp_path / "nope"), "--methods", "full"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- keeping the work
+
+
+def _grid_argv(model_dir, pattern_file, out) -> list[str]:
+    return ["--model", str(model_dir), "--pattern", str(pattern_file), "--methods", "full,pattern", "--sparsities", "0.5",
+            "--lengths", "128,200", "--depths", "0.5", "--max-new-tokens", "2", "--out", str(out)]  # fmt: skip
+
+
+def _without_timings(report: dict) -> list:
+    return [[{k: v for k, v in r.items() if k != "prefill_seconds"} for r in m["results"]] for m in report["methods"]]
+
+
+def test_killed_eval_resumes_from_out_alone_to_the_same_results(tiny_model_dir, tiny_pattern_file, tmp_path, monkeypatch):
+    """Ctrl-C after 5 of 8 prompts keeps those 5 in results.json; `--out DIR --resume` (from another folder) runs only
+    the other 3 and ends with the results of an uninterrupted run."""
+    assert evaluate.main(_grid_argv(tiny_model_dir, tiny_pattern_file, tmp_path / "straight")) == 0
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    run_prompt, calls = runner.run_prompt, []
+
+    def killed_at_sixth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return run_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_prompt", killed_at_sixth)
+    out = tmp_path / "killed"
+    assert evaluate.main(_grid_argv(tiny_model_dir, tiny_pattern_file, out)) == 130
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and [len(m["results"]) for m in partial["methods"]] == [4, 1]
+    calls.clear()
+    monkeypatch.setattr(runner, "run_prompt", lambda *a, **k: (calls.append(1), run_prompt(*a, **k))[1])
+    monkeypatch.chdir(tmp_path / "straight")
+    assert evaluate.main(["--out", str(out), "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert len(calls) == 3 and resumed["complete"] is True
+    assert _without_timings(resumed) == _without_timings(straight)
+    assert [m["summary"] for m in resumed["methods"]] == [m["summary"] for m in straight["methods"]]
+
+
+def test_a_used_out_folder_is_refused_without_force_and_force_clears_stale_heatmaps(
+    tiny_model_dir, tiny_pattern_file, tmp_path, capsys
+):
+    argv = _grid_argv(tiny_model_dir, tiny_pattern_file, tmp_path)
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "heatmap_random_0.75.png").write_bytes(b"from an earlier run")
+    capsys.readouterr()
+    assert evaluate.main(argv) == 2
+    assert "holds the results of an earlier eval; pass --resume to continue it, --force" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "{}"
+    assert evaluate.main([*argv, "--force"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+    assert not (tmp_path / "heatmap_random_0.75.png").exists()
+    capsys.readouterr()
+    assert evaluate.main(["--out", str(tmp_path), "--resume", "--seed", "3", "--lengths", "128,200"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--seed 3 (the run has 0): drop that option (or start a new run with another --out or --force)")

@@ -17,13 +17,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from duohead.calibrate.settings import CHECKPOINT, LOG, RULES, TrainConfig, check_options, checkpoint_settings
-from duohead.cli_support import DTYPES, run_cli
+from duohead.cli_support import DTYPES, adopt_recorded, given_options, recorded_value, run_cli
 from duohead.files import atomic_write_text
 
 PATTERN = "pattern.json"
 HEATMAP = "gates.png"
 INTERRUPTED = 130
 RUN_OPTIONS = ("model", "gguf_file", "haystack", "dtype", "checkpoint_every")  # recorded beside the TrainConfig
+PATH_OPTIONS = ("model", "haystack")  # recorded as absolute paths
 
 
 def _target(text: str) -> float | None:
@@ -126,47 +127,18 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
                 raise FileExistsError(f"{out / name} already exists; pass --force to replace it (or --resume to continue)")
 
 
-def _given_options(argv: list[str]) -> set[str]:
-    """The options `argv` sets explicitly (their argparse dests), as opposed to those left at their defaults."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def _recorded(dest: str, value):
-    """An option's value as the checkpoint records it: local paths absolute (a run resumes from any folder)."""
-    if dest == "model" and value is not None and Path(value).exists():
-        return str(Path(value).resolve())
-    if dest == "haystack" and value is not None:
-        return [str(Path(v).resolve()) for v in value]
-    return value
+def _take_recorded_settings(args: argparse.Namespace, given: set[str]) -> None:
+    """--resume: the settings the checkpoint records replace the options' defaults; an option given explicitly must
+    agree with them (except --steps, which extends the run)."""
+    out = Path(args.out)
+    step, saved = checkpoint_settings(out / CHECKPOINT)
+    adopt_recorded(args, given, saved, str(out), paths=PATH_OPTIONS, extends=("steps",))
+    if step >= args.steps:
+        raise ValueError(f"{out / CHECKPOINT} is at step {step} already; pass --steps larger than {step} to continue it")
 
 
 def _option(dest: str) -> str:
     return "--" + dest.replace("_", "-")
-
-
-def _take_recorded_settings(args: argparse.Namespace, given: set[str]) -> None:
-    """--resume: every setting the checkpoint records replaces the option's default; an option given explicitly must
-    agree with it (except --steps, which extends the run)."""
-    out = Path(args.out)
-    step, saved = checkpoint_settings(out / CHECKPOINT)
-    conflicts = []
-    for dest, value in saved.items():
-        if not hasattr(args, dest):
-            continue  # TrainConfig fields without an option (warmup, decay)
-        if dest not in given:
-            setattr(args, dest, value)
-        elif dest != "steps" and _recorded(dest, getattr(args, dest)) != value:
-            conflicts.append(f"{_option(dest)} {getattr(args, dest)} (the checkpoint has {value})")
-    if conflicts:
-        raise ValueError(
-            f"--resume continues {out} with the settings it was started with, and {'; '.join(conflicts)}: drop "
-            f"{'that option' if len(conflicts) == 1 else 'those options'} (or start a new run with another --out or --force)"
-        )
-    if step >= args.steps:
-        raise ValueError(f"{out / CHECKPOINT} is at step {step} already; pass --steps larger than {step} to continue it")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -233,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     if haystack is not None:
         haystack.tokens(random.Random(0), ctx_max)  # fail now, not at step k, if the files are too short
     calibrator = Calibrator(gated, dataset, config)
-    run_settings = {dest: _recorded(dest, getattr(args, dest)) for dest in RUN_OPTIONS}
+    run_settings = {dest: getattr(args, dest) for dest in RUN_OPTIONS}
+    run_settings.update({dest: recorded_value(getattr(args, dest)) for dest in PATH_OPTIONS})
     run_settings["dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
     log_lines: list[str] = []
@@ -326,4 +299,4 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `duohead calibrate`; returns the exit code (2 for a user error, printed as one line)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    return run_cli("calibrate", lambda: _calibrate(args, _given_options(argv)))
+    return run_cli("calibrate", lambda: _calibrate(args, given_options(build_parser(), argv)))
