@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 from duohead.kernels import reference
 from duohead.kernels.reference import lambda_visible
@@ -224,14 +225,8 @@ def _warn_once(message: str) -> None:
 
 
 def streaming_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    cache: StreamingView,
-    scaling: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+) -> Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; cache: sink [B, Hkv, S, D] and ring [B, Hkv, R, D] with their
@@ -249,14 +244,8 @@ def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor
 
 
 def streaming_attention_and_append(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    cache: StreamingView,
-    scaling: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+) -> Tensor:
     """Attend, then store: `streaming_attention` of the new tokens, then `streaming_append` of their keys/values.
 
     Shapes as in `streaming_attention`. -> out, or a new [B, Hq, Q, D] tensor. With Triton, a decode step (Q = 1)

@@ -14,6 +14,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from duohead.kernels.streaming_view import StreamingView
 
@@ -66,14 +67,8 @@ def retrieval_attention(
 
 
 def streaming_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    cache: StreamingView,
-    scaling: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+) -> Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D] the new tokens' keys/values (not yet in the cache);

@@ -35,10 +35,12 @@ class StreamingView:
 
     @property
     def sink_slots(self) -> int:
+        """S, the slots of the sink (a view to attend over may hold fewer than `sink`)."""
         return self.sink_k.shape[2]
 
     @property
     def ring_slots(self) -> int:
+        """R, the slots of the ring (>= `window` in a cache; rollback slots hold tokens the window no longer shows)."""
         return self.ring_k.shape[2]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:

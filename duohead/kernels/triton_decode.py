@@ -20,6 +20,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from duohead.kernels.streaming_view import StreamingView
 from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
@@ -268,14 +269,7 @@ def decode_splits(rows: int, keys: int, block_n: int, device: torch.device) -> t
 
 
 def streaming_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    cache: StreamingView,
-    scaling: float,
-    out: torch.Tensor,
-    splits: int | None = None,
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor, splits: int | None = None
 ) -> None:
     """One decode step of the streaming heads: Λ attention of one new token per row over the cache and itself,
     then its key/value stored in the cache, in place; writes out.

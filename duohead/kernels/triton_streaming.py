@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from duohead.kernels.streaming_view import StreamingView
 from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
@@ -253,14 +254,8 @@ def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
 
 
 def streaming_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    cache: StreamingView,
-    scaling: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+) -> Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; cache (read only) as in the header; out [B, Hq, Q, D] or
@@ -448,14 +443,8 @@ def _launch_append(keys, values, pos, cache: StreamingView) -> None:
 
 
 def streaming_attention_and_append(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    cache: StreamingView,
-    scaling: float,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+) -> Tensor:
     """`streaming_attention` then `streaming_append` of the same new tokens: q, out [B, Hq, Q, D]; k, v
     [B, Hkv, Q, D]; q_pos [B, Q]; cache (written) as in the header. -> out (allocated if None).
     Decode (Q = 1) is one fused launch (`streaming_decode`); longer chunks are the two launches."""
@@ -476,7 +465,6 @@ def streaming_attention_and_append(
 # (six tensors, sink, window). `_call_op` takes the view apart and each op (and fake) puts it back together: nowhere
 # else is the cache passed as separate tensors.
 
-Tensor = torch.Tensor
 _CACHE_ARGS = ("sink_k", "sink_v", "sink_pos", "ring_k", "ring_v", "ring_pos")
 
 
