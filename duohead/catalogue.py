@@ -74,6 +74,14 @@ def auto_pattern(config: Any, name_or_path: str | os.PathLike | None) -> tuple[s
         if named
         else f"no shipped pattern is made for {model} ({_shape(config)})"
     )
+    same_shape = [name for name, p in patterns.items() if fits(p, config)]
+    if not named and same_shape:  # a renamed copy of a shipped pattern's model, or another model of its shape
+        matches = ", ".join(describe(name, patterns[name]) for name in same_shape)
+        which = "that model" if len(same_shape) == 1 else "one of those models"
+        why += (
+            f"; its shape matches {matches}: if it is {which} (a renamed copy), pass the pattern by name, e.g. "
+            f"--pattern {same_shape[0]} (Python: enable(model, {same_shape[0]!r}))"
+        )
     raise ValueError(f"pattern 'auto': {why}. Shipped: {shipped}. Make one with: {CALIBRATE_HINT.format(model=model)}")
 
 

@@ -177,7 +177,9 @@ def load_pattern_for_cli(pattern: str | None, model: str | None, gguf_file: str 
         from duohead.loading import resolve_model_path
 
         source = resolve_model_path(model, gguf_file)
-        return auto_pattern(AutoConfig.from_pretrained(source), model if model is not None else source)[1]
+        name, found = auto_pattern(AutoConfig.from_pretrained(source), model if model is not None else source)
+        print(f"pattern auto: {name} (shipped, made for {found.model.get('hf_id') or found.model.get('name')})", file=sys.stderr)
+        return found
     return HeadPattern.load(pattern)
 
 

@@ -166,7 +166,10 @@ class TokenPrinter:
             self.printed = text
 
 
-def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace) -> RunResult:
+def _generate_one(
+    name: str, label: str, model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace
+) -> RunResult:
+    """One run (`name`: duohead or full attention), headed by `label`; its prefill bar is named after it."""
     from duohead.runner import run_prompt
 
     print(f"--- {label} ---", flush=True)
@@ -176,6 +179,7 @@ def _generate_one(label: str, model, tokenizer, input_ids: torch.Tensor, args: a
         args.max_new_tokens,
         chunk=args.prefill_chunk,
         progress=ranks.is_main(),
+        label=f"prefill, {name}",
         stop_ids=stop_token_ids(model, tokenizer),
         on_token=TokenPrinter(tokenizer),
         lookup=args.prompt_lookup,
@@ -239,6 +243,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import duohead
     from duohead.architecture import layer_layouts
+    from duohead.loading import DEFAULT_MODEL
 
     if args.demo:
         args.chat = True
@@ -266,10 +271,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.tp:  # each rank holds a slice of the heads: count them all
         streaming, heads = map(sum, zip(*ranks.gather((streaming, heads)), strict=True))
     label = f"duohead ({streaming}/{heads} KV heads streaming, sink {layouts[0].sink}, window {layouts[0].window})"
-    runs = {"duohead": _generate_one(label, model, tokenizer, input_ids, args)}
+    runs = {"duohead": _generate_one("duohead", label, model, tokenizer, input_ids, args)}
     if args.compare_full:
         duohead.disable(model)
-        runs["full attention"] = _generate_one("full attention", model, tokenizer, input_ids, args)
+        runs["full attention"] = _generate_one("full attention", "full attention", model, tokenizer, input_ids, args)
     per_rank = None
     if args.tp:  # the report's KV rows are all ranks together, plus one row per rank
         per_rank = {name: ranks.gather(r.memory) for name, r in runs.items()}
@@ -282,6 +287,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"demo: {name} {'found' if found else 'did not find'} the code {expected}")
     if args.report_json and ranks.is_main():
         report = {
+            "model": args.model or DEFAULT_MODEL,
+            "pattern": pattern.source,
             "sparsity": streaming / heads,
             "sink": layouts[0].sink,
             "window": layouts[0].window,

@@ -118,10 +118,11 @@ def prefill(
     *,
     chunk: int | None = None,
     progress: bool = False,
+    label: str = "prefill",
 ) -> torch.Tensor:
     """Feed the prompt input_ids [1, T] into `cache`, `chunk` tokens per forward (None or 0: all at once).
 
-    Returns the logits of the last prompt token, [1, V]. `progress` shows a tqdm bar (stderr) over tokens.
+    Returns the logits of the last prompt token, [1, V]. `progress` shows a tqdm bar (stderr) over tokens, named `label`.
     """
     total = input_ids.shape[1]
     step = total if not chunk else chunk
@@ -129,7 +130,7 @@ def prefill(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+        bar = tqdm(total=total, unit="tok", desc=label, file=sys.stderr, leave=False)
     logits = None
     for start in range(0, total, step):
         piece = input_ids[:, start : start + step]
@@ -256,6 +257,7 @@ def run_prompt(
     *,
     chunk: int | None = None,
     progress: bool = False,
+    label: str = "prefill",
     stop_ids: set[int] | frozenset[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
     cache=None,
@@ -267,6 +269,7 @@ def run_prompt(
     `lookup` > 0 drafts that many tokens per step from the prompt (see `decode`). `cache` defaults to
     `new_cache(model)` sized for the prompt and the new tokens; pass one to inspect it afterwards.
     `compile`: a static cache and a compiled decode step (`compiled_forward`); the prefill stays eager.
+    `label` names the prefill's progress bar.
     """
     if compile and lookup:
         raise ValueError("compiled decoding takes one token per step; it cannot be combined with prompt lookup")
@@ -277,7 +280,7 @@ def run_prompt(
     reset_peak_memory(device)
     _sync(device)
     start = time.perf_counter()
-    logits = prefill(model, input_ids, cache, chunk=chunk, progress=progress)
+    logits = prefill(model, input_ids, cache, chunk=chunk, progress=progress, label=label)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     tokens, steps, accepted = decode(

@@ -126,6 +126,17 @@ def test_auto_refuses_an_unknown_model_with_the_list_and_the_calibrate_command()
     assert "duohead calibrate --model someone/My-Llama-8B" in message
 
 
+def test_auto_names_the_shipped_pattern_of_a_renamed_copy_but_does_not_pick_it():
+    with pytest.raises(ValueError) as e:
+        auto_pattern(real_config(kv_heads=32, name="/models/my-copy"), None)
+    message = str(e.value)
+    assert "its shape matches llama-2-7b-32k-instruct (togethercomputer/Llama-2-7B-32K-Instruct, 32 x 32 x 128): if " in message
+    assert "that model (a renamed copy), pass the pattern by name, e.g. --pattern llama-2-7b-32k-instruct" in message
+    with pytest.raises(ValueError, match="if it is one of those models") as e:  # the 8B Llama shape: three patterns
+        auto_pattern(real_config(name="/models/my-llama"), None)
+    assert "llama-3-8b-instruct-gradient-1048k" in str(e.value) and "llama-3.1-8b-instruct (" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -189,6 +200,13 @@ def test_a_folder_holding_pattern_json_is_a_pattern(tmp_path):
     assert HeadPattern.load(tmp_path).window == 8
     assert load_pattern_for_cli(str(tmp_path), "some-model").window == 8
     assert HeadPattern.load(PACKAGE / "patterns" / "smollm2-135m-instruct").num_layers == 30
+
+
+def test_cli_pattern_auto_says_which_pattern_it_picked(capsys):
+    pattern = load_pattern_for_cli("auto", None)  # the default model, SmolLM2-135M-Instruct
+    assert pattern.num_layers == 30
+    err = capsys.readouterr().err
+    assert "pattern auto: smollm2-135m-instruct (shipped, made for HuggingFaceTB/SmolLM2-135M-Instruct)" in err
 
 
 def test_cli_pattern_auto_and_missing_pattern_message():

@@ -103,9 +103,12 @@ def test_kv_comparison_says_less_or_more(held, full, words):
     assert line.startswith(f"duohead holds {words} full attention would")
 
 
-def test_compare_full_runs_stock_model_side_by_side(tmp_path, tiny_model_dir, tiny_pattern_file):
+def test_compare_full_runs_stock_model_side_by_side(tmp_path, tiny_model_dir, tiny_pattern_file, capsys):
     report, rc = _run(tmp_path, tiny_model_dir, tiny_pattern_file, "--compare-full")
     assert rc == 0
+    assert (report["model"], report["pattern"]) == (str(tiny_model_dir), str(tiny_pattern_file))  # what was chosen
+    err = capsys.readouterr().err
+    assert "prefill, duohead:" in err and "prefill, full attention:" in err  # each run's progress bar says whose
     duo, full = report["runs"]["duohead"], report["runs"]["full attention"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
