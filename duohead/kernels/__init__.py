@@ -236,7 +236,7 @@ def streaming_attention(
     return _streaming_module(q.device, q.dtype).streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
 
 
-def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
+def streaming_append(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
     """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""

@@ -248,7 +248,7 @@ def masked_attention(
     return attended.masked_fill(~seen, 0.0)
 
 
-def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
+def streaming_append(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
     """Store new tokens in the streaming cache, in place (the layout of `StreamingView`).
 
     keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding, skipped; a row's real tokens are
@@ -287,7 +287,7 @@ def _copy_run(keys, values, pos, row, src, dst_k, dst_v, dst_pos, dst, n) -> Non
         dst_pos[row, dst : dst + n] = pos[row, src : src + n]
 
 
-def append_one(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
+def append_one(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
     """`streaming_append` of one new token per row, keys/values [B, Hkv, 1, D] at pos [B, 1], as index writes:
     no device-to-host read and no data-dependent branch, so a decode step stays traceable and capturable."""
     sink, ring = cache.sink_slots, cache.ring_slots

@@ -395,7 +395,7 @@ def _streaming_append_kernel(
         tl.store(RingPos + b * stride_rpb + ring_slot * stride_rpt, p, mask=to_ring)
 
 
-def streaming_append(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, cache: StreamingView) -> None:
+def streaming_append(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
     """Store new tokens in the streaming cache, in place: semantics of `duohead.kernels.reference.streaming_append`.
 
     keys, values [B, Hkv, Q, D] at real positions pos [B, Q] (-1 = padding); cache (written) as in the header.
