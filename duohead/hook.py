@@ -132,11 +132,13 @@ def enable(
 
 def _check_not_quantized(model: torch.nn.Module) -> None:
     """Raise ValueError for a model loaded with a quantization_config (bitsandbytes, GPTQ, AWQ, ...). A GGUF
-    checkpoint is dequantised on load (plain tensors) and passes."""
-    quant = getattr(model.config, "quantization_config", None)
+    checkpoint is dequantised on load (plain tensors) and passes, though transformers keeps its GGUF quantizer on
+    the model (`hf_quantizer`)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant = getattr(model.config, "quantization_config", None) or getattr(quantizer, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     method = getattr(method, "value", method)
-    if (quant is not None and method != "gguf") or getattr(model, "hf_quantizer", None) is not None:
+    if (quant is not None or quantizer is not None) and method != "gguf":
         raise ValueError(
             f"duohead does not support quantized models (quantization_config: {method or quant!s}): enable() reorders "
             "the heads of q/k/v/o_proj, which needs plain weight tensors; load the model without quantization_config"

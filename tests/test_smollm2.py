@@ -116,3 +116,21 @@ def test_eval_scores_one_where_smollm2_finds_the_passkey(tmp_path):
         (row,) = method["results"]
         assert row["output"].strip().startswith(row["answer"]) and row["score"] == 1.0, (method["name"], row)
         assert method["summary"]["mean"] == 1.0
+
+
+def test_a_gguf_model_loaded_by_transformers_is_enabled():
+    """transformers dequantises a GGUF checkpoint to plain tensors but keeps its GGUF quantizer on the model; enable
+    lets it pass (other quantizers are refused, tests/test_ecosystem.py). On a short prompt (within sink + window)
+    every streaming head sees what full attention sees, so the tokens are stock transformers' tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from duohead.loading import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    stock = model.generate(ids, max_new_tokens=4, do_sample=False)
+    duohead.enable(model, "smollm2-135m-instruct")
+    assert duohead.is_enabled(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), stock)
