@@ -62,6 +62,7 @@ class SinkWindowManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = cdiv(kv_cache_spec.sink, self.block_size)
+        self._freed_up_to: dict[str, int] = {}  # per request: blocks before this index (past the sink) are null
 
     def _keeps(self, block: int, num_tokens: int) -> bool:
         """Whether block index `block` must hold real KV once `num_tokens` tokens are computed (sink or window)."""
@@ -88,11 +89,24 @@ class SinkWindowManager(SlidingWindowManager):
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
     ) -> None:
-        """Free the blocks wholly before the window of the next token, except the sink blocks."""
-        skipped_blocks = self.get_num_skipped_tokens(processed_computed_tokens) // self.block_size
+        """Free the blocks wholly before the window of the next token, except the sink blocks. Unlike a sliding
+        window's table, ours has null blocks between real ones (the middle of each long chunk), so the walk cannot
+        stop at the first null block: it starts where the previous one ended (`_freed_up_to`)."""
         blocks = self.req_to_blocks.get(request_id)
-        if blocks is not None:
-            self._remove_blocks_in_range(request_id, self.sink_blocks, min(skipped_blocks, len(blocks)))
+        if blocks is None:
+            return
+        start = self._freed_up_to.get(request_id, self.sink_blocks)
+        stop = min(self.get_num_skipped_tokens(processed_computed_tokens) // self.block_size, len(blocks))
+        freed = [blocks[b] for b in range(start, stop) if not blocks[b].is_null]
+        for b in range(start, stop):
+            blocks[b] = self._null_block
+        if freed:
+            self.block_pool.free_blocks(freed)
+        self._freed_up_to[request_id] = max(start, stop)
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        self._freed_up_to.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     @classmethod
     def find_longest_cache_hit(

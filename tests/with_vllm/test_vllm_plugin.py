@@ -188,3 +188,37 @@ def test_compiled_model_equals_eager(checkpoints, tmp_path):
     assert compiled[0] == eager[0]
     for a, b in zip(compiled[1], eager[1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_streaming_heads_hold_sink_and_window_blocks_whatever_the_length(checkpoints, tmp_path):
+    """vLLM's allocator, stepped by hand: per request, a streaming group never holds more than its sink block and two
+    windows of blocks (S = 8, W = 32, 32-token blocks: 1 + 2 x 2), through 64-token chunks of a 900-token prompt and
+    decode; a retrieval group holds every token."""
+    from vllm import LLM, SamplingParams
+    from vllm.distributed import cleanup_dist_env_and_memory
+    from vllm.inputs import TokensPrompt
+
+    path, _ = checkpoints["llama"]
+    settings = {"pattern": str(_pattern_file(tmp_path, MIXED, "llama")), "threshold": 0.5}
+    llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=1024,
+              max_num_batched_tokens=64, block_size=32, hf_overrides={"duohead": settings})  # fmt: skip
+    engine = llm.llm_engine
+    kv_cache_manager = engine.engine_core.engine_core.scheduler.kv_cache_manager
+    managers, free_at_start = kv_cache_manager.coordinator.single_type_managers, kv_cache_manager.block_pool.get_num_free_blocks()
+    kinds = {type(m.kv_cache_spec).__name__ for m in managers}
+    assert kinds == {"FullAttentionSpec", "SinkWindowSpec"}  # one KV head per module: two kinds of group
+    engine.add_request("long", TokensPrompt(prompt_token_ids=prompts((900,))[0]), SamplingParams(max_tokens=40, ignore_eos=True))
+    peak = {"FullAttentionSpec": 0, "SinkWindowSpec": 0}
+    while engine.has_unfinished_requests():
+        engine.step()
+        for manager in managers:
+            for blocks in manager.req_to_blocks.values():
+                kind = type(manager.kv_cache_spec).__name__
+                peak[kind] = max(peak[kind], sum(not b.is_null for b in blocks))
+    free_at_end = kv_cache_manager.block_pool.get_num_free_blocks()
+    del llm, engine, managers, kv_cache_manager
+    gc.collect()
+    cleanup_dist_env_and_memory()
+    assert peak["SinkWindowSpec"] <= 1 + 2 * 2
+    assert peak["FullAttentionSpec"] == -(-(900 + 40 - 1) // 32)
+    assert free_at_end == free_at_start  # every block went back to the pool
