@@ -33,12 +33,14 @@ from duohead.cli_support import (
     adopt_recorded,
     check_fraction,
     check_model_source,
+    cpu_threads,
     given_options,
     load_model_for_cli,
     load_pattern_for_cli,
     recorded_value,
     resolve_device,
     run_cli,
+    use_cpu_threads,
 )
 from duohead.files import atomic_write_text
 
@@ -124,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs that other processes leave idle)",
+    )
+    p.add_argument(
         "--tp",
         action="store_true",
         help="tensor parallel over the processes of `torchrun --nproc-per-node N -m duohead eval --tp ...` (rank 0 reports)",
@@ -181,6 +188,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--limit must be >= 1")
     if args.prefill_chunk < 0:
         raise ValueError("--prefill-chunk must be >= 0 (0 = all at once)")
+    cpu_threads(args.threads)
 
 
 def build_methods(args: argparse.Namespace, pattern: HeadPattern | None, config) -> list[Method]:
@@ -358,11 +366,12 @@ def _run(args: argparse.Namespace) -> int:
     pattern = load_pattern_for_cli(args.pattern, args.model, args.gguf_file) if "pattern" in args.methods else None
     out = Path(args.out)
     device = resolve_device(args.device)
+    threads = use_cpu_threads(args.threads)[1] if device.type == "cpu" else None  # said below, with the grid's size
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     methods = build_methods(args, pattern, model.config)
     items = build_prompts(args, tokenizer, model.config)
     if ranks.is_main():
-        print(f"eval: {len(items)} prompts x {len(methods)} methods", file=sys.stderr)
+        print(f"eval: {len(items)} prompts x {len(methods)} methods" + (f"; {threads}" if threads else ""), file=sys.stderr)
 
     previous = json.loads((out / RESULTS).read_text(encoding="utf-8")) if args.resume else None
     report = {

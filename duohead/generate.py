@@ -27,10 +27,12 @@ from duohead.cli_support import (
     check_fraction,
     check_model_source,
     check_prompt_fits,
+    cpu_threads,
     load_model_for_cli,
     load_pattern_for_cli,
     resolve_device,
     run_cli,
+    use_cpu_threads,
 )
 from duohead.files import atomic_write_text
 
@@ -57,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's)")
     src.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     src.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    src.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs that other processes leave idle)",
+    )
     src.add_argument(
         "--tp",
         action="store_true",
@@ -106,6 +113,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--compile decodes one token per step; drop --prompt-lookup or --compile")
     if args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 0 (0 = all at once); got {args.prefill_chunk}")
+    cpu_threads(args.threads)
     if args.demo and (args.model or args.gguf_file or args.prompt_file):
         raise ValueError("--demo uses the default model and its built-in prompt; drop --model/--gguf-file/--prompt-file")
     if args.tp:
@@ -166,9 +174,7 @@ class TokenPrinter:
             self.printed = text
 
 
-def _generate_one(
-    name: str, label: str, model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace
-) -> RunResult:
+def _generate_one(name: str, label: str, model, tokenizer, input_ids: torch.Tensor, args: argparse.Namespace) -> RunResult:
     """One run (`name`: duohead or full attention), headed by `label`; its prefill bar is named after it."""
     from duohead.runner import run_prompt
 
@@ -255,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
     if text is not None and not text.strip():
         raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
     device = resolve_device(args.device)
+    threads = use_cpu_threads(args.threads) if device.type == "cpu" else None  # (threads, the line saying why)
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     if args.demo:
         text, expected = prompts.demo_document(tokenizer)
@@ -281,6 +288,8 @@ def _run(args: argparse.Namespace) -> int:
         for name, r in runs.items():
             r.memory = {key: sum(m[key] for m in per_rank[name]) for key in r.memory}
     print(format_report(runs, per_rank))
+    if threads is not None:
+        print(threads[1])
     if args.demo:
         for name, r in runs.items():
             found = expected in tokenizer.decode(r.tokens, skip_special_tokens=True)
@@ -289,6 +298,7 @@ def _run(args: argparse.Namespace) -> int:
         report = {
             "model": args.model or DEFAULT_MODEL,
             "pattern": pattern.source,
+            "cpu_threads": threads[0] if threads else None,
             "sparsity": streaming / heads,
             "sink": layouts[0].sink,
             "window": layouts[0].window,

@@ -1,11 +1,15 @@
-"""Test setup: Triton runs in interpreter mode where there is no GPU (set before anything imports triton); tiny
-models split their caches at sink + window (below); and the fixtures the CLI tests share (the tiny model folder and
-its pattern, built once per session; see cli_model.py)."""
+"""Test setup: one CPU thread per process unless OMP_NUM_THREADS says otherwise (on a busy 2-core CPU the suite took
+46 min with torch's default threads and 5 min with one, as measured in issue 27); Triton runs in interpreter mode
+where there is no GPU (set before anything imports triton); tiny models split their caches at sink + window (below);
+and the fixtures the CLI tests share (the tiny model folder and its pattern, built once per session; see
+cli_model.py)."""
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fastest, and a busy CPU is not made busier
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -28,6 +28,8 @@ ARGUMENT_ERRORS = {
     "generate: sparsity above 1": ["generate", "--sparsity", "2"],
     "generate: no new tokens": ["generate", "--max-new-tokens", "0"],
     "generate: demo with a model": ["generate", "--demo", "--model", "somewhere"],
+    "generate: no threads": ["generate", "--threads", "0"],
+    "eval: no threads": ["eval", "--threads", "0"],
     "eval: sparsity above 1": ["eval", "--sparsities", "0.5,2"],
     "eval: lengths not numbers": ["eval", "--lengths", "1k"],
     "eval: unknown method": ["eval", "--methods", "oracle"],
@@ -70,6 +72,19 @@ def test_version_is_the_installed_distribution_s():
 
     proc = subprocess.run([sys.executable, "-m", "duohead", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == f"duohead {version('duohead')}\n"
+
+
+def test_cpu_threads_are_chosen_deliberately(monkeypatch):
+    from duohead.cli_support import cpu_threads
+
+    assert cpu_threads(3) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None) == (2, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, threads in ((0.0, 4), (1.4, 2), (3.5, 1), (9.0, 1)):  # the CPUs other processes leave idle, at least 1
+        monkeypatch.setattr("os.getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert cpu_threads(None) == (threads, f"4 CPUs, load {load:.1f}")
 
 
 def test_python_dash_m_duohead_is_the_command():

@@ -104,9 +104,10 @@ def test_kv_comparison_says_less_or_more(held, full, words):
 
 
 def test_compare_full_runs_stock_model_side_by_side(tmp_path, tiny_model_dir, tiny_pattern_file, capsys):
-    report, rc = _run(tmp_path, tiny_model_dir, tiny_pattern_file, "--compare-full")
+    report, rc = _run(tmp_path, tiny_model_dir, tiny_pattern_file, "--compare-full", "--threads", "1")
     assert rc == 0
     assert (report["model"], report["pattern"]) == (str(tiny_model_dir), str(tiny_pattern_file))  # what was chosen
+    assert report["cpu_threads"] == 1 and torch.get_num_threads() == 1
     err = capsys.readouterr().err
     assert "prefill, duohead:" in err and "prefill, full attention:" in err  # each run's progress bar says whose
     duo, full = report["runs"]["duohead"], report["runs"]["full attention"]

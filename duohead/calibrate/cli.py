@@ -17,7 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from duohead.calibrate.settings import CHECKPOINT, LOG, RULES, TrainConfig, check_options, checkpoint_settings
-from duohead.cli_support import DTYPES, adopt_recorded, given_options, recorded_value, run_cli
+from duohead.cli_support import (
+    DTYPES,
+    adopt_recorded,
+    cpu_threads,
+    given_options,
+    recorded_value,
+    run_cli,
+    use_cpu_threads,
+)
 from duohead.files import atomic_write_text
 
 PATTERN = "pattern.json"
@@ -81,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--haystack", nargs="+", metavar="FILE", help="UTF-8 text files to use as haystack (default: built-in prose)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs that other processes leave idle)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (default 10)")
     p.add_argument(
@@ -146,6 +159,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_options(args.steps, args.lr, args.reg, args.target_sparsity, args.rule)
     if args.sink < 0 or args.window < 1:
         raise ValueError(f"--sink must be >= 0 and --window >= 1 (tokens); got {args.sink} and {args.window}")
+    cpu_threads(args.threads)
     for dest in ("ctx_min", "ctx_max", "num_passkeys", "passkey_words", "checkpoint_every"):
         if getattr(args, dest) is not None and getattr(args, dest) < 1:
             raise ValueError(f"{_option(dest)} must be >= 1; got {getattr(args, dest)}")
@@ -177,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = use_cpu_threads(args.threads)[1] if device == "cpu" else None  # said when the steps start
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     folder = resolve_model_path(args.model, args.gguf_file)
     model_config = AutoConfig.from_pretrained(folder)
@@ -217,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         (out / PATTERN).unlink(missing_ok=True)
     _write_log(out / LOG, log_lines)
 
+    if threads is not None:
+        print(threads, file=sys.stderr)
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=calibrator.step_index, desc="calibrate", unit="step", dynamic_ncols=True)
     try:
