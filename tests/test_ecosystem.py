@@ -218,6 +218,7 @@ def test_cli_pattern_auto(tiny_model_dir, capsys):
     from duohead.cli_support import load_pattern_for_cli
 
     assert load_pattern_for_cli("auto", None).to_dict() == HeadPattern.load("smollm2-135m-instruct").to_dict()
+    assert capsys.readouterr().err.startswith("pattern auto: smollm2-135m-instruct")  # it says what it picked
     assert generate.main(["--model", str(tiny_model_dir), "--pattern", "auto", "--prompt-file", __file__]) == 2
     err = capsys.readouterr().err
     assert err.startswith("duohead generate: error: pattern 'auto': no shipped pattern is made for") and err.count("\n") == 1
