@@ -65,3 +65,12 @@ def test_leaf_modules_import_no_other_duohead_module():
     graph = import_graph()
     for leaf in ("duohead.architecture", "duohead.files"):
         assert graph[leaf] == set(), f"{leaf} imports {graph[leaf]}"
+
+
+def test_the_vllm_plugin_is_an_outer_layer():
+    """duohead.vllm (imported by vLLM through its entry point) uses the library; nothing of the library imports it,
+    so duohead runs where vLLM is not installed."""
+    graph = import_graph()
+    for module, imports in graph.items():
+        if not module.startswith("duohead.vllm"):
+            assert not {name for name in imports if name.startswith("duohead.vllm")}, f"{module} imports the vLLM plugin"
