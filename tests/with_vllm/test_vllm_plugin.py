@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +223,30 @@ def test_streaming_heads_hold_sink_and_window_blocks_whatever_the_length(checkpo
     assert peak["SinkWindowSpec"] <= 1 + 2 * 2
     assert peak["FullAttentionSpec"] == -(-(900 + 40 - 1) // 32)
     assert free_at_end == free_at_start  # every block went back to the pool
+
+
+def test_without_the_key_the_model_is_stock_vllm(checkpoints, tmp_path):
+    """With the plugin loaded, a model without the `duohead` key gives exactly what vLLM gives with the plugin not
+    loaded at all (VLLM_PLUGINS leaves it out, in a second process)."""
+    import json
+    import subprocess
+    import sys
+
+    path, _ = checkpoints["qwen2"]
+    token_prompts = prompts(LENGTHS[1:3], seed=6)
+    ours = run_vllm(path, token_prompts)
+    script = (
+        "import json, sys; sys.path[:0] = sys.argv[3:]; from test_vllm_plugin import run_vllm; "
+        "tokens, logprobs = run_vllm(sys.argv[1], json.loads(sys.argv[2])); "
+        "print('RESULT', json.dumps([tokens, [l.tolist() for l in logprobs]]))"
+    )
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "VLLM_PLUGINS": "lora_filesystem_resolver"}  # any list without duohead
+    command = [sys.executable, "-c", script, str(path), json.dumps(token_prompts), here, str(Path(here).parent)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "duohead" not in proc.stderr.lower().replace("/duohead/", "/")  # the plugin did not load there
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    tokens, logprobs = json.loads(line[len("RESULT ") :])
+    assert ours[0] == tokens
+    assert [lp.tolist() for lp in ours[1]] == logprobs
