@@ -15,22 +15,18 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 97, seed: int = 0):
-    """A seeded random model (fp32, eval, sdpa) small enough to run hundreds of forwards in seconds."""
+def tiny_model(
+    arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 97, seed: int = 0, **config
+):
+    """A seeded random model (fp32, eval, sdpa) small enough to run hundreds of forwards in seconds. `config`
+    overrides the config's other fields (hidden_size 64, head_dim 16, ...)."""
     torch.manual_seed(seed)
     extra = {"sliding_window": None} if arch == "mistral" else {}
     if arch == "qwen2":
         extra["use_sliding_window"] = False
+    fields = {"hidden_size": 64, "intermediate_size": 96, "head_dim": 16, "max_position_embeddings": 1024, **extra, **config}
     config = ARCHITECTURES[arch](
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=16,
-        max_position_embeddings=1024,
-        **extra,
+        vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, **fields
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     if arch == "qwen2":  # random init leaves biases at zero; make the bias reordering matter

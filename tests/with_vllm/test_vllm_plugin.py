@@ -18,8 +18,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 vllm = pytest.importorskip("vllm", reason="the vLLM tests run in the vLLM environment: make test-vllm")
 
 import torch  # noqa: E402
-from tiny_models import oracle_model  # noqa: E402
-from vllm_models import ARCHITECTURES, prompts, save_tiny_checkpoint  # noqa: E402
+from tiny_models import ARCHITECTURES, oracle_model  # noqa: E402
+from vllm_models import prompts, save_tiny_checkpoint  # noqa: E402
 
 import duohead  # noqa: E402
 from duohead import HeadPattern  # noqa: E402
