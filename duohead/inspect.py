@@ -66,16 +66,25 @@ def histogram_lines(gates: torch.Tensor, bins: int = 10, width: int = 40) -> lis
     ]
 
 
+def _field_lines(title: str, fields: dict) -> list[str]:
+    """A pattern's free-form dict as lines a person reads: `title:` then one `  key: value` line per field (nested
+    values stay compact JSON on their line)."""
+    if not fields:
+        return [f"{title}: (none recorded)"]
+    plain = lambda v: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return [f"{title}:", *(f"  {key}: {plain(value)}" for key, value in sorted(fields.items()))]
+
+
 def summary_lines(pattern: HeadPattern, sparsity: float) -> list[str]:
     """What `duohead inspect` prints for a pattern."""
     report = gate_report(pattern.gates, sparsity)
     layout = pattern.binarize(sparsity=sparsity)
     lines = [
         f"pattern: {pattern.source or '(in memory)'}",
-        f"model: {json.dumps(pattern.model, sort_keys=True)}",
+        *_field_lines("model", pattern.model),
         f"shape: {pattern.num_layers} layers x {pattern.num_kv_heads} KV heads = {report['heads']} gates",
         f"sink {pattern.sink}, window {pattern.window}",
-        f"provenance: {json.dumps(pattern.provenance, sort_keys=True)}",
+        *_field_lines("provenance", pattern.provenance),
         "gate histogram:",
         *histogram_lines(pattern.gates),
         f"saturated: {report['saturated_at_1']} at 1, {report['saturated_at_0']} at 0 (within {SATURATION}); "

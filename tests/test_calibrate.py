@@ -504,5 +504,6 @@ def test_inspect_prints_summary_and_draws_heatmap(tmp_path, capsys):
     assert inspect_main([str(path), "--sparsity", "0.5", "--png", str(tmp_path / "g.png")]) == 0
     printed = capsys.readouterr().out
     assert "2 layers x 2 KV heads" in printed and "margin 0.3" in printed and "sink 8, window 32" in printed
+    assert "model:\n  name: tiny\n" in printed and "provenance: (none recorded)" in printed  # lines, not raw JSON
     assert (tmp_path / "g.png").stat().st_size > 0
     assert inspect_main([str(tmp_path / "nope.json")]) == 2
