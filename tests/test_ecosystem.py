@@ -149,6 +149,14 @@ def test_bfloat16_on_cpu(tiny_model_dir, tiny_pattern_file):
     assert out.past_key_values.layers[0].dtype == torch.bfloat16
 
 
+def test_from_pretrained_loads_float32_on_a_cpu_machine_unless_told(tiny_model_dir, tiny_pattern_file, tmp_path):
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert duohead.from_pretrained(tmp_path / "bf16", tiny_pattern_file).dtype == (
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    )
+    assert duohead.from_pretrained(tmp_path / "bf16", tiny_pattern_file, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_other_cache_implementations_are_refused_with_the_reason(tiny_model_dir, tiny_pattern_file):
     """ "static" gives a static DuoCache (tests/test_compile.py); any other implementation is refused."""
     model = duohead.from_pretrained(tiny_model_dir, tiny_pattern_file)
