@@ -10,8 +10,9 @@ SmolLM2 pattern, sink 64 / window 256).
 1. capacity: for each max_model_len, the engine's KV pool (blocks, groups) and vLLM's own "maximum concurrency"
    (the pool over the blocks one request may hold: what admission reserves), beside duohead's byte formula
    (`duohead.accounting`: budget / KV bytes of one request at that length, no block rounding, no chunk in flight).
-2. admission: N requests of L tokens submitted at once (4 new tokens each); the most requests running at the same
-   time, and the KV blocks one request really held at its peak, per group kind (retrieval / streaming).
+2. admission: N requests of L tokens submitted at once, each decoding M tokens, with its own KV budget: the
+   most requests running at the same time (the pool decides it), and the KV blocks one request really held at its
+   peak, per group kind (retrieval / streaming).
    Parts 1 and 2 use a "KV twin" of SmolLM2: random weights with its KV shape (30 layers x 3 KV heads x 64) and a
    tiny MLP, so that hundreds of thousands of prompt tokens prefill in minutes; the allocator sees only the KV shape.
 3. throughput: the real SmolLM2-135M-Instruct, a batch of long prompts, stock and duohead at 50% alternating
@@ -103,13 +104,19 @@ def formula_requests(budget_bytes: int, sparsity: float | None, tokens: int) -> 
     return budget_bytes / per_request
 
 
-def capacity(twin: Path, lengths: list[int], budget_gib: float) -> list[dict]:
+def capacity(twin: Path, lengths: list[int], budget_gib: int) -> list[dict]:
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
     rows = []
     for length in lengths:
         for method, sparsity in METHODS.items():
-            llm = engine(twin, method, length, skip_tokenizer_init=True, enforce_eager=True)
+            try:
+                llm = engine(twin, method, length, skip_tokenizer_init=True, enforce_eager=True)
+            except ValueError as e:  # vLLM refuses a length of which not even one request fits the budget
+                rows.append({"max_model_len": length, "method": method, "refused": str(e).strip().splitlines()[-1][:300]})
+                print(json.dumps(rows[-1]), flush=True)
+                close()
+                continue
             scheduler = _scheduler(llm)
             config = scheduler.kv_cache_manager.kv_cache_config
             vllm_config = llm.llm_engine.vllm_config
@@ -138,16 +145,19 @@ def capacity(twin: Path, lengths: list[int], budget_gib: float) -> list[dict]:
     return rows
 
 
-def admission(twin: Path, length: int, requests: int) -> list[dict]:
+def admission(twin: Path, length: int, requests: int, new_tokens: int, budget_gib: int) -> list[dict]:
+    """Requests stay running for `new_tokens` decode steps while later ones prefill, so the running set grows until
+    the KV pool (`budget_gib`) admits no more."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(budget_gib)
     rows = []
     for method in METHODS:
-        llm = engine(twin, method, length + 16, skip_tokenizer_init=True, enforce_eager=True)
+        llm = engine(twin, method, length + new_tokens, skip_tokenizer_init=True, enforce_eager=True)
         core, scheduler = llm.llm_engine, _scheduler(llm)
         coordinator = scheduler.kv_cache_manager.coordinator
-        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         g = torch.Generator().manual_seed(0)
         for i in range(requests):
             ids = torch.randint(1, 256, (length,), generator=g).tolist()
@@ -168,6 +178,8 @@ def admission(twin: Path, length: int, requests: int) -> list[dict]:
             {
                 "method": method,
                 "prompt_tokens": length,
+                "new_tokens": new_tokens,
+                "budget_gib": budget_gib,
                 "requests": requests,
                 "peak_running": peak_running,
                 "peak_blocks_one_request": peak_blocks,
@@ -223,14 +235,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="capacity,admission,throughput")
     p.add_argument("--lengths", default="4096,16384,32768", help="max_model_len of the capacity part")
-    p.add_argument("--budget-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE for every engine (GiB)")
-    p.add_argument("--admission-length", type=int, default=4096)
-    p.add_argument("--admission-requests", type=int, default=24)
+    p.add_argument("--budget-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB) of capacity and throughput")
+    p.add_argument("--admission", default="14x4096+48@1", help="REQUESTSxPROMPT+NEW@GIB of the admission part (whole GiB)")
     p.add_argument("--throughput", default="4x3072+64", help="BATCHxPROMPT+NEW of the throughput part")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.budget_gib:g}"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.budget_gib)
     parts = args.parts.split(",")
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -242,8 +253,12 @@ def main() -> None:
         if "capacity" in parts:
             report["capacity"] = capacity(twin, [int(x) for x in args.lengths.split(",")], args.budget_gib)
         if "admission" in parts:
-            report["admission"] = admission(twin, args.admission_length, args.admission_requests)
+            shape, budget = args.admission.split("@")
+            requests, rest = shape.split("x")
+            prompt, new = rest.split("+")
+            report["admission"] = admission(twin, int(prompt), int(requests), int(new), int(budget))
     if "throughput" in parts:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.budget_gib)
         batch, rest = args.throughput.split("x")
         prompt, new = rest.split("+")
         report["throughput"] = throughput(int(prompt), int(batch), int(new), args.rounds)
