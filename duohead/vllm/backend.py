@@ -5,8 +5,10 @@ index tensors every streaming layer of the group uses: for each request r with C
 the queries' positions, the cache slots of the sink positions [0, min(S, C_r)) and of the window positions
 [max(S, C_r - W + 1), C_r) (the only cached keys a new token can see: key j is visible from query i iff j <= i and
 (j < S or i - j < W)). Each layer then gathers those keys into duohead's streaming-cache shape (sink [R, Hs, S, D],
-ring [R, Hs, W - 1, D], positions -1 where empty) and calls `duohead.kernels.streaming_attention` on all requests
-at once: the torch reference on the CPU, duohead's Triton kernel on CUDA. The gather reads S + W - 1 slots per
+ring [R, Hs, W - 1, D], positions -1 where empty: a `StreamingView`) and calls `duohead.kernels.streaming_attention`
+twice at most, once for the decoding requests (one query each) and once for the prefilling ones (padded to the
+longest chunk), so a chunk's length never pads the decodes: the torch reference on the CPU, duohead's Triton kernel
+on CUDA. The gather reads S + W - 1 slots per
 request and head, never the whole context.
 
 Cache layout (per layer): [num_blocks, Hs, block_size, 2 * D], keys in the first D channels, values in the last D.
@@ -66,24 +68,31 @@ class StreamingBackend(AttentionBackend):
 
 
 @dataclass
-class StreamingMetadata:
-    """Per step, shared by the streaming layers of one KV-cache group. Index tensors are int64 on the step's device.
+class StreamingBatch:
+    """Requests of one step that attend together; index tensors are int64 on the step's device.
 
     q_index, q_pos [R, Qm]: token index (into the step's N tokens) and position of each request's new tokens,
-    Qm = longest query; q_pos = -1 past a request's own query length (q_index then points at token 0).
+    Qm = the longest query of these requests; q_pos = -1 past a request's own query length (q_index then 0).
     sink_slot, sink_pos [R, S] and ring_slot, ring_pos [R, W - 1]: cache slots (block * block_size + offset) and
-    positions of the cached keys a new token may see; positions -1 (slot 0) where there is no such key.
-    slot_mapping [N]: where the step's keys are written (-1 = padding, not written)."""
+    positions of the cached keys a new token may see; positions -1 (slot 0) where there is no such key."""
 
-    num_actual_tokens: int
-    sink: int
-    window: int
     q_index: torch.Tensor
     q_pos: torch.Tensor
     sink_slot: torch.Tensor
     sink_pos: torch.Tensor
     ring_slot: torch.Tensor
     ring_pos: torch.Tensor
+
+
+@dataclass
+class StreamingMetadata:
+    """Per step, shared by the streaming layers of one KV-cache group: the decoding requests (one new token each)
+    and the prefilling ones as separate batches, so a prefill chunk's length never pads a decode; slot_mapping [N]:
+    where the step's keys are written (-1 = padding, not written)."""
+
+    sink: int
+    window: int
+    batches: list[StreamingBatch]
     slot_mapping: torch.Tensor
 
 
@@ -109,27 +118,33 @@ class StreamingMetadataBuilder(AttentionMetadataBuilder[StreamingMetadata]):
         starts = meta.query_start_loc[: reqs + 1].long()
         q_lens = starts[1:] - starts[:-1]
         cached = meta.seq_lens[:reqs].long() - q_lens  # C_r: tokens already in the cache
-        device = starts.device
-        steps = torch.arange(max(meta.max_query_len, 1), device=device)
+        table = meta.block_table_tensor[:reqs]
+        host_lens = meta.query_start_loc_cpu[1 : reqs + 1] - meta.query_start_loc_cpu[:reqs]
+        batches = []
+        for rows in (torch.nonzero(host_lens == 1)[:, 0], torch.nonzero(host_lens > 1)[:, 0]):
+            if len(rows):
+                longest = int(host_lens[rows].max())
+                rows = rows.to(starts.device)
+                batches.append(self._batch(starts[rows], q_lens[rows], cached[rows], table[rows], longest))
+        return StreamingMetadata(sink=self.sink, window=self.window, batches=batches, slot_mapping=meta.slot_mapping)
+
+    def _batch(self, starts, q_lens, cached, table, longest: int) -> StreamingBatch:
+        """The `StreamingBatch` of requests with first tokens `starts`, query lengths `q_lens` and `cached` tokens
+        (each [R]), block table [R, blocks], `longest` = max(q_lens)."""
+        device, reqs = starts.device, starts.shape[0]
+        steps = torch.arange(longest, device=device)
         real = steps[None, :] < q_lens[:, None]
-        q_index = (starts[:-1, None] + steps).masked_fill(~real, 0)
-        q_pos = (cached[:, None] + steps).masked_fill(~real, -1)
         sink_pos = torch.arange(self.sink, device=device).expand(reqs, self.sink)
         sink_pos = sink_pos.masked_fill(sink_pos >= cached[:, None], -1)
         ring_pos = cached[:, None] - (self.window - 1) + torch.arange(self.window - 1, device=device)
         ring_pos = ring_pos.masked_fill(ring_pos < self.sink, -1)  # earlier positions are sinks, or before the start
-        table = meta.block_table_tensor[:reqs]
-        return StreamingMetadata(
-            num_actual_tokens=meta.num_actual_tokens,
-            sink=self.sink,
-            window=self.window,
-            q_index=q_index,
-            q_pos=q_pos,
+        return StreamingBatch(
+            q_index=(starts[:, None] + steps).masked_fill(~real, 0),
+            q_pos=(cached[:, None] + steps).masked_fill(~real, -1),
             sink_slot=_slots(table, sink_pos, self.block_size),
             sink_pos=sink_pos,
             ring_slot=_slots(table, ring_pos, self.block_size),
             ring_pos=ring_pos,
-            slot_mapping=meta.slot_mapping,
         )
 
 
@@ -189,14 +204,16 @@ class StreamingImpl(AttentionImpl):
         """query [N, Hq, D], key, value [N, Hs, D] (already written to kv_cache) -> output [N, Hq, D]."""
         if attn_metadata is None:  # vLLM's warm-up and profiling runs
             return output
-        m = attn_metadata
         d = self.head_size
-        q = query[m.q_index].transpose(1, 2)  # [R, Hq, Qm, D]
-        k, v = key[m.q_index].transpose(1, 2), value[m.q_index].transpose(1, 2)  # [R, Hs, Qm, D]
-        sink_k, sink_v = _gather(kv_cache, m.sink_slot, d)
-        ring_k, ring_v = _gather(kv_cache, m.ring_slot, d)
-        cache = kernels.StreamingView(sink_k, sink_v, m.sink_pos, ring_k, ring_v, m.ring_pos, m.sink, m.window)
-        out = kernels.streaming_attention(q, k, v, m.q_pos, cache, self.scale)  # [R, Hq, Qm, D]
-        real = m.q_pos >= 0
-        output[m.q_index[real]] = out.transpose(1, 2)[real].to(output.dtype)
+        for b in attn_metadata.batches:
+            q = query[b.q_index].transpose(1, 2)  # [R, Hq, Qm, D]
+            k, v = key[b.q_index].transpose(1, 2), value[b.q_index].transpose(1, 2)  # [R, Hs, Qm, D]
+            sink_k, sink_v = _gather(kv_cache, b.sink_slot, d)
+            ring_k, ring_v = _gather(kv_cache, b.ring_slot, d)
+            cache = kernels.StreamingView(
+                sink_k, sink_v, b.sink_pos, ring_k, ring_v, b.ring_pos, attn_metadata.sink, attn_metadata.window
+            )
+            out = kernels.streaming_attention(q, k, v, b.q_pos, cache, self.scale)  # [R, Hq, Qm, D]
+            real = b.q_pos >= 0
+            output[b.q_index[real]] = out.transpose(1, 2)[real].to(output.dtype)
         return output
