@@ -94,6 +94,9 @@ def test_tie_structure_counts_equals_at_the_cut_and_binarize_picks_by_layer_head
     below = {"streaming": 2, "cut_gate": pytest.approx(0.2), "tied": 1, "tied_streaming": 1, "inside_tie": False}
     assert tie_structure(gates, 2 / 6) == below
     assert tie_structure(gates, 0.0)["cut_gate"] is None
+    # A tie that ends exactly at the cut: both 0.2s stream, the next gate up differs, so order decides nothing.
+    ends = tie_structure(torch.tensor([[0.1, 0.2], [0.2, 0.9]]), 0.75)
+    assert ends == {"streaming": 3, "cut_gate": pytest.approx(0.2), "tied": 2, "tied_streaming": 2, "inside_tie": False}
 
 
 @pytest.mark.parametrize(
