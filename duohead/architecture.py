@@ -1,15 +1,16 @@
 """What a model is, as far as duohead cares: supported architectures, KV-head counts and per-layer head layouts.
 
-A leaf module (it imports only torch): pattern, cache, attention, hook and calibration all read these facts
-from here, and nothing here reaches back into them.
+A leaf module (it imports nothing, torch included, so the CLIs read it before torch loads): pattern, cache,
+attention, hook and calibration all read these facts from here, and nothing here reaches back into them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # model_type -> where the decoder layers live. Biases (Qwen2) and per-head-dim q/k norms (Qwen3) need no
 # entry: biases are reordered with their rows whenever present, and q/k norms are shared by all heads.
@@ -39,6 +40,9 @@ def head_dim(config: Any) -> int:
     """Dimension D of one attention head: `head_dim`, or hidden_size / num_attention_heads where it is unset."""
     config = text_config(config)
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+DEFAULT_SINK, DEFAULT_WINDOW = 64, 256  # tokens a streaming head keeps when neither pattern nor user says (one definition)
 
 
 def check_sink_window(sink: Any, window: Any, where: str = "") -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from duohead import prompts, ranks
+from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--methods", type=_name_list, default=list(METHOD_KINDS), help=f"comma-separated: {','.join(METHOD_KINDS)}")
     p.add_argument("--sparsities", type=_float_list, default=[0.5, 0.75], help="for 'pattern' and 'random' (default 0.5,0.75)")
-    p.add_argument("--sink", type=int, help="sink tokens per streaming head (default: the pattern's, else 64)")
-    p.add_argument("--window", type=int, help="recent tokens per streaming head (default: the pattern's, else 256)")
+    p.add_argument("--sink", type=int, help=f"sink tokens per streaming head (default: the pattern's, else {DEFAULT_SINK})")
+    p.add_argument("--window", type=int, help=f"recent tokens per streaming head (default: the pattern's, else {DEFAULT_WINDOW})")
     p.add_argument("--tasks", type=_name_list, default=list(prompts.SAMPLERS), help="passkey,needle (default both)")
     p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="prompt tokens (default 1024,2048,4096)")
     p.add_argument("--depths", type=_float_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="fact depths in [0, 1]")
@@ -200,8 +201,8 @@ def build_methods(args: argparse.Namespace, pattern: HeadPattern | None, config)
 
     layers = config.num_hidden_layers
     kv_heads = num_kv_heads(config)
-    sink = args.sink if args.sink is not None else (pattern.sink if pattern else 64)
-    window = args.window if args.window is not None else (pattern.window if pattern else 256)
+    sink = args.sink if args.sink is not None else (pattern.sink if pattern else DEFAULT_SINK)
+    window = args.window if args.window is not None else (pattern.window if pattern else DEFAULT_WINDOW)
     methods: list[Method] = []
     for kind in args.methods:
         if kind == "full":

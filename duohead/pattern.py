@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from duohead.architecture import check_sink_window, head_dim, num_kv_heads, text_config
+from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, check_sink_window, head_dim, num_kv_heads, text_config
 from duohead.files import atomic_write_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
@@ -89,8 +89,8 @@ class HeadPattern:
         self,
         gates: torch.Tensor | list,
         *,
-        sink: int = 64,
-        window: int = 256,
+        sink: int = DEFAULT_SINK,
+        window: int = DEFAULT_WINDOW,
         model: dict[str, Any] | None = None,
         provenance: dict[str, Any] | None = None,
         source: str | None = None,
@@ -303,7 +303,7 @@ class HeadPattern:
                 "rule": f"gates within {CLIP_TOLERANCE} outside [0, 1] clipped to [0, 1] on import, as the reference does on load",  # noqa: E501
             }
             gates = gates.clamp(0.0, 1.0) + 0.0  # + 0.0: no negative zeros
-        sink, window = 64, 256
+        sink, window = DEFAULT_SINK, DEFAULT_WINDOW
         if config_path.exists():
             try:
                 config = json.loads(config_path.read_text(encoding="utf-8"))

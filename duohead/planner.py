@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from duohead.accounting import kv_bytes
+from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
 from duohead.cli_support import DTYPES, check_fraction, run_cli
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
     import torch
 
-DEFAULT_SINK, DEFAULT_WINDOW = 128, 256  # the reference's deployment setting (sink 128, recent 256)
 MODEL_CONFIG = "model-config.json"  # a shipped pattern's model config, beside its pattern.json
 _TOKEN_UNITS = {"": 1, "K": 2**10, "M": 2**20}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

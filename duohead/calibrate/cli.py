@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
 from duohead.calibrate.settings import CHECKPOINT, LOG, RULES, TrainConfig, check_options, checkpoint_settings
 from duohead.cli_support import (
     DTYPES,
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="relaxed",
         help=f"how gates move toward the target: {', '.join(RULES)} (default relaxed); see docs/calibration.md",
     )
-    p.add_argument("--sink", type=int, default=64, help="sink tokens of streaming heads during calibration (default 64)")
-    p.add_argument("--window", type=int, default=256, help="recent tokens of streaming heads during calibration (default 256)")
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK, help=f"sink tokens of streaming heads (default {DEFAULT_SINK})")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"recent tokens kept (default {DEFAULT_WINDOW})")
     p.add_argument("--ctx-min", type=int, help="shortest sample in tokens (default: ctx-max / 8, at least 4096)")
     p.add_argument("--ctx-max", type=int, help="longest sample in tokens (default: the model's maximum positions, at most 32768)")
     p.add_argument("--num-passkeys", type=int, default=10, help="passkeys per sample (default 10)")
