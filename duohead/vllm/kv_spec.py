@@ -69,9 +69,11 @@ class SinkWindowManager(SlidingWindowManager):
         return block < self.sink_blocks or block >= self.get_num_skipped_tokens(num_tokens) // self.block_size
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
-        """Real blocks the request needs for `num_tokens` slots: the new ones that `allocate_new_blocks` keeps."""
-        have = len(self.req_to_blocks.get(request_id, ()))
-        return sum(self._keeps(b, num_tokens) for b in range(have, cdiv(num_tokens, self.block_size)))
+        """Real blocks the request needs for `num_tokens` slots: the new ones that `allocate_new_blocks` keeps
+        (new sink blocks, and new blocks from the window's first on), counted without a walk over the prompt."""
+        have, need = len(self.req_to_blocks.get(request_id, ())), cdiv(num_tokens, self.block_size)
+        window_start = max(have, self.sink_blocks, self.get_num_skipped_tokens(num_tokens) // self.block_size)
+        return max(0, min(need, self.sink_blocks) - have) + max(0, need - window_start)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list:
         """Extend the request's block table to `num_tokens` slots: real blocks for sink and window positions, the
