@@ -71,7 +71,8 @@ class SplitAttention(nn.Module):
     KV head h and its G query heads go to `heads[h]`: a stock vLLM `Attention` (full KV) for a retrieval head, a
     `StreamingAttention` (sink + window) for a streaming head. One KV head per module gives every module of the model
     one of two KV specs (full, or sink + window, of one head each), so vLLM's allocator forms two kinds of KV-cache
-    groups with one page size, and pads no layers whatever the pattern's per-layer head counts (docs/serving.md)."""
+    groups with one page size: the pattern's per-layer head counts cost no padding (only very unequal totals of the
+    two kinds do, as at 75% streaming; docs/serving.md)."""
 
     def __init__(self, stock: Attention, retrieval: list[bool], sink: int, window: int) -> None:
         super().__init__()
