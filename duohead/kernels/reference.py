@@ -50,6 +50,8 @@ def retrieval_attention(
     key_is_real [B, T] bool or None (no padding). -> [B, Hq, Q, D].
     Query slot i (= T - Q + row) sees key slot j iff j <= i and key j is real. A padding query sees
     every key, so its (unused) output stays finite.
+    A masked chunk (Q > 1) runs with KV heads expanded to Hq: CUDA's flash backend takes no mask and its
+    memory-efficient one no GQA, so mask + GQA would fall to the math backend's fp32 scores [B, Hq, Q, T].
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
@@ -63,6 +65,8 @@ def retrieval_attention(
         mask = mask[None] & key_is_real[:, None, :]  # [B, Q, T]
         mask = mask | ~mask.any(dim=-1, keepdim=True)
         mask = mask[:, None]
+    if group > 1 and q_len > 1:  # [B, Hkv, T, D] -> [B, Hq, T, D]: a copy of T keys, not Q * T fp32 scores
+        k, v, group = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=group > 1)
 
 
