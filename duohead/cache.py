@@ -12,6 +12,7 @@ attention (`duohead.attention`) decides what each query sees.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from duohead import kernels
 from duohead.accounting import kv_bytes
-from duohead.architecture import LayerLayout, layer_layouts
+from duohead.architecture import LayerLayout, attention_modules, layer_layouts
 from duohead.kernels import reference
 from duohead.kernels.streaming_view import StreamingView
 
@@ -127,165 +128,217 @@ class StreamingKV:
 
 @dataclass
 class PendingKV:
-    """New keys/values of one layer, handed by `DuoCacheLayer.update` to the duohead attention, which
-    stores them once it knows which tokens are padding. keys, values [B, Hkv, Q, D]."""
+    """New keys/values of one layer, handed by `DuoCacheLayer.update` to the duohead attention, which passes them
+    back to `DuoCacheLayer.store` together with the forward's padding. keys, values [B, Hkv, Q, D]."""
 
     layer: DuoCacheLayer
     keys: torch.Tensor
     values: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RetrievalRead:
+    """What the retrieval heads attend to once the layer has stored the new tokens: keys, values [B, Hr, T, D], the
+    Q queries' own keys last, causal; key_is_real [B, T] bool or None (no padding). visible [B, Q, T] bool, when not
+    None, says exactly which keys each query sees instead (a static layer's fixed-shape step over every slot)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_is_real: torch.Tensor | None
+    visible: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StreamingWrite:
+    """The streaming heads' new tokens, keys, values [B, Hs, Q, D] at real positions q_pos [B, Q] (-1 = padding), and
+    the streaming cache as it was before them. The kernel attends, then stores them (attend-then-store:
+    `kernels.streaming_attention_and_append`), so no ring slot is overwritten before the new queries have read it."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    q_pos: torch.Tensor
+    cache: StreamingView
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """What one forward's attention reads from a `DuoCacheLayer` after `store`.
+
+    Unsplit (a dynamic layer holding every head's KV in one buffer): `unsplit` is every KV head's read
+    ([B, Hkv, T, D]) and `cached` the T - Q slots held before; past S + W slots the Λ rule hides some of them from
+    the streaming heads (heads `num_retrieval_heads`..). Split: `retrieval` (None without retrieval heads) and
+    `streaming` (None without streaming heads). q_pos [B, Q]: the new tokens' real positions (-1 = padding).
+    """
+
+    num_retrieval_heads: int
+    sink: int
+    window: int
+    q_pos: torch.Tensor
+    cached: int = 0
+    unsplit: RetrievalRead | None = None
+    retrieval: RetrievalRead | None = None
+    streaming: StreamingWrite | None = None
+
+
+def check_layout(layer: DuoCacheLayer, layout: LayerLayout | None) -> None:
+    """Raise ValueError unless `layer` was made for `layout`, the head layout its model's attention now has."""
+    if layout is layer.layout or layout == layer.layout:
+        return
+    if layout is None:
+        raise ValueError(
+            "this DuoCache belongs to a duohead-enabled model, and the model is no longer enabled (duohead.disable): "
+            "use a new cache of the model's own kind"
+        )
+    raise ValueError(
+        f"this DuoCache was made for another head layout ({layer.layout.num_retrieval_heads} retrieval KV heads, "
+        f"order {list(layer.layout.kv_order)}, sink {layer.layout.sink}, window {layer.layout.window}; the model now has "
+        f"{layout.num_retrieval_heads}, {list(layout.kv_order)}, {layout.sink}, {layout.window}): the model was enabled "
+        "again since; create a new cache with duohead.DuoCache.from_model(model)"
+    )
+
+
 class DuoCacheLayer(CacheLayerMixin):
-    """One decoder layer's cache: `RetrievalKV` for the first `num_retrieval_heads` KV heads,
-    `StreamingKV` for the rest. Filled by `duohead.attention`; `update` only defers.
+    """One decoder layer's cache: `RetrievalKV` for the first `num_retrieval_heads` KV heads, `StreamingKV` for the
+    rest. The layer stores tokens and counts them; the attention asks it what to attend to (`store`).
 
-    Dynamic (default): while every streaming head still sees every token (T <= S + W slots), all heads' KV sit
-    in one `unsplit` buffer and the attention runs as one call, exactly what full attention computes. On the CPU
-    the buffer keeps going for `kernels.split_margin` more slots (one call, the Λ rule as a per-head mask), where
-    two calls would cost more than the skipped tokens save. The first forward past `split_at` (S + W + that
-    margin) splits it into retrieval KV and sink + ring (allocated then). `seen` is a Python int.
-
-    Static (`static=True`, needs `max_length`): every buffer is allocated at the first forward, `seen` is a
-    0-dim device tensor, writes are index writes at `seen` and `slot_real` [B, C] keeps which retrieval slots
-    hold real tokens, so a decode step has fixed shapes, no host sync and no data-dependent branch: it can be
-    compiled (`torch.compile(..., fullgraph=True)`) and replayed.
+    transformers calls `update` before the attention knows which tokens are padding, so `update` hands the new
+    tokens on (`PendingKV`) and the duohead attention calls `store` with the forward's padding: the layer writes
+    the retrieval heads' tokens, advances `seen` (slots, padding included) and `real_seen` [B] (real tokens per
+    row), and returns a `LayerStep`. The streaming heads' tokens are written by the kernel that attends to them.
+    Two storage regimes, one class each: `DynamicDuoLayer` (grows; a short-prompt "unsplit" phase) and
+    `StaticDuoLayer` (fixed buffers, compilable). `layout` is the `LayerLayout` the layer was made for: a model
+    whose layout differs (re-enabled with another pattern, or disabled) is refused.
     """
 
     is_sliding = False
 
-    def __init__(
-        self,
-        num_retrieval_heads: int,
-        sink: int,
-        window: int,
-        max_length: int | None = None,
-        rollback: int = 0,
-        static: bool = False,
-    ):
+    def __init__(self, layout: LayerLayout, max_length: int | None = None, rollback: int = 0):
         super().__init__()
-        if static and not max_length:
-            raise ValueError("a static DuoCache needs max_length (tokens, padding included) to size its buffers")
-        self.num_retrieval_heads, self.sink, self.window = num_retrieval_heads, sink, window
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"DuoCache max_length must be a positive number of tokens or None; got {max_length!r}")
+        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
+            raise ValueError(f"DuoCache rollback must be an integer >= 0 (tokens); got {rollback!r}")
+        self.layout = layout
+        self.num_retrieval_heads, self.sink, self.window = layout.num_retrieval_heads, layout.sink, layout.window
         self.max_length = max_length  # expected tokens (slots); sizes the retrieval buffer up front
         self.rollback = rollback  # tokens `crop` can take back: streaming heads keep W + rollback recent tokens
-        self.static = static
-        self.is_compileable = static
-        self.unsplit: RetrievalKV | None = None  # all heads' KV while T <= split_at (dynamic only)
-        self.split_at = sink + window  # slots the unsplit buffer may hold: S + W + `kernels.split_margin(device)`
         self.retrieval: RetrievalKV | None = None
         self.streaming: StreamingKV | None = None
-        self.slot_real: torch.Tensor | None = None  # static only: [B, C] bool, which retrieval slots hold real tokens
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row
-        self.seen: int | torch.Tensor = 0  # slots seen, padding included (a 0-dim device tensor when static)
-        self.num_kv_heads = 0
+        self.seen: int | torch.Tensor = 0  # slots seen, padding included
+        self.num_kv_heads = len(layout.kv_order)
         self.head_dim = 0
         self.dtype = None
+        self._module: weakref.ref | None = None  # the attention module this layer serves, when known (`watch`)
+
+    def watch(self, module: torch.nn.Module) -> None:
+        """Serve only `module` as it is now: once it is disabled or re-enabled with another layout, `update` refuses."""
+        self._module = weakref.ref(module)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        batch, self.num_kv_heads, q_len, self.head_dim = key_states.shape
-        hr = self.num_retrieval_heads
-        self.real_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
-        if self.static:
-            self._allocate_static(key_states)
-        else:
-            self.split_at = self.sink + self.window + kernels.split_margin(self.device)
-            if self.num_kv_heads > hr and q_len <= self.split_at:
-                short = self.sink + self.window if self.max_length is None else min(self.split_at, self.max_length)
-                self.unsplit = RetrievalKV.empty(key_states, capacity=_round_up(max(q_len, short)))
-            else:
-                self._allocate_split(key_states, q_len)
+        self.head_dim = key_states.shape[3]
+        self.real_seen = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
+        self._allocate(key_states)
         self.is_initialized = True
 
-    def _allocate_static(self, like: torch.Tensor) -> None:
-        """Allocate every buffer for max_length slots, at fixed addresses (static)."""
-        hr, batch = self.num_retrieval_heads, like.shape[0]
-        capacity = _round_up(self.max_length)
-        self.seen = torch.zeros((), dtype=torch.long, device=self.device)
-        self.slot_real = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
-        if hr > 0:  # zeros: the attention reads every slot (masked), and 0 x NaN of stale memory would be NaN
-            self.retrieval = RetrievalKV.empty(like[:, :hr], capacity=capacity)
-            self.retrieval.keys.zero_()
-            self.retrieval.values.zero_()
-        if self.num_kv_heads > hr:
-            self.streaming = StreamingKV(like[:, hr:], self.sink, self.window, self.rollback)
-        if not torch.compiler.is_compiling():  # fixed addresses let a compiled step be replayed (CUDA graphs)
-            for tensor in self._tensors():
-                torch._dynamo.mark_static_address(tensor)
+    def _allocate(self, like: torch.Tensor) -> None:
+        """Allocate the buffers at the first forward (like [B, Hkv, Q, D]: the first tokens)."""
+        raise NotImplementedError
 
-    def _allocate_split(self, like: torch.Tensor, tokens: int) -> None:
-        """Allocate retrieval KV (sized for max_length, else `tokens`, at least 256) and sink + ring (dynamic)."""
+    def _new_streaming(self, like: torch.Tensor) -> StreamingKV | None:
         hr = self.num_retrieval_heads
-        if hr > 0:
-            self.retrieval = RetrievalKV.empty(like[:, :hr], capacity=_round_up(max(tokens, self.max_length or 256)))
-        if like.shape[1] > hr:
-            self.streaming = StreamingKV(like[:, hr:], self.sink, self.window, self.rollback)
+        return StreamingKV(like[:, hr:], self.sink, self.window, self.rollback) if self.has_streaming_heads else None
 
-    def needs_split(self, q_len: int) -> bool:
-        """Whether `q_len` more slots take the unsplit layer past `split_at` (then call `split` before storing them)."""
-        return self.unsplit is not None and self.seen + q_len > self.split_at
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[PendingKV, PendingKV]:
+        """Defer: the duohead attention stores the tokens through `store` (it knows the padding). Returns the pending
+        tokens twice, in the places of keys and values."""
+        if self._module is not None and not torch.compiler.is_compiling():
+            module = self._module()
+            if module is not None:
+                check_layout(self, getattr(module, "duohead_layout", None))
+        batch, heads = key_states.shape[:2]
+        if heads != self.num_kv_heads:
+            raise ValueError(
+                f"this DuoCache layer was made for {self.num_kv_heads} KV heads; the model gave {heads}: "
+                "create the cache with duohead.DuoCache.from_model(model) for this model"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif batch != self.real_seen.shape[0]:
+            raise ValueError(
+                f"this DuoCache holds a batch of {self.real_seen.shape[0]} rows; the forward gave {batch}: a new batch "
+                "needs a new cache (duohead.DuoCache.from_model(model)), or use its batch methods (batch_select_indices, ...)"
+            )
+        pending = PendingKV(self, key_states, value_states)
+        return pending, pending
 
-    def split(self, key_is_real: torch.Tensor | None) -> None:
-        """Move the unsplit KV into retrieval KV and sink + ring. key_is_real [B, >= seen] bool (None: no padding)
-        gives the stored tokens' real positions. Once per layer, in eager mode (the reference append reads the host)."""
-        held = self.unsplit.length
-        keys, values = self.unsplit.keys[:, :, :held], self.unsplit.values[:, :, :held]
-        self.unsplit = None
-        self._allocate_split(keys, held + 1)
-        hr = self.num_retrieval_heads
-        if self.retrieval is not None:
-            self.retrieval.append(keys[:, :hr], values[:, :hr])
-        if key_is_real is None:
-            pos = torch.arange(held, device=keys.device).expand(keys.shape[0], held)
+    def store(
+        self, keys: torch.Tensor, values: torch.Tensor, query_is_real: torch.Tensor | None, key_is_real: torch.Tensor | None
+    ) -> LayerStep:
+        """Store the new tokens keys, values [B, Hkv, Q, D] of one forward and advance the counters; return what the
+        attention reads. query_is_real [B, Q] bool (None: no padding); key_is_real [B, T] bool over every slot, cached
+        and new (None: no padding, or a static layer, which keeps its slots' flags)."""
+        q_len = keys.shape[2]
+        if query_is_real is None:
+            q_pos = self.real_seen[:, None] + torch.arange(q_len, device=keys.device)
         else:
-            pos = reference.real_positions(key_is_real[:, :held])
-        self.streaming.append(keys[:, hr:], values[:, hr:], pos)
+            q_pos = (self.real_seen[:, None] + query_is_real.long().cumsum(dim=1) - 1).masked_fill(~query_is_real, -1)
+        step = self._store(keys, values, q_pos, query_is_real, key_is_real)
+        self.real_seen.add_(q_len if query_is_real is None else query_is_real.sum(dim=1))
+        return step
+
+    def _store(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q_pos: torch.Tensor,
+        query_is_real: torch.Tensor | None,
+        key_is_real: torch.Tensor | None,
+    ) -> LayerStep:
+        raise NotImplementedError
+
+    def _streaming_write(self, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor) -> StreamingWrite | None:
+        if self.streaming is None:
+            return None
+        hr = self.num_retrieval_heads
+        return StreamingWrite(keys[:, hr:], values[:, hr:], q_pos, self.streaming.view())
+
+    def _step(self, q_pos: torch.Tensor, **reads) -> LayerStep:
+        return LayerStep(self.num_retrieval_heads, self.sink, self.window, q_pos, **reads)
+
+    def _stores(self) -> tuple[RetrievalKV | None, ...]:
+        """The layer's growable KV stores (retrieval, and the unsplit buffer of a dynamic layer)."""
+        return (self.retrieval,)
 
     def _tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds (for static addresses)."""
         held = [self.real_seen]
-        if self.static:
-            held += [self.seen, self.slot_real]
-        for kv in (self.unsplit, self.retrieval):
+        for kv in self._stores():
             if kv is not None:
                 held += [kv.keys, kv.values]
         if self.streaming is not None:
             held += self.streaming.tensors()
         return held
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[PendingKV, PendingKV]:
-        """Defer: the duohead attention stores the tokens (it knows the padding). Returns the pending tokens twice,
-        in the places of keys and values."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        pending = PendingKV(self, key_states, value_states)
-        return pending, pending
-
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(cached + new slots, 0); a 0-dim tensor for a static layer, which tells the mask function to read only the
-        new tokens' columns of attention_mask (the cache keeps the earlier slots' padding)."""
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.max_length if self.static else -1
+        return -1
 
     def memory(self) -> dict[str, int]:
         """Bytes of KV held: retrieval (T tokens), streaming (S + W + rollback tokens), and what full attention would
-        hold. While the layer is unsplit (T <= `split_at`) every head holds its T tokens, as with full attention."""
+        hold. While a dynamic layer is unsplit every head holds its T tokens, as with full attention."""
         if not self.is_initialized:
             return {"retrieval_bytes": 0, "streaming_bytes": 0, "full_bytes": 0, "reserved_bytes": 0}
-        seen = int(self.seen)
         shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
-        if self.unsplit is not None:  # every head holds its T tokens, as with full attention
-            held = kv_bytes(self.num_kv_heads, 0, seen, 0, *shape)
-            reserved = kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]
-            return {**held, "reserved_bytes": reserved}
         hs = self.num_kv_heads - self.num_retrieval_heads
         slots = self.sink + self.streaming.ring_k.shape[2] if self.streaming else 0
-        held = kv_bytes(self.num_retrieval_heads, hs, seen, slots, *shape)
+        held = kv_bytes(self.num_retrieval_heads, hs, int(self.seen), slots, *shape)
         capacity = self.retrieval.keys.shape[2] if self.retrieval else 0
         reserved = held["streaming_bytes"] + kv_bytes(self.num_retrieval_heads, 0, capacity, 0, *shape)["retrieval_bytes"]
         return {**held, "reserved_bytes": reserved}
@@ -294,17 +347,12 @@ class DuoCacheLayer(CacheLayerMixin):
         """Apply a batch-dimension operation (select, reorder, repeat) to every stored tensor."""
         if not self.is_initialized:
             return
-        for name in ("unsplit", "retrieval"):
-            kv = getattr(self, name)
+        for kv in self._stores():
             if kv is not None:
-                mapped = RetrievalKV(fn(kv.keys), fn(kv.values))
-                mapped.length = kv.length
-                setattr(self, name, mapped)
+                kv.keys, kv.values = fn(kv.keys), fn(kv.values)
         if self.streaming is not None:
             s = self.streaming
             s.sink_k, s.sink_v, s.sink_pos, s.ring_k, s.ring_v, s.ring_pos = map(fn, s.tensors())
-        if self.slot_real is not None:
-            self.slot_real = fn(self.slot_real)
         self.real_seen = fn(self.real_seen)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -323,7 +371,7 @@ class DuoCacheLayer(CacheLayerMixin):
     @property
     def is_croppable(self) -> bool:
         """Whether `crop` can take tokens back: always for retrieval heads; streaming heads need rollback slots."""
-        return self.rollback > 0 or (self.is_initialized and not self.has_streaming_heads)
+        return self.rollback > 0 or not self.has_streaming_heads
 
     def activate_past_recording(self) -> None:
         """transformers' hook before assisted / prompt-lookup decoding, which rolls back rejected draft tokens:
@@ -357,22 +405,189 @@ class DuoCacheLayer(CacheLayerMixin):
         count = -tokens_to_remove
         if count == 0 or not self.is_initialized:
             return
-        if self.static:
-            end = int(self.seen)
-            self.slot_real[:, end - count : end] = False
-            self.seen.sub_(count)
-            self.real_seen.sub_(count).clamp_(min=0)
-        else:
-            self.seen -= count
-            self.real_seen = (self.real_seen - count).clamp_min(0)
-        for kv in (self.unsplit, self.retrieval):
-            if kv is not None and not self.static:
-                kv.length -= count
+        self._drop_slots(count)
+        self.real_seen.sub_(count).clamp_(min=0)
         if self.streaming is not None:
             self.streaming.drop_from(self.real_seen)
 
+    def _drop_slots(self, count: int) -> None:
+        """Forget the newest `count` slots of the retrieval stores and of `seen`."""
+        raise NotImplementedError
+
     def reset(self) -> None:
-        self.__init__(self.num_retrieval_heads, self.sink, self.window, self.max_length, self.rollback, self.static)
+        self.__init__(self.layout, self.max_length, self.rollback)
+
+
+class DynamicDuoLayer(DuoCacheLayer):
+    """A layer whose buffers grow with the tokens (the default). `seen` is a Python int.
+
+    Two phases. Unsplit: while the streaming heads still see every token (T <= S + W slots), all heads' KV sit in
+    one buffer (`unsplit`) and the attention is one call, exactly full attention. The buffer keeps going for the
+    backend's split margin (`kernels.split_margin`: on the CPU two calls would cost more than the skipped tokens
+    save; 0 elsewhere), the Λ rule then being a per-head mask. Split: the first forward past `split_at` moves the KV
+    into retrieval KV and sink + ring, once.
+    """
+
+    def __init__(self, layout: LayerLayout, max_length: int | None = None, rollback: int = 0):
+        super().__init__(layout, max_length, rollback)
+        self.unsplit: RetrievalKV | None = None  # every head's KV while T <= split_at
+        self.split_at = self.sink + self.window  # S + W + `kernels.split_margin(device)`, set at the first forward
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        q_len = like.shape[2]
+        self.split_at = self.sink + self.window + kernels.split_margin(self.device)
+        if self.has_streaming_heads and q_len <= self.split_at:
+            short = self.sink + self.window if self.max_length is None else min(self.split_at, self.max_length)
+            self.unsplit = RetrievalKV.empty(like, capacity=_round_up(max(q_len, short)))
+        else:
+            self._allocate_split(like, q_len)
+
+    def _allocate_split(self, like: torch.Tensor, tokens: int) -> None:
+        """Allocate retrieval KV (sized for max_length, else `tokens`, at least 256) and sink + ring."""
+        hr = self.num_retrieval_heads
+        if hr > 0:
+            self.retrieval = RetrievalKV.empty(like[:, :hr], capacity=_round_up(max(tokens, self.max_length or 256)))
+        self.streaming = self._new_streaming(like)
+
+    def _split(self, key_is_real: torch.Tensor | None) -> None:
+        """Move the unsplit KV into retrieval KV and sink + ring. key_is_real [B, >= seen] bool (None: no padding)
+        gives the stored tokens' real positions. Once per layer, in eager mode (the reference append reads the host)."""
+        held = self.unsplit.length
+        keys, values = self.unsplit.keys[:, :, :held], self.unsplit.values[:, :, :held]
+        self.unsplit = None
+        self._allocate_split(keys, held + 1)
+        hr = self.num_retrieval_heads
+        if self.retrieval is not None:
+            self.retrieval.append(keys[:, :hr], values[:, :hr])
+        if key_is_real is None:
+            pos = torch.arange(held, device=keys.device).expand(keys.shape[0], held)
+        else:
+            pos = reference.real_positions(key_is_real[:, :held])
+        self.streaming.append(keys[:, hr:], values[:, hr:], pos)
+
+    def _store(self, keys, values, q_pos, query_is_real, key_is_real) -> LayerStep:
+        cached, q_len = self.seen, keys.shape[2]
+        if self.unsplit is not None and cached + q_len > self.split_at:
+            self._split(key_is_real)
+        self.seen += q_len
+        if self.unsplit is not None:
+            all_keys, all_values = self.unsplit.append(keys, values)
+            return self._step(q_pos, cached=cached, unsplit=RetrievalRead(all_keys, all_values, key_is_real))
+        retrieval = None
+        if self.retrieval is not None:
+            hr = self.num_retrieval_heads
+            retrieval = RetrievalRead(*self.retrieval.append(keys[:, :hr], values[:, :hr]), key_is_real)
+        return self._step(q_pos, cached=cached, retrieval=retrieval, streaming=self._streaming_write(keys, values, q_pos))
+
+    def _stores(self) -> tuple[RetrievalKV | None, ...]:
+        return (self.unsplit, self.retrieval)
+
+    def memory(self) -> dict[str, int]:
+        if self.unsplit is None:
+            return super().memory()
+        shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
+        held = kv_bytes(self.num_kv_heads, 0, self.seen, 0, *shape)
+        reserved = kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]
+        return {**held, "reserved_bytes": reserved}
+
+    def _drop_slots(self, count: int) -> None:
+        self.seen -= count
+        for kv in self._stores():
+            if kv is not None:
+                kv.length -= count
+
+
+class StaticDuoLayer(DuoCacheLayer):
+    """A layer with fixed buffers, for compiled decoding (needs `max_length`).
+
+    Every buffer is allocated at the first forward for `capacity` slots (max_length rounded up to 64), `seen` is a
+    0-dim device tensor, writes are index writes at `seen` and `slot_real` [B, C] keeps which retrieval slots hold
+    real tokens, so a decode step has fixed shapes, no host sync and no data-dependent branch: it can be compiled
+    (`torch.compile(..., fullgraph=True)`) and replayed. Eager, a forward past `capacity` is refused.
+    """
+
+    is_compileable = True
+
+    def __init__(self, layout: LayerLayout, max_length: int | None = None, rollback: int = 0):
+        if not max_length:
+            raise ValueError("a static DuoCache needs max_length (tokens, padding included) to size its buffers")
+        super().__init__(layout, max_length, rollback)
+        self.capacity = _round_up(max_length)  # slots of every buffer
+        self.slot_real: torch.Tensor | None = None  # [B, C] bool: which retrieval slots hold real tokens
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        hr, batch = self.num_retrieval_heads, like.shape[0]
+        self.seen = torch.zeros((), dtype=torch.long, device=self.device)
+        self.slot_real = torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device)
+        if hr > 0:  # zeros: the attention reads every slot (masked), and 0 x NaN of stale memory would be NaN
+            self.retrieval = RetrievalKV.empty(like[:, :hr], capacity=self.capacity)
+            self.retrieval.keys.zero_()
+            self.retrieval.values.zero_()
+        self.streaming = self._new_streaming(like)
+        if not torch.compiler.is_compiling():  # fixed addresses let a compiled step be replayed (CUDA graphs)
+            for tensor in self._tensors():
+                torch._dynamo.mark_static_address(tensor)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return super()._tensors() + [self.seen, self.slot_real]
+
+    def _check_room(self, q_len: int) -> None:
+        """Refuse, eager, a forward that would take the layer past its capacity (compiled steps cannot read `seen`)."""
+        if torch.compiler.is_compiling() or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return
+        end = int(self.seen) + q_len
+        if end > self.capacity:
+            raise ValueError(
+                f"this static DuoCache holds {self.capacity} tokens (max_length={self.max_length}, rounded up to 64); "
+                f"this forward would take it to {end}: create it with a larger max_length"
+            )
+
+    def _store(self, keys, values, q_pos, query_is_real, key_is_real) -> LayerStep:
+        q_len = keys.shape[2]
+        self._check_room(q_len)
+        retrieval = None
+        if self.retrieval is not None:
+            retrieval = self._store_retrieval(
+                keys[:, : self.num_retrieval_heads], values[:, : self.num_retrieval_heads], query_is_real
+            )
+        step = self._step(q_pos, retrieval=retrieval, streaming=self._streaming_write(keys, values, q_pos))
+        self.seen.add_(q_len)
+        return step
+
+    def _store_retrieval(self, keys: torch.Tensor, values: torch.Tensor, query_is_real: torch.Tensor | None) -> RetrievalRead:
+        """Index-write keys, values [B, Hr, Q, D] at slots seen.. and say what to attend to. Compiled, or one token:
+        every slot under the mask `slot_real & causal` (fixed shapes). Eager with Q > 1 (prefill): the filled slots,
+        after one host read of `seen`."""
+        r, q_len = self.retrieval, keys.shape[2]
+        slots = self.seen + torch.arange(q_len, device=keys.device)  # [Q]
+        r.keys.index_copy_(2, slots, keys)
+        r.values.index_copy_(2, slots, values)
+        real = torch.ones_like(self.slot_real[:, :q_len]) if query_is_real is None else query_is_real
+        self.slot_real.index_copy_(1, slots, real)
+        if q_len > 1 and not torch.compiler.is_compiling():
+            end = int(self.seen) + q_len
+            key_is_real = None if query_is_real is None else self.slot_real[:, :end]
+            return RetrievalRead(r.keys[:, :, :end], r.values[:, :, :end], key_is_real)
+        visible = self.slot_real[:, None, :] & (torch.arange(r.keys.shape[2], device=keys.device) <= slots[:, None])
+        return RetrievalRead(r.keys, r.values, None, visible)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(cached + new slots, 0) as a 0-dim tensor, which tells the mask function to read only the new tokens'
+        columns of attention_mask (the layer keeps the earlier slots' padding)."""
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_length
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._map_batch(fn)
+        if self.slot_real is not None:
+            self.slot_real = fn(self.slot_real)
+
+    def _drop_slots(self, count: int) -> None:
+        end = int(self.seen)
+        self.slot_real[:, end - count : end] = False
+        self.seen.sub_(count)
 
 
 class DuoCache(Cache):
@@ -390,15 +605,21 @@ class DuoCache(Cache):
     """
 
     def __init__(self, layouts: Sequence[LayerLayout], max_length: int | None = None, rollback: int = 0, static: bool = False):
-        layers = [DuoCacheLayer(lay.num_retrieval_heads, lay.sink, lay.window, max_length, rollback, static) for lay in layouts]
-        super().__init__(layers=layers)
+        if isinstance(layouts, torch.nn.Module):
+            raise TypeError("DuoCache takes the layouts of a model's layers; for a model use duohead.DuoCache.from_model(model)")
+        layer_class = StaticDuoLayer if static else DynamicDuoLayer
+        super().__init__(layers=[layer_class(layout, max_length, rollback) for layout in layouts])
 
     @classmethod
     def from_model(
         cls, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0, static: bool = False
     ) -> DuoCache:
-        """An empty cache for a model prepared with `duohead.enable` (its layouts read off its attention modules)."""
-        return cls(layer_layouts(model), max_length=max_length, rollback=rollback, static=static)
+        """An empty cache for a model prepared with `duohead.enable` (its layouts read off its attention modules).
+        The cache then refuses that model once it is disabled or enabled with another layout."""
+        cache = cls(layer_layouts(model), max_length=max_length, rollback=rollback, static=static)
+        for layer, module in zip(cache.layers, attention_modules(model), strict=True):
+            layer.watch(module)
+        return cache
 
     def crop(self, tokens_to_remove: int) -> None:
         """Take back the newest -tokens_to_remove tokens in every layer, or raise ValueError and change nothing."""

@@ -13,7 +13,7 @@ import duohead
 from duohead import HeadPattern, kernels
 from duohead.architecture import LayerLayout
 from duohead.attention import duohead_attention, duohead_mask
-from duohead.cache import DuoCacheLayer, PendingKV
+from duohead.cache import DynamicDuoLayer, PendingKV
 
 SINK, WINDOW = 3, 6
 # mixed layers whose retrieval head is not first, so enable must move heads (offloaded weights would undo the move:
@@ -104,7 +104,7 @@ def test_padding_and_cache_follow_the_layers_device(monkeypatch):
     assert padding.query_is_real.device.type == "cpu"
     query = torch.empty(2, 4, 10, 16, device="meta")
     keys = torch.empty(2, 2, 10, 16, device="meta")
-    layer = DuoCacheLayer(1, SINK, WINDOW)
+    layer = DynamicDuoLayer(module.duohead_layout)
     layer.lazy_initialization(keys, keys)
     duohead_attention(module, query, PendingKV(layer, keys, keys), PendingKV(layer, keys, keys), padding)
     assert {name for name, _ in seen} == {"retrieval", "streaming"}
