@@ -44,13 +44,30 @@ class _DtypeTable(Mapping):
 DTYPES = _DtypeTable()
 
 
+class Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors (unknown option, value of the wrong type) are one line and exit 2,
+    like every other user error of the CLIs (argparse's own add the usage text above it)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def error_line(error: BaseException) -> str:
+    """A user error as one line: an OS error as "PATH: what went wrong", anything else its message, lines joined."""
+    if isinstance(error, OSError) and error.strerror and len(error.args) > 1:  # raised by the OS, not by duohead
+        where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+        return f"{where}: {error.strerror}" if error.filename else error.strerror
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def run_cli(command: str, body: Callable[[], int]) -> int:
     """Run a CLI body: the one place where a user error (bad value, missing file, file in the way, missing optional
-    package) becomes one line on stderr and exit code 2, and Ctrl-C exit code 130."""
+    package, a file system that refuses a write) becomes one line on stderr and exit code 2, and Ctrl-C exit code
+    130."""
     try:
         return body()
-    except USER_ERRORS as e:
-        print(f"duohead {command}: error: {e}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as e:
+        print(f"duohead {command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"duohead {command}: interrupted", file=sys.stderr)
@@ -138,9 +155,16 @@ def resolve_device(name: str | None) -> torch.device:
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; write cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: duohead runs on cpu or cuda; write cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     return device
 
 
@@ -153,6 +177,8 @@ def check_model_source(model: str | None, gguf_file: str | None) -> None:
             raise ValueError("--gguf-file needs --model FOLDER (the folder that holds the GGUF file)")
         return
     path = Path(model)
+    if path.suffix == ".gguf" and gguf_file is not None:
+        raise ValueError(f"--model {model} is a GGUF file and --gguf-file {gguf_file} names another; pass one of them")
     gguf = path if path.suffix == ".gguf" else (path / gguf_file if gguf_file else None)
     if gguf is None:
         resolve_model_path(model)  # FileNotFoundError: a missing folder, one without config.json, an id that does not resolve

@@ -138,6 +138,8 @@ def resolve_model_path(path: str | os.PathLike | None = None, gguf_file: str | N
         model_config(str(path))
         return str(path)
     path = Path(path)
+    if path.suffix == ".gguf" and gguf_file is not None:
+        raise ValueError(f"model {path} is a GGUF file and gguf_file={gguf_file!r} names another; pass one of them")
     if path.is_file() and path.suffix == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.exists():

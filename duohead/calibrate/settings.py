@@ -8,6 +8,7 @@ checkpoint, so a bad value or a conflicting option is answered at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -17,16 +18,17 @@ from typing import Any
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
 RULES = ("relaxed", "evidence", "lagrange", "instant")
+HAYSTACK_LIMIT = 256 << 20  # bytes read at most per --haystack file (a 32K-token sample needs ~150 KB of prose)
 
 
 def check_options(steps: int, lr: float, reg: float, target_sparsity: float | None, rule: str) -> None:
     """Raise ValueError, naming the option and its range, for a value no calibration can run with."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1; got {steps}")
-    if not lr > 0:
-        raise ValueError(f"--lr must be > 0; got {lr}")
-    if reg < 0:
-        raise ValueError(f"--reg must be >= 0; got {reg}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"--lr must be a finite number > 0; got {lr}")
+    if not 0 <= reg < math.inf:
+        raise ValueError(f"--reg must be a finite number >= 0; got {reg}")
     if target_sparsity is not None and not 0.0 <= target_sparsity <= 1.0:
         raise ValueError(f"--target-sparsity must be in [0, 1] (fraction of KV heads that stream); got {target_sparsity}")
     if rule not in RULES:

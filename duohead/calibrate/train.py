@@ -23,7 +23,8 @@ gate is wanted open. How the gates move (`TrainConfig.rule`, docs/calibration.md
   k gates get a downward net gradient from that one sample; AdamW; gates start at 1 (warm-up floor `reg`).
 
 A checkpoint holds the gates, the rule's state (AdamW moments, evidence, relaxed layout, multiplier) and the
-step; sample i depends only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A
+step, copied between two steps (`Calibrator.state`; a step interrupted half-way is never saved); sample i depends
+only on (seed, i), so a resumed run reproduces an uninterrupted one bit for bit. A
 finished run can be continued with more steps (the schedule is then the one of the new step count).
 """
 
@@ -33,7 +34,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ def weakest(values: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(values.detach().flatten().cpu(), stable=True).indices[:count]
 
 
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a checkpoint holds, copied at one moment: `step` steps done, the tensors and the string metadata."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
 class Calibrator:
     """Owns the gates' update rule, its state and the step counter; `step()` runs one sample."""
 
@@ -122,14 +132,17 @@ class Calibrator:
         supervised = sample.supervised.to(self.device)
         target = self.gated.teacher_states(ids, supervised)
         gates.grad = None
-        if cfg.mode in SIGNED:  # the student runs at the probe, the deployed gates wait
+        if cfg.mode in SIGNED:  # the student runs at the probe, the deployed gates wait (restored whatever happens)
             kept = gates.detach().clone()
-            with torch.no_grad():
-                gates.copy_(self._probe())
-        distill = self.gated.distill_backward(ids, supervised, target)
-        if cfg.mode in SIGNED:
-            with torch.no_grad():
-                gates.copy_(kept)
+            try:
+                with torch.no_grad():
+                    gates.copy_(self._probe())
+                distill = self.gated.distill_backward(ids, supervised, target)
+            finally:
+                with torch.no_grad():
+                    gates.copy_(kept)
+        else:
+            distill = self.gated.distill_backward(ids, supervised, target)
         lr = cfg.lr * lr_factor(self.step_index, cfg.steps, cfg.warmup, cfg.decay)
         record: dict[str, Any] = {"step": self.step_index + 1, "distill": distill, "lr": lr}
         if cfg.mode in SIGNED:
@@ -212,26 +225,33 @@ class Calibrator:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | os.PathLike, run: dict[str, Any] | None = None) -> None:
-        """Write gates, the rule's state, the step and the config to a safetensors file, atomically; `run`: further
-        JSON-ready settings to record beside the config (what `duohead calibrate --resume` needs to continue)."""
-        path = Path(path)
-        tensors = {"gates": self.gates.cpu().contiguous(), "evidence": self.evidence.contiguous()}
+    def state(self) -> CheckpointState:
+        """A copy of everything a checkpoint holds, as it is now (take it between steps: a step interrupted half-way
+        leaves the live state between two steps, and such a state must never be saved)."""
+        copy = lambda t: t.detach().to("cpu", copy=True).contiguous()
+        tensors = {"gates": copy(self.gates), "evidence": copy(self.evidence)}
         if self.relaxed is not None:
-            tensors["relaxed"] = self.relaxed.detach().cpu().contiguous()
+            tensors["relaxed"] = copy(self.relaxed)
         state = self.optimizer.state.get(self._adam_gates, {}) if self.optimizer is not None else {}
         if state:
-            tensors["adam.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-            tensors["adam.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
-            tensors["adam.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
+            tensors["adam.exp_avg"] = copy(state["exp_avg"])
+            tensors["adam.exp_avg_sq"] = copy(state["exp_avg_sq"])
+            tensors["adam.step"] = torch.as_tensor(state["step"], dtype=torch.float32).to("cpu", copy=True).reshape(1)
         metadata = {
             "step": str(self.step_index),
             "multiplier": repr(self.multiplier),
             "config": json.dumps(asdict(self.config), sort_keys=True),
         }
+        return CheckpointState(self.step_index, tensors, metadata)
+
+    def save(self, path: str | os.PathLike, run: dict[str, Any] | None = None, state: CheckpointState | None = None) -> None:
+        """Write `state` (default: the state now) to a safetensors file, atomically; `run`: further JSON-ready settings
+        to record beside the config (what `duohead calibrate --resume` needs to continue)."""
+        state = state if state is not None else self.state()
+        metadata = dict(state.metadata)
         if run is not None:
             metadata["run"] = json.dumps(run, sort_keys=True)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(Path(path), lambda tmp: save_file(state.tensors, tmp, metadata=metadata))
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save`; refuses one made with different settings (`steps` may
@@ -246,8 +266,8 @@ class Calibrator:
                 f"{path} was made with other settings: {', '.join(diffs)}; rerun with the same options or use --force"
             )
         step = int(metadata["step"])
-        if step >= self.config.steps:
-            raise ValueError(f"{path} is at step {step} already; pass --steps larger than {step} to continue it")
+        if step > self.config.steps:
+            raise ValueError(f"{path} is at step {step} already; pass --steps of at least {step} to continue it")
         tensors = load_file(str(path), device="cpu")
         with torch.no_grad():
             self.gated.gates.copy_(tensors["gates"].to(self.device))
