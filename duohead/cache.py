@@ -544,6 +544,11 @@ class StaticDuoLayer(DuoCacheLayer):
 
     def _store(self, keys, values, q_pos, query_is_real, key_is_real) -> LayerStep:
         q_len = keys.shape[2]
+        if keys.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "a static DuoCache is written in place and does not record gradients: run the model under "
+                "torch.no_grad() or torch.inference_mode(), as generate() does"
+            )
         self._check_room(q_len)
         retrieval = None
         if self.retrieval is not None:

@@ -65,8 +65,10 @@ class _DuoGenerationMixin:
             if implementation == "static":
                 max_length = max(max_length, getattr(generation_config, "max_cache_len", None) or 0)
                 model_kwargs[name] = DuoCache.from_model(self, max_length=max_length, static=True)
+            else:
+                model_kwargs[name] = DuoCache.from_model(self, max_length=max_length)
+            if implementation is not None:
                 return None  # transformers would refuse a cache together with cache_implementation
-            model_kwargs[name] = DuoCache.from_model(self, max_length=max_length)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def create_masks_for_generate(self, *args, attention_mask=None, inputs_embeds=None, **kwargs):
