@@ -1,7 +1,11 @@
-"""What a model is, as far as duohead cares: supported architectures, KV-head counts and per-layer head layouts.
+"""What a model is, as far as duohead cares: the table of supported families, KV-head counts and per-layer layouts.
 
 A leaf module (it imports nothing, torch included, so the CLIs read it before torch loads): pattern, cache,
-attention, hook and calibration all read these facts from here, and nothing here reaches back into them.
+attention, hook, sharding, calibration and the planner all read these facts from here, and nothing here reaches
+back into them. Adding a family whose attention is Llama's (q/k/v/o projections, RoPE or not, any scaling, per-head
+q/k norms, biases) is one `FAMILIES` entry plus its tests: everything that happens inside the attention module
+before the attention function (RoPE, partial or LongRoPE, skipped RoPE layers, norms, the module's `scaling`) is
+the same for every head and commutes with the head reorder; biases are reordered with their rows whenever present.
 """
 
 from __future__ import annotations
@@ -12,17 +16,90 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-# model_type -> where the decoder layers live. Biases (Qwen2) and per-head-dim q/k norms (Qwen3) need no
-# entry: biases are reordered with their rows whenever present, and q/k norms are shared by all heads.
-SUPPORTED_ARCHITECTURES = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers"}
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's attention, in the traits that change what duohead does.
+
+    model_type: transformers' `config.model_type` (and a GGUF's `general.architecture`).
+    special: what the family's attention adds to Llama's and what duohead does there (README's support table).
+    layers: dotted path from the causal LM to its decoder layers, each with a `self_attn`.
+    fused_qkv: name of a fused [q; k; v] row projection (Phi-3's `qkv_proj`), None for separate q/k/v_proj.
+    wide_qk_norm: q_norm / k_norm weights span every head ([Hq*D] / [Hkv*D], OLMo 2), so they follow the reorder.
+    tensor_parallel: None where duohead follows transformers' tp_plan, else why it cannot.
+    vllm: whether duohead's vLLM plugin (duohead.vllm) runs the family.
+    """
+
+    model_type: str
+    special: str
+    layers: str = "model.layers"
+    fused_qkv: str | None = None
+    wide_qk_norm: bool = False
+    tensor_parallel: str | None = None
+    vllm: bool = False
 
 
-def check_architecture(model_type: str | None, what: str = "duohead") -> None:
-    """Raise ValueError unless `model_type` (a config's `model_type`, a GGUF's architecture) is supported."""
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{what} does not support architecture {model_type!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
+_GATHERED = "transformers' tp_plan gathers the q/k/v outputs on every rank (colwise_gather_output), so heads are not rank-local"
+FAMILIES = {
+    family.model_type: family
+    for family in (
+        Family("llama", "none: the reference family", vllm=True),
+        Family("mistral", "sliding window: retrieval heads attend to the whole context (a warning says so)", vllm=True),
+        Family("qwen2", "q/k/v biases: reordered with their rows", vllm=True),
+        Family("qwen3", "per-head q/k RMSNorm: shared by every head, nothing to reorder", vllm=True),
+        Family("mixtral", "experts and router: untouched (only attention changes); sliding window as Mistral's"),
+        Family("qwen2_moe", "experts, shared expert and router: untouched; q/k/v biases reordered with their rows"),
+        Family("qwen3_moe", "experts and router: untouched; per-head q/k RMSNorm shared by every head"),
+        Family(
+            "phi3", "fused qkv_proj: the reorder permutes the q, k and v rows inside it; LongRoPE untouched",
+            fused_qkv="qkv_proj", tensor_parallel=_GATHERED,
+        ),
+        Family("smollm3", "layers without RoPE (no_rope_layers): the same for every head, nothing to do"),
+        Family(
+            "olmo2", "q/k RMSNorm over all heads at once: its weights are reordered with the heads",
+            wide_qk_norm=True, tensor_parallel=_GATHERED,
+        ),
+        Family("granite", "attention_multiplier scaling (and embedding/residual/logit multipliers): passed through"),
+        Family("glm4", "partial RoPE, q/k/v biases, extra post-norms: RoPE untouched, biases reordered with their rows"),
+    )
+}  # fmt: skip
+
+# Families duohead refuses, and what their attention needs that duohead's does not have yet.
+UNSUPPORTED = {
+    "gemma2": "attention-logit soft-capping, alternating local sliding-window layers and query_pre_attn_scalar scaling",
+    "gemma3": "alternating local sliding-window layers and per-layer RoPE bases (a multimodal config)",
+    "gemma3_text": "alternating local sliding-window layers and per-layer RoPE bases",
+    "gpt_oss": "learned per-head attention sinks (a softmax logit per query head) and alternating sliding layers",
+    "olmo3": "alternating local sliding-window layers",
+}
+
+
+def family(model_type: str | None, what: str = "duohead") -> Family:
+    """The `Family` of a config's `model_type` (or a GGUF's architecture); ValueError naming what is missing unless
+    it is supported."""
+    check_architecture(model_type, what)
+    return FAMILIES[model_type]
+
+
+def check_architecture(model_type: str | None, what: str = "duohead", *, vllm: bool = False) -> None:
+    """Raise ValueError unless `model_type` is supported (with `vllm`, by duohead's vLLM plugin)."""
+    supported = sorted(name for name, f in FAMILIES.items() if f.vllm or not vllm)
+    if model_type in supported:
+        return
+    if vllm and model_type in FAMILIES:
+        reason = " (duohead supports it in transformers, not yet in vLLM)"
+    elif model_type in UNSUPPORTED:
+        reason = f" (its attention needs {UNSUPPORTED[model_type]}, which duohead does not implement)"
+    else:
+        reason = ""
+    raise ValueError(f"{what} does not support architecture {model_type!r}{reason}; supported: {', '.join(supported)}")
+
+
+def check_tensor_parallel(model_type: str | None, what: str = "duohead") -> None:
+    """Raise ValueError where duohead cannot follow the family's tensor-parallel plan, naming why."""
+    reason = family(model_type, what).tensor_parallel
+    if reason is not None:
+        raise ValueError(f"{what} cannot run {model_type!r} tensor-parallel: {reason}; run it on one device per model")
 
 
 def text_config(config: Any) -> Any:
@@ -72,9 +149,8 @@ class LayerLayout:
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
-    check_architecture(getattr(model.config, "model_type", None))
     layers = model
-    for name in SUPPORTED_ARCHITECTURES[model.config.model_type].split("."):
+    for name in family(getattr(model.config, "model_type", None)).layers.split("."):
         layers = getattr(layers, name)
     return [layer.self_attn for layer in layers]
 

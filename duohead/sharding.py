@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duohead.architecture import LayerLayout, attention_modules, num_kv_heads
+from duohead.architecture import Family, LayerLayout, attention_modules, check_tensor_parallel, family, num_kv_heads
 
 # The attention entries of a tp_plan duohead can follow: style per module under `self_attn.`.
 KNOWN_ATTENTION_STYLES = {
@@ -99,6 +99,7 @@ def head_shard(model: torch.nn.Module) -> HeadShard | None:
     modules = attention_modules(model)
     if not any(_is_distributed(p) for attn in modules for p in attn.parameters()):
         return None
+    check_tensor_parallel(model.config.model_type)
     _check_plan(getattr(model, "tp_plan", None) or {})
     mesh = modules[0].k_proj.weight.device_mesh
     if mesh.ndim != 1:
@@ -160,10 +161,26 @@ def rank_layouts(layouts: list[LayerLayout], shard: HeadShard | None) -> list[La
     return sliced
 
 
-def _head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int) -> torch.Tensor:
-    """Row indices of a [num_kv_heads * heads_per_kv * head_dim, ...] projection, KV heads in `kv_order`."""
-    rows = [(kv * heads_per_kv + g) * head_dim + d for kv in kv_order for g in range(heads_per_kv) for d in range(head_dim)]
+def _head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """Row indices of a [num_kv_heads * heads_per_kv * head_dim, ...] block starting at row `offset`, KV heads in
+    `kv_order`."""
+    rows = [offset + (kv * heads_per_kv + g) * head_dim + d for kv in kv_order for g in range(heads_per_kv) for d in range(head_dim)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def _row_permutations(attn: torch.nn.Module, kind: Family, kv_order: list[int]) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """(module, row order) for every module whose weight rows (and bias) are per head: q/k/v projections, fused or
+    not, and q/k norms whose weights span every head."""
+    group, head_dim = attn.num_key_value_groups, attn.head_dim
+    q_rows, kv_rows = _head_rows(kv_order, group, head_dim), _head_rows(kv_order, 1, head_dim)
+    if kind.fused_qkv is not None:  # rows [q (Hq*D); k (Hkv*D); v (Hkv*D)]
+        q_size, kv_size = len(q_rows), len(kv_rows)
+        fused = torch.cat([q_rows, kv_rows + q_size, kv_rows + q_size + kv_size])
+        return [(getattr(attn, kind.fused_qkv), fused)]
+    found = [(attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)]
+    if kind.wide_qk_norm:
+        found += [(attn.q_norm, q_rows), (attn.k_norm, kv_rows)]
+    return found
 
 
 @torch.no_grad()
@@ -171,11 +188,10 @@ def permute_heads(attn: torch.nn.Module, kv_order: list[int]) -> None:
     """Reorder the heads of one attention module in place so that KV head kv_order[i] moves to place i.
 
     On a tensor-parallel rank, `kv_order` indexes the rank's own heads and only its local shards change."""
-    group, head_dim = attn.num_key_value_groups, attn.head_dim
-    for proj, heads_per_kv in ((attn.q_proj, group), (attn.k_proj, 1), (attn.v_proj, 1)):
-        for param in (proj.weight, proj.bias):
+    for module, rows in _row_permutations(attn, family(attn.config.model_type), kv_order):
+        for param in (module.weight, getattr(module, "bias", None)):
             if param is not None:
                 local = local_shard(param)
-                local.copy_(local.index_select(0, _head_rows(kv_order, heads_per_kv, head_dim).to(local.device)))
+                local.copy_(local.index_select(0, rows.to(local.device)))
     local = local_shard(attn.o_proj.weight)
-    local.copy_(local.index_select(1, _head_rows(kv_order, group, head_dim).to(local.device)))
+    local.copy_(local.index_select(1, _head_rows(kv_order, attn.num_key_value_groups, attn.head_dim).to(local.device)))

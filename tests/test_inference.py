@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, mixed_gates, oracle_model, tiny_model
+from tiny_models import FAMILIES, mixed_gates, oracle_model, tiny_model
 from transformers import AutoModelForCausalLM
 
 import duohead
@@ -29,7 +29,7 @@ def greedy(model, ids, steps=16, **kwargs):
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_all_retrieval_equals_stock_transformers(arch):
     model = tiny_model(arch)
     ids = torch.randint(1, 97, (2, 50), generator=torch.Generator().manual_seed(1))
@@ -51,7 +51,7 @@ def test_all_retrieval_equals_stock_transformers(arch):
 MARGINS = [0, 4 * WINDOW]
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("kind", ["mixed", "all_streaming"])
 @pytest.mark.parametrize("margin", MARGINS)
 def test_streaming_heads_follow_the_lambda_mask(arch, kind, margin, monkeypatch):
@@ -90,11 +90,12 @@ def test_lambda_mask_across_gqa_ratios(heads, kv_heads):
         assert_close(model(ids).logits, oracle(ids).logits)
 
 
+@pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("chunk", [1, WINDOW - 3, WINDOW + 5])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_chunked_prefill_equals_one_shot(chunk, margin, monkeypatch):
+def test_chunked_prefill_equals_one_shot(arch, chunk, margin, monkeypatch):
     monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=3), sink=SINK, window=WINDOW))
     ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_chunked_prefill_equals_one_shot(chunk, margin, monkeypatch):
         )
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("margin", MARGINS)  # the padded 40-token prefill stays unsplit (blocked), decoding splits
 def test_left_padded_batch_equals_each_prompt_alone(arch, margin, monkeypatch):
     monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)

@@ -1,39 +1,66 @@
-"""Tiny random-initialised causal LMs of every supported architecture, and an independent Λ oracle."""
+"""Tiny random-initialised causal LMs of every supported family, and an independent Λ oracle."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+import transformers
+from transformers import AttentionInterface, AutoModelForCausalLM
 
-ARCHITECTURES = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-}
+from duohead.architecture import FAMILIES as SUPPORTED
+
+IN_VOCABULARY = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # where a family's defaults exceed 97 tokens
+# family -> (transformers config class, the fields that make its special layers appear in a tiny model)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", {}),
+    "mixtral": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {"use_sliding_window": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+         "shared_expert_intermediate_size": 48},
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "phi3": ("Phi3Config", IN_VOCABULARY),
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2, **IN_VOCABULARY}),  # layer 1 (of 0-2) has no RoPE
+    "olmo2": ("Olmo2Config", IN_VOCABULARY),
+    "granite": ("GraniteConfig", {"attention_multiplier": 0.4, "embedding_multiplier": 2.0, "residual_multiplier": 0.5}),
+    "glm4": ("Glm4Config", {"attention_bias": True, **IN_VOCABULARY}),
+}  # fmt: skip
+ARCHITECTURES = tuple(arch for arch in FAMILIES if SUPPORTED[arch].vllm)  # the families duohead's vLLM plugin runs
+
+
+def config_class(arch: str) -> type:
+    """The transformers config class of `arch`; skips the test where this transformers lacks it."""
+    cls = getattr(transformers, FAMILIES[arch][0], None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {FAMILIES[arch][0]} ({arch})")
+    return cls
 
 
 def tiny_model(
     arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 97, seed: int = 0, **config
 ):
     """A seeded random model (fp32, eval, sdpa) small enough to run hundreds of forwards in seconds. `config`
-    overrides the config's other fields (hidden_size 64, head_dim 16, ...)."""
+    overrides the config's other fields (hidden_size 64, head_dim 16, ...). Biases and q/k norm weights are
+    random (not zeros / ones), so a reorder that forgot them would change the output."""
     torch.manual_seed(seed)
-    extra = {"sliding_window": None} if arch == "mistral" else {}
-    if arch == "qwen2":
-        extra["use_sliding_window"] = False
-    fields = {"hidden_size": 64, "intermediate_size": 96, "head_dim": 16, "max_position_embeddings": 1024, **extra, **config}
-    config = ARCHITECTURES[arch](
-        vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, **fields
-    )
+    fields = {"hidden_size": 64, "intermediate_size": 96, "head_dim": 16, "max_position_embeddings": 1024}
+    config = config_class(arch)(
+        vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        **{**fields, **FAMILIES[arch][1], **config},
+    )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    if arch == "qwen2":  # random init leaves biases at zero; make the bias reordering matter
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.normal_(0, 0.5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.3)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

@@ -41,7 +41,7 @@ def deployment_for(config: Any) -> Deployment:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(SETTINGS)}")
     if "pattern" not in settings:
         raise ValueError(f"{where} needs 'pattern': a shipped pattern name, 'auto', a pattern file or folder")
-    check_architecture(getattr(text_config(config), "model_type", None), what="duohead's vLLM plugin")
+    check_architecture(getattr(text_config(config), "model_type", None), what="duohead's vLLM plugin", vllm=True)
     options = {key: settings.get(key) for key in SETTINGS[1:]}
     try:
         return deploy(settings["pattern"], text_config(config), **options)
