@@ -37,7 +37,7 @@ def attend_range(
     """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
     Slot `skip` (-1: none) is neither loaded nor seen."""
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # slot * stride passes 2^31 past 512K tokens of 8B shapes
         n_mask = (offs_n < end) & (offs_n != skip)
         k_pos = tl.load(pos_base + offs_n * stride_pt, mask=n_mask, other=-1)
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)

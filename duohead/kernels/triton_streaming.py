@@ -24,6 +24,8 @@ with an online softmax and the Λ rule applied inside each tile:
 Ranges 3 and 4 are cut so they never overlap. Real tokens of a row are contiguous, so a new token's
 position is its slot minus one per-row offset; the ranges follow from that offset. New tokens outside
 sink ∪ window are never loaded: the work is O(Q * (S + W)).
+Offsets: batch, head and token indices are int64 before they meet a stride (a token slot times Hq * D passes
+2^31 past 512K tokens of Llama-3-8B's layout); tests/test_kernels_offsets.py checks past 4M.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _streaming_attention_kernel(
     h = (pid_bh % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, GROUP_PAD * BLOCK_Q)  # BLOCK_M rows: (query head g, token t)
     g = rows // BLOCK_Q
-    t = pid_q * BLOCK_Q + rows % BLOCK_Q
+    t = (pid_q * BLOCK_Q + rows % BLOCK_Q).to(tl.int64)  # token slot: int64 offsets (t * stride_qt) at any Q
     row_ok = (g < GROUP) & (t < q_len)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -372,7 +374,7 @@ def _streaming_append_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = (pid_bh % num_kv_heads).to(tl.int64)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # token slot: int64 offsets (t * stride_kt) at any Q
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     p = tl.load(Pos + b * stride_pb + t * stride_pt, mask=t < q_len, other=-1)
