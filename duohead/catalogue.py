@@ -95,6 +95,10 @@ def resolve_pattern(pattern: HeadPattern | str | os.PathLike, config: Any) -> He
     """A `HeadPattern` as given, "auto" (the shipped pattern for the model of `config`), or a file/folder/shipped name."""
     if isinstance(pattern, HeadPattern):
         return pattern
+    if not isinstance(pattern, (str, os.PathLike)):
+        raise TypeError(
+            f"pattern must be a HeadPattern, a pattern file or folder, a shipped pattern name or 'auto'; got {pattern!r}"
+        )
     if str(pattern) == "auto":
         return auto_pattern(config, getattr(config, "_name_or_path", None))[1]
     return HeadPattern.load(pattern)

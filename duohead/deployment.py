@@ -16,7 +16,7 @@ import torch
 
 from duohead.architecture import check_sink_window
 from duohead.catalogue import resolve_pattern, tie_structure
-from duohead.pattern import HeadPattern
+from duohead.pattern import HeadPattern, check_positions
 
 logger = logging.getLogger("duohead")
 
@@ -66,6 +66,7 @@ def deploy(
     sink = pattern.sink if sink is None else sink
     window = pattern.window if window is None else window
     check_sink_window(sink, window)
+    check_positions(sink, window, config)
     layout = pattern.binarize(sparsity=sparsity, threshold=threshold)
     if threshold is None and sparsity is not None:
         _warn_if_cut_in_tie(pattern, sparsity)

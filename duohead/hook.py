@@ -113,6 +113,8 @@ def enable(
     the pattern's. Returns the same model object, changed in place; `disable(model)` restores it exactly.
     Quantized models are refused (their weights are not plain tensors that the head reordering can permute).
     """
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"duohead.enable takes a transformers causal LM (a model with a .config); got {type(model).__name__}")
     check_architecture(getattr(model.config, "model_type", None))
     _check_not_quantized(model)
     chosen = deploy(pattern, model.config, sparsity=sparsity, threshold=threshold, sink=sink, window=window)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, check_sink_window, head_dim, num_kv_heads, text_config
-from duohead.files import atomic_write_text, refuse_overwrite
+from duohead.files import atomic_write_text, read_regular_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
 FORMAT_VERSION = 1
@@ -37,6 +37,8 @@ DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
 PATTERN_FILE = "pattern.json"  # the pattern inside a pattern folder (shipped or user-made)
 CLIP_TOLERANCE = 0.01  # reference gates this far outside [0, 1] are clipped on import (the reference clips on load)
+PATTERN_LIMIT = 64 << 20  # bytes read at most from a pattern file (1,000 layers x 1,000 KV heads is ~10 MB)
+MODEL_INTEGERS = ("num_layers", "num_kv_heads", "head_dim")  # fields of `model` that must be integers where present
 
 
 def shipped_root() -> Traversable:
@@ -63,6 +65,27 @@ def find_pattern(name_or_path: str | os.PathLike) -> Path | Traversable:
     raise FileNotFoundError(
         f"pattern {name_or_path} is neither a file nor a shipped pattern name (shipped: {', '.join(shipped_names()) or 'none'})"
     )
+
+
+def _read_json(path: Path | Traversable, what: str) -> Any:
+    """The JSON in `path` (a regular file of at most `PATTERN_LIMIT` bytes, or a shipped resource)."""
+    text = read_regular_text(path, what, PATTERN_LIMIT) if isinstance(path, Path) else path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be a duohead file") from None
+
+
+def check_positions(sink: int, window: int, config: Any, where: str = "") -> None:
+    """Raise ValueError if `sink` or `window` exceeds the model's positions (its config's `max_position_embeddings`):
+    a streaming head would then be allocated more tokens than the model can ever see."""
+    positions = getattr(text_config(config), "max_position_embeddings", None)
+    if isinstance(positions, int) and max(sink, window) > positions:
+        raise ValueError(
+            f"{where}sink {sink} / window {window} exceed the model's {positions} positions; use at most {positions} each"
+        )
 
 
 def _float32_text(value: float) -> str:
@@ -117,6 +140,13 @@ class HeadPattern:
                 f"{where}field 'gates' must lie in [0, 1]; layer {layer}, KV head {head} is {gates[layer, head].item()}"
             )
         check_sink_window(sink, window, where=f"{where}field ")
+        for field, value in (("model", model), ("provenance", provenance)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{where}field {field!r} must be a JSON object {{...}} or null; got {type(value).__name__}")
+        for field in MODEL_INTEGERS:
+            value = (model or {}).get(field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{where}field 'model.{field}' must be an integer >= 1; got {value!r}")
         provenance = dict(provenance or {})
         if default_sparsity is None and isinstance(provenance.get("target_sparsity"), (int, float)):
             default_sparsity = provenance["target_sparsity"]
@@ -192,6 +222,7 @@ class HeadPattern:
                 f"this model ({model_type or '?'}) has {theirs[0]} layers x {theirs[1]} KV heads"
                 f"{dim(theirs[2] if mine[2] else None)}"
             )
+        check_positions(self.sink, self.window, config, where=f"{where}: ")
         architecture = self.model.get("architecture")
         if architecture is not None and model_type is not None and architecture != model_type:
             raise ValueError(
@@ -230,12 +261,7 @@ class HeadPattern:
             if (path / DUO_TSV).is_file():
                 return cls.from_duo_attention(Path(path))
             raise FileNotFoundError(f"{path} is a folder without {PATTERN_FILE} or {DUO_TSV}; expected a duohead pattern")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); the file may be truncated") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a text file; expected a duohead pattern (JSON)") from None
+        data = _read_json(path, "pattern")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: field 'format' must be {FORMAT_NAME!r}; this is not a duohead pattern file")
         if data.get("version") != FORMAT_VERSION:
@@ -276,7 +302,7 @@ class HeadPattern:
         if not tsv.exists():
             raise FileNotFoundError(f"{tsv} does not exist (expected the reference's per-head gate table)")
         rows = []
-        for n, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_regular_text(tsv, "gate table", PATTERN_LIMIT).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -305,10 +331,9 @@ class HeadPattern:
             gates = gates.clamp(0.0, 1.0) + 0.0  # + 0.0: no negative zeros
         sink, window = DEFAULT_SINK, DEFAULT_WINDOW
         if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            config = _read_json(config_path, "reference config")
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: must be a JSON object with sink_size, recent_size; got {type(config).__name__}")
             sink, window = config.get("sink_size", sink), config.get("recent_size", window)
         return cls(gates, sink=sink, window=window, provenance=provenance, source=str(tsv))
 
