@@ -33,9 +33,10 @@ MODEL_CONFIG = "model-config.json"  # a shipped pattern's model config, beside i
 _TOKEN_UNITS = {"": 1, "K": 2**10, "M": 2**20}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-# tensor-parallel styles that split a parameter, and the dimension they split (weights; biases follow dim 0 or stay whole)
-_SHARD_DIM = {"colwise": 0, "colwise_gather_output": 0, "colwise_rep": 0, "rowwise": 1, "rowwise_rep": 1,
-              "rowwise_split_input": 1, "embedding_rowwise": 0, "embedding_colwise": 1}  # fmt: skip
+# tensor-parallel styles that split a parameter, and the dimension they split, from the end: a Linear weight is
+# [out, in], stacked experts [E, out, in] (biases of colwise styles split, the others stay whole)
+_SHARD_DIM = {"colwise": -2, "colwise_gather_output": -2, "colwise_rep": -2, "packed_colwise": -2, "rowwise": -1,
+              "rowwise_rep": -1, "rowwise_split_input": -1, "embedding_rowwise": -2, "embedding_colwise": -1}  # fmt: skip
 
 
 @dataclass
@@ -176,12 +177,12 @@ def weight_bytes_per_rank(config: Any, tp: int, itemsize: int) -> list[int]:
     totals = [0] * tp
     for name, param in model.named_parameters():
         module, _, kind = name.rpartition(".")
-        style = next((s for pattern, s in plan.items() if pattern.match(module)), None) if tp > 1 else None
-        dim = _SHARD_DIM.get(style)
-        if kind == "bias" and dim != 0:
-            dim = None  # a rowwise bias is added once, after the all-reduce: every rank keeps it whole
+        styles = [s for key in (name, module) for pattern, s in plan.items() if pattern.match(key)]  # experts: by name
+        dim = _SHARD_DIM.get(styles[0]) if styles and tp > 1 else None
+        if kind == "bias":
+            dim = -1 if dim == -2 else None  # a rowwise bias is added once, after the all-reduce: every rank keeps it whole
         for rank in range(tp):
-            if dim is None or param.ndim <= dim:
+            if dim is None or param.ndim < -dim:
                 totals[rank] += param.numel() * itemsize
             else:
                 size = param.shape[dim]
@@ -215,14 +216,24 @@ def plan_deployment(
     """Plan `config` with `layout` ([L, Hkv] bool, True = retrieval) at `context` tokens on `tp` GPUs.
 
     Raises ValueError where the KV heads do not split evenly over `tp` ranks (as duohead refuses at enable)."""
-    from duohead.architecture import LayerLayout, check_architecture, check_sink_window, num_kv_heads, text_config
+    from duohead.architecture import (
+        LayerLayout,
+        check_architecture,
+        check_sink_window,
+        check_tensor_parallel,
+        num_kv_heads,
+        text_config,
+    )
+    from duohead.architecture import head_dim as head_dim_of
     from duohead.sharding import HeadShard, rank_layouts
 
     config = text_config(config)
     check_architecture(getattr(config, "model_type", None), "duohead plan")
+    if tp > 1:
+        check_tensor_parallel(config.model_type, "duohead plan")
     check_sink_window(sink, window)
     layers, kv_heads = config.num_hidden_layers, num_kv_heads(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     if tuple(layout.shape) != (layers, kv_heads):
         raise ValueError(f"the layout is {tuple(layout.shape)}; this model has {layers} layers x {kv_heads} KV heads")
     _check_tp(kv_heads, tp)

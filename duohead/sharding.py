@@ -1,11 +1,12 @@
 """Tensor parallelism: which KV heads a rank holds under transformers' `tp_plan`, and the head reorder inside them.
 
-transformers' plan for the supported architectures (`tp_plan="auto"`) shards q/k/v_proj "colwise" (rows, weights
+transformers' plan for most supported families (`tp_plan="auto"`) shards q/k/v_proj "colwise" (rows, weights
 and biases `Shard(0)`) and o_proj "rowwise" (columns, `Shard(1)`) over a 1-D mesh of N ranks: rank r holds KV heads
 [r * Hkv / N, (r + 1) * Hkv / N) and their query heads, and runs attention on them alone. duohead follows that
 slice: a rank's layout is its slice of the pattern, the retrieval-first reorder moves heads only inside the rank's
 local shard (never across ranks), and a `DuoCache` built on the rank holds only its heads. The attention and the
-cache never see ranks: each rank simply has fewer heads. Plans duohead cannot follow are refused with the reason.
+cache never see ranks: each rank simply has fewer heads. Plans duohead cannot follow are refused with the reason,
+families whose plan gathers q/k/v on every rank (Phi-3, OLMo 2: `architecture.Family.tensor_parallel`) first.
 
 Shape letters: Hq query heads, Hkv KV heads (both global unless said per rank), D head dim, N ranks.
 """
@@ -67,7 +68,7 @@ def _check_plan(plan: dict[str, str]) -> None:
         if name not in KNOWN_ATTENTION_STYLES or style not in KNOWN_ATTENTION_STYLES[name]:
             raise _refuse(
                 f"{key!r} is {style!r}; duohead follows colwise q/k/v_proj and rowwise o_proj "
-                "(transformers' tp_plan='auto' for llama, mistral, qwen2, qwen3)"
+                "(transformers' tp_plan='auto' for the families duohead runs tensor-parallel)"
             )
         found[name] = style
     missing = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if name not in found]
@@ -161,10 +162,9 @@ def rank_layouts(layouts: list[LayerLayout], shard: HeadShard | None) -> list[La
     return sliced
 
 
-def _head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int, offset: int = 0) -> torch.Tensor:
-    """Row indices of a [num_kv_heads * heads_per_kv * head_dim, ...] block starting at row `offset`, KV heads in
-    `kv_order`."""
-    rows = [offset + (kv * heads_per_kv + g) * head_dim + d for kv in kv_order for g in range(heads_per_kv) for d in range(head_dim)]
+def _head_rows(kv_order: list[int], heads_per_kv: int, head_dim: int) -> torch.Tensor:
+    """Row indices of a [num_kv_heads * heads_per_kv * head_dim, ...] projection, KV heads in `kv_order`."""
+    rows = [(kv * heads_per_kv + g) * head_dim + d for kv in kv_order for g in range(heads_per_kv) for d in range(head_dim)]
     return torch.tensor(rows, dtype=torch.long)
 
 

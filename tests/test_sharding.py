@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_model
+from tiny_models import FAMILIES, tiny_model
 from tp_worker import padded_batch, tp_greedy
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import duohead
 from duohead import HeadPattern
+from duohead.architecture import FAMILIES as SUPPORTED
 from duohead.architecture import LayerLayout
 from duohead.evaluate import main as eval_main
 from duohead.generate import main as generate_main
@@ -38,7 +39,9 @@ GATES = {
     "skewed": [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]],
 }
 EVEN_VOCAB = 98  # transformers 5.17 shards lm_head's output across ranks: the vocabulary must divide by WORLD
-CASES = [("llama", "balanced"), ("qwen2", "balanced"), ("qwen2", "skewed")]
+TP_FAMILIES = [arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is None]  # transformers' plan, followed
+CASES = [(arch, "balanced") for arch in TP_FAMILIES] + [("qwen2", "skewed")]
+GATHERED = [arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is not None]  # refused: q/k/v gathered
 
 
 def _torchrun() -> list[str]:
@@ -51,7 +54,7 @@ def tp_run(tmp_path_factory):
     """Build the tiny models and patterns, run tests/tp_worker.py under torchrun once; (folder, cases) for the tests."""
     root = tmp_path_factory.mktemp("tp")
     cases = []
-    for arch in ("llama", "qwen2"):
+    for arch in FAMILIES:
         tiny_model(arch, heads=8, kv_heads=4, vocab=EVEN_VOCAB).save_pretrained(root / arch)
     tiny_model("llama", heads=4, kv_heads=1, vocab=EVEN_VOCAB).save_pretrained(root / "one-kv-head")
     for name, gates in GATES.items():
@@ -63,6 +66,8 @@ def tp_run(tmp_path_factory):
     unknown_plan = {"model.layers.*.self_attn.o_proj": "rowwise_rep"}  # o_proj's output replicated, not summed
     llama_balanced = {"model": str(root / "llama"), "pattern": str(root / "balanced.json")}
     cases.append({"name": "unknown-plan", **llama_balanced, "plan": unknown_plan})
+    for arch in GATHERED:
+        cases.append({"name": f"{arch}-gathered", "model": str(root / arch), "pattern": str(root / "balanced.json")})
     cases.append({"name": "indivisible", "model": str(root / "one-kv-head"), "pattern": str(root / "one-kv-head.json")})
     (root / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(duohead.__file__).parent.parent)])}
@@ -103,7 +108,7 @@ def test_tensor_parallel_greedy_tokens_equal_single_process(tp_run, arch, patter
             assert {k: 2 * v for k, v in rank["memory"].items()} == memory
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", TP_FAMILIES)
 def test_planner_weight_bytes_per_rank_match_transformers_sharding(tp_run, arch):
     ranks = _ranks(tp_run, f"{arch}-balanced")
     config = AutoConfig.from_pretrained(tp_run / arch)
@@ -130,6 +135,12 @@ def test_tensor_parallel_save_pretrained_writes_the_original_model(tp_run):
 def test_indivisible_kv_heads_are_refused_with_the_reason(tp_run):
     for rank in _ranks(tp_run, "indivisible"):
         assert "1 KV heads do not split evenly over 2 ranks" in rank["error"]
+
+
+@pytest.mark.parametrize("arch", GATHERED)
+def test_a_family_whose_plan_gathers_qkv_is_refused_with_the_reason(tp_run, arch):
+    for rank in _ranks(tp_run, f"{arch}-gathered"):
+        assert f"cannot run {arch!r} tensor-parallel: transformers' tp_plan gathers the q/k/v outputs" in rank["error"]
 
 
 def test_a_plan_duohead_does_not_know_is_refused_with_the_reason(tp_run):
