@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from duohead.accounting import kv_bytes
 from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
-from duohead.cli_support import DTYPES, check_fraction, run_cli
+from duohead.cli_support import DTYPES, Parser, check_fraction, run_cli
+from duohead.files import MiB, read_regular_text
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
     import torch
 
 MODEL_CONFIG = "model-config.json"  # a shipped pattern's model config, beside its pattern.json
+CONFIG_LIMIT = 16 * MiB  # bytes read at most from a config.json
+MAX_COUNT = 4096  # layers and heads a config may declare (bounds the plan's work: 1,000,000 layers took minutes)
 _TOKEN_UNITS = {"": 1, "K": 2**10, "M": 2**20}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -85,9 +89,12 @@ def parse_bytes(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 80GiB or 141GB (units: B, KB .. TB, KiB .. TiB)")
-    value = float(match.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"memory size must be positive; got {text!r}")
+    try:
+        value = float(match.group(1)) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 80GiB or 141GB") from None
+    if not 0 < value < math.inf:
+        raise ValueError(f"memory size must be a positive, finite number; got {text!r}")
     return int(value)
 
 
@@ -120,11 +127,11 @@ def load_config(model: str) -> Any:
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
-    if path.is_file():
+    if path.exists():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON model config ({e})") from None
+            data = json.loads(read_regular_text(path, "model config", CONFIG_LIMIT))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not a JSON model config ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict) or "model_type" not in data:
             raise ValueError(f"{path}: no 'model_type' field; expected a transformers config.json")
         check_architecture(data["model_type"], "duohead plan")
@@ -132,6 +139,18 @@ def load_config(model: str) -> Any:
     if path.suffix == ".json" or model.startswith((".", "/")):
         raise FileNotFoundError(f"model config {model} does not exist (pass a config.json, a model folder or a model id)")
     return model_config(model)
+
+
+def check_config_sizes(config: Any) -> None:
+    """Raise ValueError unless the config's layer and head counts are whole numbers in [1, `MAX_COUNT`] (the plan's
+    work grows with them; the largest models have ~130 layers and 128 heads)."""
+    for field in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size"):
+        value = getattr(config, field, None)
+        if field == "num_key_value_heads" and value is None:
+            continue  # absent: as many as attention heads
+        limit = MAX_COUNT if field != "hidden_size" else MAX_COUNT * 256
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"the model config's {field} must be a whole number in [1, {limit:,}]; got {value!r}")
 
 
 def shipped_model_config(name: str) -> Any | None:
@@ -317,7 +336,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duohead plan", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="duohead plan", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
         help="config.json, model folder or Hugging Face id (default: the model config a shipped --pattern ships, "
@@ -372,6 +391,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     gpu_memory = args.gpu_memory
     config = _config(args)
+    check_config_sizes(text_config(config))
     if args.pattern is not None:
         pattern = HeadPattern.load(args.pattern)
         pattern.validate(config)
