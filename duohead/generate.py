@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from duohead import prompts, ranks
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
+    Parser,
     check_fraction,
     check_model_source,
     check_prompt_fits,
@@ -34,7 +36,7 @@ from duohead.cli_support import (
     run_cli,
     use_cpu_threads,
 )
-from duohead.files import atomic_write_text
+from duohead.files import MiB, atomic_write_text, check_output_file, check_regular_file, read_regular_text
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
     import torch
@@ -43,10 +45,11 @@ if TYPE_CHECKING:  # torch and transformers load only once the arguments are che
     from duohead.runner import RunResult
 
 DEMO_SPARSITY = 0.5  # --demo without --sparsity/--threshold streams half of the KV heads
+PROMPT_LIMIT = 256 * MiB  # bytes read at most from --prompt-file or stdin (a 1M-token prompt is ~4 MB of text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duohead generate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="duohead generate", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("model and pattern")
     src.add_argument("--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct)")
     src.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the first step includes the compilation and is left out of decode tok/s",
     )
     run.add_argument("--compare-full", action="store_true", help="also run with full attention and compare")
-    run.add_argument("--report-json", help="also write the report as JSON to this file")
+    run.add_argument("--report-json", help="also write the report as JSON to this file (an existing one needs --force)")
+    run.add_argument("--force", action="store_true", help="replace an existing --report-json file")
     run.add_argument(
         "--demo",
         action="store_true",
@@ -105,6 +109,12 @@ def _check_args(args: argparse.Namespace) -> None:
     check_fraction("--sparsity", args.sparsity)
     if args.sparsity is not None and args.threshold is not None:
         raise ValueError("pass either --sparsity or --threshold, not both")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ValueError(f"--threshold must be a finite number (a head streams iff its gate < threshold); got {args.threshold}")
+    if args.sink is not None and args.sink < 0:
+        raise ValueError(f"--sink must be >= 0 (tokens); got {args.sink}")
+    if args.window is not None and args.window < 1:
+        raise ValueError(f"--window must be >= 1 (tokens); got {args.window}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if args.prompt_lookup < 0:
@@ -120,6 +130,12 @@ def _check_args(args: argparse.Namespace) -> None:
         ranks.world()  # refuses outside torchrun
         if args.device is not None:
             raise ValueError("--tp places each rank on its own device (torchrun's LOCAL_RANK); drop --device")
+    if args.prompt_file is not None:
+        check_regular_file(args.prompt_file, "prompt file", PROMPT_LIMIT)
+    if args.report_json is not None:
+        check_output_file(args.report_json, "--report-json", args.force)
+    elif args.force:
+        raise ValueError("--force replaces an existing --report-json file; pass --report-json FILE or drop --force")
 
 
 def _pattern(args: argparse.Namespace) -> HeadPattern:
@@ -128,16 +144,16 @@ def _pattern(args: argparse.Namespace) -> HeadPattern:
 
 def _read_prompt_text(args: argparse.Namespace) -> str:
     if args.prompt_file is not None:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+        return read_regular_text(args.prompt_file, "prompt file", PROMPT_LIMIT)
     if sys.stdin.isatty():
         raise ValueError("no prompt: pass --prompt-file FILE, pipe text on stdin, or use --demo")
-    return sys.stdin.read()
+    try:
+        text = sys.stdin.read(PROMPT_LIMIT + 1)
+    except UnicodeDecodeError:
+        raise ValueError("the prompt on stdin is not UTF-8 text") from None
+    if len(text) > PROMPT_LIMIT:
+        raise ValueError(f"the prompt on stdin is longer than {PROMPT_LIMIT:,} characters, the most duohead reads")
+    return text
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
@@ -256,11 +272,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.sparsity is None and args.threshold is None:
             args.sparsity = DEMO_SPARSITY
     check_model_source(args.model, args.gguf_file)
+    device = resolve_device(args.device)
     pattern = _pattern(args)
     text = None if args.demo else _read_prompt_text(args)
     if text is not None and not text.strip():
         raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
-    device = resolve_device(args.device)
     threads = use_cpu_threads(args.threads) if device.type == "cpu" else None  # (threads, the line saying why)
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     if args.demo:
@@ -308,6 +324,7 @@ def _run(args: argparse.Namespace) -> int:
             },
             **({"kv_per_rank": per_rank} if per_rank else {}),
         }
+        check_output_file(args.report_json, "--report-json", args.force)  # nothing appeared there meanwhile
         atomic_write_text(args.report_json, json.dumps(report, indent=2) + "\n")
     return 0
 

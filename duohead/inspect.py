@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from duohead.cli_support import run_cli
+from duohead.cli_support import Parser, check_fraction, run_cli
+from duohead.files import check_output_file
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked (a bad one is answered at once)
     import torch
@@ -103,15 +104,19 @@ def summary_lines(pattern: HeadPattern, sparsity: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="duohead inspect", description="Summarise a duohead head pattern.")
+    parser = Parser(prog="duohead inspect", description="Summarise a duohead head pattern.")
     parser.add_argument("pattern", help="pattern .json file, reference folder, or shipped pattern name")
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream at the cut (default 0.5)")
-    parser.add_argument("--png", help="also write the gate heat map to this PNG file (needs matplotlib)")
+    parser.add_argument("--png", help="also write the gate heat map to this PNG file (needs matplotlib; to replace one: --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --png file")
     args = parser.parse_args(argv)
     return run_cli("inspect", lambda: _inspect(args))
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    check_fraction("--sparsity", args.sparsity)
+    if args.png is not None:
+        check_output_file(args.png, "--png", args.force)
     from duohead.pattern import HeadPattern
     from duohead.plots import plot_gates
 

@@ -37,6 +37,7 @@ def _run(tmp_path, model_dir, pattern, *extra: str, prompt: str = PROMPT) -> tup
         "16",
         "--report-json",
         str(out),
+        "--force",  # tests call this more than once per folder
         *extra,
     ]
     rc = generate.main(argv)
