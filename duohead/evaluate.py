@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from duohead import prompts, ranks
+from duohead import prompts, ranks, ruler
 from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
 from duohead.cli_support import (
     DEFAULT_PATTERN,
     DTYPES,
+    Parser,
     adopt_recorded,
     check_fraction,
     check_model_source,
@@ -57,7 +60,7 @@ RESULTS_VERSION = 1
 RESULTS = "results.json"
 HEATMAPS = "heatmap_*.png"
 # the options that decide a grid's results: recorded in results.json, taken from it by --resume
-SETTINGS = ("model", "gguf_file", "pattern", "methods", "sparsities", "sink", "window", "tasks", "lengths", "depths",
+SETTINGS = ("model", "gguf_file", "pattern", "methods", "sparsities", "sink", "window", "suite", "tasks", "lengths", "depths",
             "samples", "limit", "seed", "max_new_tokens", "prefill_chunk", "dtype")  # fmt: skip
 PATH_SETTINGS = ("model", "pattern")  # recorded as absolute paths where they are local files
 
@@ -102,11 +105,20 @@ def _float_list(text: str) -> list[float]:
 
 
 def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+TASKS = {**prompts.SAMPLERS, **ruler.TASKS}
+SUITES = {"needle": tuple(prompts.SAMPLERS), "ruler": ruler.SUITE}
+MIN_LENGTH = {"passkey": 96, "needle": 96} | ruler.MIN_LENGTH  # checked before the model loads
+NEW_TOKENS = {"passkey": 8, "needle": 8} | ruler.NEW_TOKENS  # greedy tokens per prompt without --max-new-tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duohead eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="duohead eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local model folder, .gguf file or Hugging Face id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model FOLDER")
     p.add_argument(
@@ -116,13 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=_float_list, default=[0.5, 0.75], help="for 'pattern' and 'random' (default 0.5,0.75)")
     p.add_argument("--sink", type=int, help=f"sink tokens per streaming head (default: the pattern's, else {DEFAULT_SINK})")
     p.add_argument("--window", type=int, help=f"recent tokens per streaming head (default: the pattern's, else {DEFAULT_WINDOW})")
-    p.add_argument("--tasks", type=_name_list, default=list(prompts.SAMPLERS), help="passkey,needle (default both)")
+    p.add_argument("--suite", choices=sorted(SUITES), help="needle: passkey,needle (the default); ruler: RULER's tasks")
+    p.add_argument("--tasks", type=_name_list, help=f"comma-separated, from: {','.join(TASKS)} (default: the suite's)")
     p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="prompt tokens (default 1024,2048,4096)")
     p.add_argument("--depths", type=_float_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="fact depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="prompts per (task, length, depth) cell (default 1)")
     p.add_argument("--limit", type=int, help="run at most this many prompts per task, spread over the grid")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the random pattern (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per prompt (default 8)")
+    p.add_argument("--max-new-tokens", type=int, help="greedy tokens per prompt (default: 8, more for RULER tasks)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill forward; 0 = all at once")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
@@ -175,15 +188,20 @@ def _check_args(args: argparse.Namespace) -> None:
         if name not in METHOD_KINDS:
             raise ValueError(f"unknown method {name!r} in --methods; choose from {', '.join(METHOD_KINDS)}")
     for task in args.tasks:
-        if task not in prompts.SAMPLERS:
-            raise ValueError(f"unknown task {task!r} in --tasks; choose from {', '.join(prompts.SAMPLERS)}")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} in --tasks; choose from {', '.join(TASKS)}")
+    for task in args.tasks:
+        if min(args.lengths) < MIN_LENGTH[task]:
+            raise ValueError(
+                f"--lengths {min(args.lengths)} is too short for a {task} prompt: it needs at least {MIN_LENGTH[task]} tokens"
+            )
     for s in args.sparsities:
         check_fraction("--sparsities", s)
     for d in args.depths:
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"--depths must lie in [0, 1]; got {d}")
     for name in ("samples", "max_new_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
@@ -227,6 +245,11 @@ def select_cells(cells: list, limit: int | None) -> list:
     return [cells[round(i * (len(cells) - 1) / (limit - 1))] for i in range(limit)]
 
 
+def new_tokens(args: argparse.Namespace, task: str) -> int:
+    """Greedy tokens for a prompt of `task`: --max-new-tokens, else the task's own budget."""
+    return args.max_new_tokens if args.max_new_tokens is not None else NEW_TOKENS[task]
+
+
 def check_lengths(lengths: list[int], max_new_tokens: int, config) -> None:
     """Raise ValueError, with eval's fix (a smaller --lengths), if the longest prompt plus its new tokens would
     exceed the model's positions. A sample of length n has at most n tokens (`duohead.prompts`)."""
@@ -238,23 +261,21 @@ def check_lengths(lengths: list[int], max_new_tokens: int, config) -> None:
         )
 
 
-def build_prompts(args: argparse.Namespace, tokenizer, config) -> list[Prompt]:
+def build_prompts(args: argparse.Namespace, tokenizer) -> list[Prompt]:
     """Every prompt of the run, tokenized once. Each sample's seed derives from --seed and its cell."""
-    check_lengths(args.lengths, args.max_new_tokens, config)
     out: list[Prompt] = []
     for task in args.tasks:
-        cells = [(n, d, k) for n in args.lengths for d in args.depths for k in range(args.samples)]
+        depths = args.depths if task in prompts.SAMPLERS else [None]  # RULER tasks draw their depths from the seed
+        cells = [(n, d, k) for n in args.lengths for d in depths for k in range(args.samples)]
         for length, depth, k in select_cells(cells, args.limit):
             seed = random.Random(f"{args.seed}/{task}/{length}/{depth}/{k}").randrange(2**31)
-            sample = prompts.SAMPLERS[task](tokenizer, length, depth, seed)
+            if task in prompts.SAMPLERS:
+                sample = prompts.SAMPLERS[task](tokenizer, length, depth, seed)
+            else:
+                sample = ruler.TASKS[task](tokenizer, length, seed)
             ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
             out.append(Prompt(sample, k, ids))
     return out
-
-
-def score(answer: str, output: str) -> float:
-    """1.0 when the answer appears in the output (case-insensitive), else 0.0."""
-    return float(answer.lower() in output.lower())
 
 
 def evaluate_method(
@@ -271,14 +292,16 @@ def evaluate_method(
     import duohead
     from duohead.runner import run_prompt
 
+    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
     if method.pattern is not None:
         duohead.enable(model, method.pattern, sparsity=method.sparsity, sink=args.sink, window=args.window)
     try:
         rows = []
         for item in items:
-            result = run_prompt(model, item.input_ids, args.max_new_tokens, chunk=args.prefill_chunk)
-            output = tokenizer.decode(result.tokens, skip_special_tokens=True)
             s = item.sample
+            result = run_prompt(model, item.input_ids, new_tokens(args, s.task), chunk=args.prefill_chunk, stop_ids=stop)
+            output = tokenizer.decode(result.tokens, skip_special_tokens=True)
             rows.append(
                 {
                     "task": s.task,
@@ -287,17 +310,20 @@ def evaluate_method(
                     "sample": item.index,
                     "prompt_tokens": result.prompt_tokens,
                     "answer": s.answer,
+                    "answers": list(s.answers),
                     "output": output,
-                    "score": score(s.answer, output),
+                    "score": ruler.score(s.answers, output),
                     "prefill_seconds": result.prefill_seconds,
+                    "kv_bytes": result.memory["total_bytes"],
                 }
             )
             if on_row is not None:
                 on_row(rows[-1])
             if bar is not None:
                 bar.write(
-                    f"  {method.name:<14} {s.task:<8} len {s.length:>6} depth {s.depth:.2f}  "
-                    f"score {rows[-1]['score']:.0f}  answer {s.answer!r} output {output.strip()[:40]!r}",
+                    f"  {method.name:<14} {s.task:<17} len {s.length:>6} "
+                    + ("" if s.depth is None else f"depth {s.depth:.2f}  ")
+                    + f"score {rows[-1]['score']:.2f}  answer {s.answer[:40]!r} output {output.strip()[:40]!r}",
                     file=sys.stderr,
                 )
                 bar.update(1)
@@ -311,29 +337,82 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def wilson(mean: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a mean score over n prompts, as (low, high). Scores with partial
+    credit (RULER's fraction of answers found) are treated as n trials at rate `mean`, an approximation."""
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((mean * (1 - mean) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _stats(scores: list[float]) -> dict:
+    """Mean, count and 95% Wilson interval of scores (mean None when there are none)."""
+    mean = _mean(scores)
+    return {"mean": mean, "n": len(scores), "ci95": list(wilson(mean, len(scores))) if scores else None}
+
+
 def summarize(rows: list[dict], tasks: list[str], lengths: list[int], depths: list[float]) -> dict:
-    """Means per task, and per task the grid [depth][length] of mean scores (None where nothing ran)."""
+    """Per task and per family (`ruler.family`): mean, count and 95% interval overall and at each length; per
+    passkey/needle task the grid [depth][length] of mean scores (None where nothing ran); `kv_bytes`: the most KV
+    bytes a prompt of the longest length that ran held (None before any ran)."""
     per_task = {}
     for task in tasks:
         mine = [r for r in rows if r["task"] == task]
-        grid = [[_mean([r["score"] for r in mine if r["length"] == n and r["depth"] == d]) for n in lengths] for d in depths]
-        per_task[task] = {
-            "mean": _mean([r["score"] for r in mine]),
-            "by_length": {str(n): _mean([r["score"] for r in mine if r["length"] == n]) for n in lengths},
-            "grid": grid,
-        }
-    return {"mean": _mean([r["score"] for r in rows]), "tasks": per_task}
+        per_task[task] = _stats([r["score"] for r in mine])
+        per_task[task]["by_length"] = {str(n): _mean([r["score"] for r in mine if r["length"] == n]) for n in lengths}
+        if task in prompts.SAMPLERS:
+            per_task[task]["grid"] = [
+                [_mean([r["score"] for r in mine if r["length"] == n and r["depth"] == d]) for n in lengths] for d in depths
+            ]
+    families = {}
+    for name in dict.fromkeys(ruler.family(t) for t in tasks):
+        mine = [r for r in rows if ruler.family(r["task"]) == name]
+        families[name] = _stats([r["score"] for r in mine])
+        families[name]["by_length"] = {str(n): _stats([r["score"] for r in mine if r["length"] == n]) for n in lengths}
+    longest = max((r["length"] for r in rows), default=None)
+    return {
+        **_stats([r["score"] for r in rows]),
+        "by_length": {str(n): _stats([r["score"] for r in rows if r["length"] == n]) for n in lengths},
+        "kv_bytes": max((r.get("kv_bytes", 0) for r in rows if r["length"] == longest), default=None),
+        "kv_bytes_length": longest,
+        "tasks": per_task,
+        "families": families,
+    }
+
+
+def _score(stats: dict) -> str:
+    return "-" if stats["mean"] is None else f"{stats['mean']:.2f}"
+
+
+def _interval(stats: dict) -> str:
+    return "" if stats["ci95"] is None else f"[{stats['ci95'][0]:.2f}, {stats['ci95'][1]:.2f}]"
 
 
 def format_table(report: dict) -> str:
-    """Methods as rows; per task the mean score at each length, then the overall mean."""
-    cols = [(t, n) for t in report["tasks"] for n in report["lengths"]]
-    head = f"{'method':<14} {'sparsity':>8} " + " ".join(f"{t[:7]}@{n}".rjust(13) for t, n in cols) + f" {'mean':>6}"
-    lines = [head, "-" * len(head)]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for m in report["methods"]:
-        cells = " ".join(fmt(m["summary"]["tasks"][t]["by_length"][str(n)]).rjust(13) for t, n in cols)
-        lines.append(f"{m['name']:<14} {m['sparsity']:>8.2f} {cells} {fmt(m['summary']['mean']):>6}")
+    """One block per task family (methods down, lengths across, then the family's mean and 95% interval), then the
+    overall block: mean per length, mean with its interval and the KV bytes held at the longest length."""
+    lengths = report["lengths"]
+    methods = report["methods"]
+    width = max(14, *(len(m["name"]) for m in methods))
+    lines = []
+    for family in methods[0]["summary"]["families"] if methods else []:
+        head = f"{family:<{width}} " + " ".join(f"{n:>7}" for n in lengths) + f" {'mean':>6} {'95% CI':>13}"
+        lines += [head, "-" * len(head)]
+        for m in methods:
+            stats = m["summary"]["families"][family]
+            cells = " ".join(f"{_score(stats['by_length'][str(n)]):>7}" for n in lengths)
+            lines.append(f"{m['name']:<{width}} {cells} {_score(stats):>6} {_interval(stats):>13}")
+        lines.append("")
+    head = (f"{'overall':<{width}} {'sparsity':>8} " + " ".join(f"{n:>7}" for n in lengths)
+            + f" {'mean':>6} {'95% CI':>13} {'KV MB':>8}")  # fmt: skip
+    lines += [head, "-" * len(head)]
+    for m in methods:
+        summary = m["summary"]
+        cells = " ".join(f"{_score(summary['by_length'][str(n)]):>7}" for n in lengths)
+        kv = "-" if summary["kv_bytes"] is None else f"{summary['kv_bytes'] / 2**20:.2f}"
+        lines.append(f"{m['name']:<{width}} {m['sparsity']:>8.2f} {cells} {_score(summary):>6} {_interval(summary):>13} {kv:>8}")
+    longest = max((m["summary"]["kv_bytes_length"] or 0 for m in methods), default=0)
+    lines.append(f"(KV MB: the KV cache held after a {longest}-token prompt and its answer; 95% CI: Wilson, per prompt)")
     return "\n".join(lines)
 
 
@@ -352,16 +431,43 @@ def _keep(rows: list[dict], save: Callable[[], None], row: dict) -> None:
     save()
 
 
+def check_writable(folder: Path) -> None:
+    """Raise ValueError unless `folder` can be made and 64 KiB written in it (a full disk fails here, before any
+    model work, not after the last prompt)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(bytes(65536))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        raise ValueError(f"--out {folder}: cannot write there ({e.strerror or e}); pass a writable folder") from None
+
+
 def _evaluate(args: argparse.Namespace, given: set[str]) -> int:
+    if {"suite", "tasks"} <= given:
+        raise ValueError("--suite and --tasks both choose the tasks; pass one")
     _check_out(args, given)
+    if args.tasks is None:
+        args.tasks = list(SUITES[args.suite or "needle"])
     _check_args(args)
+    if args.model is None or Path(args.model).is_dir():  # a folder's config is read at once (a GGUF one is not)
+        from transformers import AutoConfig
+
+        from duohead.loading import resolve_model_path
+
+        check_model_source(args.model, args.gguf_file)
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model, args.gguf_file))
+        check_lengths(args.lengths, max(new_tokens(args, t) for t in args.tasks), config)
+    if ranks.is_main():
+        check_writable(Path(args.out))
     return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from duohead.plots import have_matplotlib, plot_needle_grid
+    from duohead.plots import have_matplotlib
 
     check_model_source(args.model, args.gguf_file)
     pattern = load_pattern_for_cli(args.pattern, args.model, args.gguf_file) if "pattern" in args.methods else None
@@ -370,7 +476,8 @@ def _run(args: argparse.Namespace) -> int:
     threads = use_cpu_threads(args.threads)[1] if device.type == "cpu" else None  # said below, with the grid's size
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     methods = build_methods(args, pattern, model.config)
-    items = build_prompts(args, tokenizer, model.config)
+    check_lengths(args.lengths, max(new_tokens(args, t) for t in args.tasks), model.config)
+    items = build_prompts(args, tokenizer)
     if ranks.is_main():
         print(f"eval: {len(items)} prompts x {len(methods)} methods" + (f"; {threads}" if threads else ""), file=sys.stderr)
 
@@ -397,9 +504,19 @@ def _run(args: argparse.Namespace) -> int:
         for stale in out.glob(HEATMAPS):  # --force: the heat maps of the run being replaced
             stale.unlink()
 
+    unsaved: list[OSError] = []  # the last save's error, if it failed
+
     def save() -> None:
-        if not quiet:
+        if quiet:
+            return
+        try:
             atomic_write_text(out / RESULTS, json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            if not unsaved:
+                print(f"duohead eval: cannot save {out / RESULTS} ({e.strerror or e}); the run goes on", file=sys.stderr)
+            unsaved[:] = [e]
+        else:
+            unsaved.clear()
 
     total = len(items) * len(methods)
     with tqdm(total=total, desc="eval", unit="prompt", dynamic_ncols=True, disable=quiet) as bar:
@@ -424,15 +541,38 @@ def _run(args: argparse.Namespace) -> int:
     if quiet:  # every rank ran every prompt (its slice of the heads); rank 0 writes the results
         return 0
     print(format_table(report))
+    if unsaved:
+        print(f"duohead eval: error: nothing was saved to {out} ({unsaved[0].strerror or unsaved[0]}); the table above "
+              "is the run's only record", file=sys.stderr)  # fmt: skip
+        return 1
     if have_matplotlib():
-        for m in report["methods"]:
-            grids = {t: m["summary"]["tasks"][t]["grid"] for t in args.tasks}
-            title = f"{m['name']} (sparsity {m['sparsity']:.2f})"
-            plot_needle_grid(out / f"heatmap_{m['name'].replace('@', '_')}.png", title, args.lengths, args.depths, grids)
-        print(f"wrote {out / RESULTS} and one heat map per method", file=sys.stderr)
+        write_heatmaps(report, out)
+        print(f"wrote {out / RESULTS} and the heat maps", file=sys.stderr)
     else:
         print(f"wrote {out / RESULTS}; install matplotlib for the heat maps", file=sys.stderr)
     return 0
+
+
+def write_heatmaps(report: dict, out: Path) -> None:
+    """One depth x length heat map per method for the passkey/needle tasks, and one method x family heat map per
+    length (`heatmap_families.png`) when the run has other (RULER) tasks."""
+    from duohead.plots import plot_needle_grid, plot_score_grids
+
+    needles = [t for t in report["tasks"] if t in prompts.SAMPLERS]
+    for m in report["methods"] if needles else []:
+        grids = {t: m["summary"]["tasks"][t]["grid"] for t in needles}
+        title = f"{m['name']} (sparsity {m['sparsity']:.2f})"
+        plot_needle_grid(out / f"heatmap_{m['name'].replace('@', '_')}.png", title, report["lengths"], report["depths"], grids)
+    if len(needles) < len(report["tasks"]):
+        families = list(report["methods"][0]["summary"]["families"])
+        grids = {
+            f"{n} tokens": [
+                [m["summary"]["families"][f]["by_length"][str(n)]["mean"] for f in families] for m in report["methods"]
+            ]
+            for n in report["lengths"]
+        }
+        names = [m["name"] for m in report["methods"]]
+        plot_score_grids(out / "heatmap_families.png", "score by task family", families, names, grids)
 
 
 def main(argv: list[str] | None = None) -> int:

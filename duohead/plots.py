@@ -1,4 +1,5 @@
-"""The two pictures duohead draws (matplotlib, optional): the gate heat map and the needle-in-a-haystack grid."""
+"""The pictures duohead draws (matplotlib, optional): the gate heat map, the needle-in-a-haystack grid and the
+score grids of `duohead eval --suite ruler`."""
 
 from __future__ import annotations
 
@@ -80,6 +81,36 @@ def plot_needle_grid(
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.suptitle(title)
+    fig.colorbar(image, ax=axes[0].tolist(), label="score")
+    return _save(fig, path, dpi=110)
+
+
+def plot_score_grids(
+    path: str | os.PathLike, title: str, columns: list[str], rows: list[str], grids: dict[str, list[list[float | None]]]
+) -> Path:
+    """Rows (e.g. methods) x columns (e.g. task families), colour = score, one panel per grid.
+    grids[panel][i][j] = mean score of rows[i] at columns[j] (None = not run)."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, axes = plt.subplots(
+        1,
+        len(grids),
+        figsize=(1.5 + (1.0 + 0.7 * len(columns)) * len(grids), 1.8 + 0.35 * len(rows)),
+        squeeze=False,
+        layout="constrained",
+    )
+    image = None
+    for k, (ax, (panel, grid)) in enumerate(zip(axes[0], grids.items())):
+        values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+        image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows if k == 0 else [""] * len(rows))
+        ax.set_title(panel)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "-" if v is None else f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.suptitle(title)
     fig.colorbar(image, ax=axes[0].tolist(), label="score")
     return _save(fig, path, dpi=110)

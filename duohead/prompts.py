@@ -123,13 +123,18 @@ DEMO_TOKENS = 3500
 
 @dataclass(frozen=True)
 class Sample:
-    """One evaluation prompt: `answer` is what a correct completion contains."""
+    """One evaluation prompt: `answers` are the strings a correct completion contains (all of them)."""
 
-    task: str  # "passkey" or "needle"
+    task: str  # "passkey", "needle" or a RULER task (`duohead.ruler`)
     length: int  # target prompt length in tokens
-    depth: float  # where the fact sits in the haystack, 0 = start, 1 = end
+    depth: float | None  # where the fact sits in the haystack, 0 = start, 1 = end; None: seeded per needle (RULER)
     prompt: str
-    answer: str
+    answers: tuple[str, ...]
+
+    @property
+    def answer(self) -> str:
+        """The answers as one string, as a result row records them."""
+        return ", ".join(self.answers)
 
 
 def _count(tokenizer, text: str) -> int:
@@ -173,7 +178,7 @@ def passkey_sample(tokenizer, length: int, depth: float, seed: int) -> Sample:
     frame = _count(tokenizer, f"{PASSKEY_INTRO} {needle} {PASSKEY_QUESTION}")
     filler = fill(tokenizer, iter(lambda: PASSKEY_FILLER, None), length - frame)
     body = " ".join(insert_at_depth(filler, needle, depth))
-    return Sample("passkey", length, depth, f"{PASSKEY_INTRO} {body} {PASSKEY_QUESTION}", key)
+    return Sample("passkey", length, depth, f"{PASSKEY_INTRO} {body} {PASSKEY_QUESTION}", (key,))
 
 
 def needle_sample(tokenizer, length: int, depth: float, seed: int) -> Sample:
@@ -186,7 +191,7 @@ def needle_sample(tokenizer, length: int, depth: float, seed: int) -> Sample:
     frame = _count(tokenizer, f"{NEEDLE_INTRO}\n\n {needle}\n\n{tail}")
     essays = fill(tokenizer, essay_stream(seed), length - frame)
     body = " ".join(insert_at_depth(essays, needle, depth))
-    return Sample("needle", length, depth, f"{NEEDLE_INTRO}\n\n{body}\n\n{tail}", word)
+    return Sample("needle", length, depth, f"{NEEDLE_INTRO}\n\n{body}\n\n{tail}", (word,))
 
 
 SAMPLERS = {"passkey": passkey_sample, "needle": needle_sample}

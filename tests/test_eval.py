@@ -17,7 +17,8 @@ from duohead import evaluate, prompts, runner
 from duohead.calibrate import haystack as calibration_haystack
 from duohead.plots import have_matplotlib
 
-ROW_KEYS = {"task", "length", "depth", "sample", "prompt_tokens", "answer", "output", "score", "prefill_seconds"}
+ROW_KEYS = {"task", "length", "depth", "sample", "prompt_tokens", "answer", "answers", "output", "score", "prefill_seconds",
+            "kv_bytes"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_all_retrieval_pattern_scores_like_full(tiny_model_dir, tiny_pattern_fil
     # one progress bar over every (method, prompt), with elapsed<remaining time, and a line per prompt above it
     err = capsys.readouterr().err
     assert re.search(r"eval: 100%\|[^|]*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", err), err
-    assert err.count(" needle   len    200 depth 0.50  score 0") == 2
+    assert len(re.findall(r" needle +len +200 depth 0\.50  score 0", err)) == 2
 
 
 def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
@@ -118,7 +119,10 @@ def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
         key = re.search(r"The pass key is (\d{5})\.", tokenizer.decode(input_ids[0]))
         reply = f" {key[1]}. Remember it." if key else " I do not know."
         return SimpleNamespace(
-            tokens=tokenizer(reply).input_ids[:max_new_tokens], prompt_tokens=input_ids.shape[1], prefill_seconds=0.0
+            tokens=tokenizer(reply).input_ids[:max_new_tokens],
+            prompt_tokens=input_ids.shape[1],
+            prefill_seconds=0.0,
+            memory={"total_bytes": 1000 * input_ids.shape[1]},
         )
 
     monkeypatch.setattr(runner, "run_prompt", answer_passkeys)
@@ -144,19 +148,16 @@ def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
     summary = method["summary"]
     assert (summary["mean"], summary["tasks"]["passkey"]["mean"], summary["tasks"]["needle"]["mean"]) == (0.5, 1.0, 0.0)
     assert summary["tasks"]["passkey"]["grid"] == [[1.0, 1.0], [1.0, 1.0]]
+    assert summary["kv_bytes"] == max(1000 * r["prompt_tokens"] for r in rows if r["length"] == 300)
+    assert summary["ci95"] == pytest.approx(list(evaluate.wilson(0.5, 8)))
 
 
-@pytest.mark.parametrize(
-    ("answer", "output", "expected"),
-    [
-        ("48213", " 48213. Remember it.", 1.0),
-        ("Cinnamon", "cinnamon.", 1.0),
-        ("48213", "4821", 0.0),
-        ("Tangerine", "", 0.0),
-    ],
-)
-def test_score(answer, output, expected):
-    assert evaluate.score(answer, output) == expected
+def test_wilson_interval():
+    """Known values of the 95% Wilson interval; it stays inside [0, 1] at the ends."""
+    low, high = evaluate.wilson(0.5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert evaluate.wilson(0.0, 5)[0] == 0.0 and evaluate.wilson(0.0, 5)[1] == pytest.approx(0.4345, abs=1e-4)
+    assert evaluate.wilson(1.0, 5)[1] == 1.0
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -223,24 +224,76 @@ def test_eval_haystack_is_not_the_calibration_haystack():
 BAD_INPUTS = {
     "sparsity above 1": (["--sparsities", "0.5,1.5"], "[0, 1]"),
     "unknown method": (["--methods", "full,oracle"], "unknown method"),
+    "no method": (["--methods", ""], "argument --methods: expected comma-separated names, got ''"),
     "unknown task": (["--tasks", "quiz"], "unknown task"),
+    "no task": (["--tasks", ","], "argument --tasks: expected comma-separated names"),
+    "unknown suite": (["--suite", "longbench"], "argument --suite: invalid choice"),
+    "suite and tasks": (["--suite", "ruler", "--tasks", "vt"], "--suite and --tasks both choose the tasks"),
     "depth outside [0, 1]": (["--depths", "1.2"], "--depths"),
     "longer than the positions": (
         ["--lengths", "300,2000"],
         "--lengths 2000 plus --max-new-tokens 8 exceeds this model's 600 positions; pass --lengths of at most 592",
     ),
+    "far longer than the positions": (["--lengths", "100000"], "exceeds this model's 600 positions"),
+    "shorter than a prompt": (["--lengths", "5"], "--lengths 5 is too short for a passkey prompt: it needs at least 96"),
+    "shorter than a RULER prompt": (["--suite", "ruler", "--lengths", "200,500"], "too short for a niah_multikey_3"),
+    "not integers": (["--lengths", "1k"], "argument --lengths: expected comma-separated integers"),
+    "no samples": (["--samples", "0"], "--samples must be >= 1"),
+    "no new tokens": (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    "limit 0": (["--limit", "0"], "--limit must be >= 1"),
+    "negative prefill chunk": (["--prefill-chunk", "-1"], "--prefill-chunk must be >= 0"),
+    "no threads": (["--threads", "0"], "--threads must be >= 1"),
+    "resume and force": (["--resume", "--force"], "--resume and --force contradict each other"),
+    "resume nothing": (["--resume"], "--resume: no results.json in"),
+    "out under a file": (["--out", "{tmp}/file/out"], "cannot write there"),
     "missing pattern": (["--pattern", "/nonexistent/p.json"], "neither a file"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_error(case, tiny_model_dir, tiny_pattern_file, tmp_path, capsys):
+def test_bad_input_is_one_line_error_before_the_model_loads(
+    case, tiny_model_dir, tiny_pattern_file, tmp_path, capsys, monkeypatch
+):
+    """Every bad argument: one line on stderr, exit 2, no traceback, answered before the model loads, nothing written."""
     extra, needle = BAD_INPUTS[case]
-    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--out", str(tmp_path), *extra]
-    assert evaluate.main(argv) == 2
+    (tmp_path / "file").write_text("in the way")
+    monkeypatch.setattr(evaluate, "load_model_for_cli", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--pattern",
+        str(tiny_pattern_file),
+        "--lengths",
+        "300",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    try:
+        code = evaluate.main([*argv, *(e.format(tmp=tmp_path) for e in extra)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("duohead eval: error:") and needle in err[0]
-    assert not (tmp_path / "results.json").exists()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("duohead eval: error:") and needle in err[0], err[0]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_failed_save_still_prints_the_table_and_says_nothing_was_saved(
+    tiny_model_dir, tiny_pattern_file, tmp_path, capsys, monkeypatch
+):
+    """A disk that fills up after the start: every prompt still runs, the table is printed, exit 1 with where
+    nothing could be saved."""
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "atomic_write_text", full_disk)
+    assert evaluate.main(_grid_argv(tiny_model_dir, tiny_pattern_file, tmp_path)) == 1
+    captured = capsys.readouterr()
+    assert "overall" in captured.out and "pattern@0.5" in captured.out
+    assert captured.err.count("cannot save") == 1  # said once, when it first happens
+    assert f"error: nothing was saved to {tmp_path} (No space left on device)" in captured.err
+    assert re.search(r"eval: 100%\|[^|]*\| 8/8", captured.err)  # 4 prompts x 2 methods
 
 
 def test_missing_model(tmp_path, capsys):
