@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from duohead.kernels import reference
+from duohead.kernels.backends import REGISTRY
 
 SINK, WINDOW, SCALE = 64, 256, 0.125
 
@@ -26,16 +27,15 @@ SINK, WINDOW, SCALE = 64, 256, 0.125
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="512,768,1024,1344,2048")
-    p.add_argument("--band", type=int, default=reference.LAMBDA_BAND, help="rows per band")
+    p.add_argument("--band", type=int, default=REGISTRY["torch"].lambda_band, help="rows per band")
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    reference.LAMBDA_BAND = args.band
     ways = {
         "causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True),
         "dense": lambda q, k, v: reference.dense_lambda_attention(q, k, v, None, SINK, WINDOW, SCALE),
-        "bands": lambda q, k, v: reference.unpadded_lambda_attention(q, k, v, SINK, WINDOW, SCALE),
+        "bands": lambda q, k, v: reference.unpadded_lambda_attention(q, k, v, SINK, WINDOW, SCALE, band=args.band),
     }
     print(f"| tokens | {' | '.join(ways)} |")
     print("|---" * (len(ways) + 1) + "|")

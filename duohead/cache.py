@@ -428,14 +428,18 @@ class DynamicDuoLayer(DuoCacheLayer):
     into retrieval KV and sink + ring, once.
     """
 
-    def __init__(self, layout: LayerLayout, max_length: int | None = None, rollback: int = 0):
+    def __init__(self, layout: LayerLayout, max_length: int | None = None, rollback: int = 0, split_margin: int | None = None):
         super().__init__(layout, max_length, rollback)
+        if split_margin is not None and (isinstance(split_margin, bool) or not isinstance(split_margin, int) or split_margin < 0):
+            raise ValueError(f"DuoCache split_margin must be an integer >= 0 (tokens) or None; got {split_margin!r}")
+        self.split_margin = split_margin  # None: the backend's, `kernels.split_margin(device)`
         self.unsplit: RetrievalKV | None = None  # every head's KV while T <= split_at
-        self.split_at = self.sink + self.window  # S + W + `kernels.split_margin(device)`, set at the first forward
+        self.split_at = self.sink + self.window  # S + W + the split margin, set at the first forward
 
     def _allocate(self, like: torch.Tensor) -> None:
         q_len = like.shape[2]
-        self.split_at = self.sink + self.window + kernels.split_margin(self.device)
+        margin = kernels.split_margin(self.device) if self.split_margin is None else self.split_margin
+        self.split_at = self.sink + self.window + margin
         if self.has_streaming_heads and q_len <= self.split_at:
             short = self.sink + self.window if self.max_length is None else min(self.split_at, self.max_length)
             self.unsplit = RetrievalKV.empty(like, capacity=_round_up(max(q_len, short)))
@@ -489,6 +493,9 @@ class DynamicDuoLayer(DuoCacheLayer):
         held = kv_bytes(self.num_kv_heads, 0, self.seen, 0, *shape)
         reserved = kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]
         return {**held, "reserved_bytes": reserved}
+
+    def reset(self) -> None:
+        self.__init__(self.layout, self.max_length, self.rollback, self.split_margin)
 
     def _drop_slots(self, count: int) -> None:
         self.seen -= count
@@ -606,22 +613,39 @@ class DuoCache(Cache):
     draft tokens): streaming heads then keep window + rollback recent tokens. Assisted and prompt-lookup
     decoding in `generate()` raise it to at least `RECORDING_ROLLBACK` by themselves.
     `static=True` (needs `max_length`) makes every decode step fixed-shape and free of host syncs, for
-    `torch.compile` (`generate(..., cache_implementation="static")` creates one); see `DuoCacheLayer`.
+    `torch.compile` (`generate(..., cache_implementation="static")` creates one); see `StaticDuoLayer`.
+    `split_margin` (tokens, dynamic caches): how far past sink + window a layer keeps every head's KV in one buffer
+    before it splits (None: the backend's, `duohead.kernels.split_margin`; 0 splits at S + W); see `DynamicDuoLayer`.
     """
 
-    def __init__(self, layouts: Sequence[LayerLayout], max_length: int | None = None, rollback: int = 0, static: bool = False):
+    def __init__(
+        self,
+        layouts: Sequence[LayerLayout],
+        max_length: int | None = None,
+        rollback: int = 0,
+        static: bool = False,
+        split_margin: int | None = None,
+    ):
         if isinstance(layouts, torch.nn.Module):
             raise TypeError("DuoCache takes the layouts of a model's layers; for a model use duohead.DuoCache.from_model(model)")
-        layer_class = StaticDuoLayer if static else DynamicDuoLayer
-        super().__init__(layers=[layer_class(layout, max_length, rollback) for layout in layouts])
+        if static:
+            layers = [StaticDuoLayer(layout, max_length, rollback) for layout in layouts]
+        else:
+            layers = [DynamicDuoLayer(layout, max_length, rollback, split_margin) for layout in layouts]
+        super().__init__(layers=layers)
 
     @classmethod
     def from_model(
-        cls, model: torch.nn.Module, max_length: int | None = None, rollback: int = 0, static: bool = False
+        cls,
+        model: torch.nn.Module,
+        max_length: int | None = None,
+        rollback: int = 0,
+        static: bool = False,
+        split_margin: int | None = None,
     ) -> DuoCache:
         """An empty cache for a model prepared with `duohead.enable` (its layouts read off its attention modules).
         The cache then refuses that model once it is disabled or enabled with another layout."""
-        cache = cls(layer_layouts(model), max_length=max_length, rollback=rollback, static=static)
+        cache = cls(layer_layouts(model), max_length=max_length, rollback=rollback, static=static, split_margin=split_margin)
         for layer, module in zip(cache.layers, attention_modules(model), strict=True):
             layer.watch(module)
         return cache

@@ -4,6 +4,7 @@ where there is no GPU (set before anything imports triton); tiny models split th
 and the fixtures the CLI tests share (the tiny model folder and its pattern, built once per session; see
 cli_model.py)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fastest, and a busy CPU is not made busier
@@ -32,22 +33,25 @@ def tiny_pattern_file(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def split_at_sink_plus_window(request, monkeypatch):
-    """Tiny-model tests split every layer's cache at S + W, as on the GPU: the split path is what every long prompt
-    runs, and the tiny prompts would otherwise all fit in the CPU's one-call margin (`kernels.split_margin`). Tests of
-    that margin set `kernels.CPU_SPLIT_MARGIN` themselves; real-model (slow) tests and those marked
-    `default_split_margin` (compared with a CLI in another process) keep the default."""
-    if not any(request.node.get_closest_marker(name) for name in ("slow", "default_split_margin")):
-        from duohead import kernels
+def tiny_scale_cpu_backend(request):
+    """Tiny-model tests run the torch backend at a tiny scale, through its public options (`kernels.backend_options`):
+    every dynamic cache splits at S + W, as on the GPU (the split path is what every long prompt runs, and tiny
+    prompts would otherwise all fit in the CPU's one-call margin, `kernels.split_margin`), and the banded Λ prefill
+    (`reference.unpadded_lambda_attention`) takes bands of 8 rows, so tiny prompts cross band edges. Real-model (slow)
+    tests and those marked `default_split_margin` keep the defaults (margin 1,536, bands of 128)."""
+    if any(request.node.get_closest_marker(name) for name in ("slow", "default_split_margin")):
+        yield
+        return
+    from duohead import kernels
 
-        monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", 0)
+    with kernels.backend_options("torch", split_margin={}, lambda_band=8):
+        yield
 
 
-@pytest.fixture(autouse=True)
-def small_lambda_bands(request, monkeypatch):
-    """Tiny prompts span several bands of `reference.unpadded_lambda_attention` (its band height is a speed knob,
-    not a semantic one), so every test of a streaming prefill also checks the band edges. Real-model tests keep 128."""
-    if not request.node.get_closest_marker("slow"):
-        from duohead.kernels import reference
+@pytest.fixture
+def cpu_split_margin():
+    """`cpu_split_margin(tokens)` sets the torch backend's CPU split margin for the rest of the test."""
+    from duohead import kernels
 
-        monkeypatch.setattr(reference, "LAMBDA_BAND", 8)
+    with contextlib.ExitStack() as stack:
+        yield lambda tokens: stack.enter_context(kernels.backend_options("torch", split_margin={"cpu": tokens}))

@@ -120,3 +120,16 @@ def test_generate_takes_the_cache_implementations_duohead_names(implementation):
     out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation=implementation)
     reference = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, reference)
+
+
+@torch.no_grad()
+def test_split_margin_is_set_per_cache():
+    """One cache splits at S + W, another keeps every head's KV in one buffer 16 tokens longer: same logits."""
+    model = enabled_model(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]]))
+    ids = torch.randint(1, 97, (1, SINK + WINDOW + 10))
+    early, late = DuoCache.from_model(model, split_margin=0), DuoCache.from_model(model, split_margin=16)
+    a, b = model(ids, cache=early).logits, model(ids, cache=late).logits
+    assert early.layers[0].unsplit is None and late.layers[0].unsplit is not None
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="split_margin"):
+        DuoCache.from_model(model, split_margin=-1)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import duohead
 from duohead import DuoCache, HeadPattern, kernels
 from duohead.cache import DuoCacheLayer, cache_argument
+from duohead.kernels.backends import DEFAULT_CPU_SPLIT_MARGIN
 from duohead.runner import draft_from_context, run_prompt
 
 SINK, WINDOW = 4, 8
@@ -45,7 +46,7 @@ def test_all_retrieval_equals_stock_transformers(arch):
     assert_close(logits, stock_logits)
 
 
-# CPU_SPLIT_MARGIN: 0 splits at S + W (the GPU's way); 4 * WINDOW keeps the cache unsplit up to S + 5W = 44 slots (the
+# The CPU split margin: 0 splits at S + W (the GPU's way); 4 * WINDOW keeps the cache unsplit up to S + 5W = 44 slots (the
 # CPU's way at a tiny scale: decode one call with a per-head Λ mask, prefill a dense Λ mask up to 3 (S + W) = 36 slots
 # and the blocked reference past that), so prefills and decodes land on every path and both sides of the split.
 MARGINS = [0, 4 * WINDOW]
@@ -54,8 +55,8 @@ MARGINS = [0, 4 * WINDOW]
 @pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("kind", ["mixed", "all_streaming"])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_streaming_heads_follow_the_lambda_mask(arch, kind, margin, monkeypatch):
-    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
+def test_streaming_heads_follow_the_lambda_mask(arch, kind, margin, cpu_split_margin):
+    cpu_split_margin(margin)
     model = tiny_model(arch)
     gates = mixed_gates(3, 2) if kind == "mixed" else torch.zeros(3, 2)
     pattern = HeadPattern(gates, sink=SINK, window=WINDOW)
@@ -93,8 +94,8 @@ def test_lambda_mask_across_gqa_ratios(heads, kv_heads):
 @pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("chunk", [1, WINDOW - 3, WINDOW + 5])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_chunked_prefill_equals_one_shot(arch, chunk, margin, monkeypatch):
-    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
+def test_chunked_prefill_equals_one_shot(arch, chunk, margin, cpu_split_margin):
+    cpu_split_margin(margin)
     model = tiny_model(arch)
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=3), sink=SINK, window=WINDOW))
     ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
@@ -114,8 +115,8 @@ def test_chunked_prefill_equals_one_shot(arch, chunk, margin, monkeypatch):
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 @pytest.mark.parametrize("margin", MARGINS)  # the padded 40-token prefill stays unsplit (blocked), decoding splits
-def test_left_padded_batch_equals_each_prompt_alone(arch, margin, monkeypatch):
-    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", margin)
+def test_left_padded_batch_equals_each_prompt_alone(arch, margin, cpu_split_margin):
+    cpu_split_margin(margin)
     model = tiny_model(arch)
     duohead.enable(model, HeadPattern(mixed_gates(3, 2, seed=6), sink=SINK, window=WINDOW))
     gen = torch.Generator().manual_seed(7)
@@ -178,10 +179,10 @@ def test_kv_memory_streaming_constant_retrieval_linear():
     assert cache.get_seq_length() == seen
 
 
-def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(monkeypatch):
+def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(cpu_split_margin):
     """Within the CPU's margin every head holds its T tokens (what full attention holds); one slot past
     S + W + margin the layer splits and streaming heads hold S + W."""
-    monkeypatch.setattr(kernels, "CPU_SPLIT_MARGIN", 2 * WINDOW)
+    cpu_split_margin(2 * WINDOW)
     model = tiny_model("llama", layers=2)
     duohead.enable(model, HeadPattern(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), sink=SINK, window=WINDOW))
     cache = DuoCache.from_model(model)
@@ -206,10 +207,10 @@ def test_kv_memory_within_the_cpu_margin_is_full_attentions_then_the_split(monke
 def test_split_margin_only_where_streaming_heads_run_the_torch_reference_on_the_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
     with kernels.use_backend("auto"):
-        assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN > 0
+        assert kernels.split_margin(cpu) == DEFAULT_CPU_SPLIT_MARGIN > 0
         assert kernels.split_margin(cuda) == 0
     with kernels.use_backend("torch"):
-        assert kernels.split_margin(cpu) == kernels.CPU_SPLIT_MARGIN
+        assert kernels.split_margin(cpu) == DEFAULT_CPU_SPLIT_MARGIN
     with kernels.use_backend("triton"):
         assert kernels.split_margin(cpu) == 0
 

@@ -7,7 +7,6 @@ import torch
 from tiny_models import masked_attention
 
 from duohead.cache import StreamingKV
-from duohead.kernels import reference
 from duohead.kernels.reference import (
     dense_lambda_attention,
     lambda_visible,
@@ -112,10 +111,9 @@ def test_mixed_attention_is_causal_then_lambda_per_head(sink, window, padded, q_
 @pytest.mark.parametrize("band", [3, 128])
 @pytest.mark.parametrize("sink, window", [(0, 1), (1, 1), (3, 7), (4, 20)])
 @pytest.mark.parametrize("slots, start", [(30, 0), (10, 0), (11, 0), (41, 2), (41, 10), (41, 11), (41, 29), (41, 40)])
-def test_unpadded_lambda_attention_equals_the_dense_oracle(monkeypatch, band, sink, window, slots, start):
+def test_unpadded_lambda_attention_equals_the_dense_oracle(band, sink, window, slots, start):
     """Bands of sink + window keys with a cached additive mask: a first prefill (start 0) and chunks after `start`
     cached slots, before, at and past S + W, with bands of 3 rows (many, a short last one) and of 128 (one)."""
-    monkeypatch.setattr(reference, "LAMBDA_BAND", band)
     gen = torch.Generator().manual_seed(slots + start + window)
     q = torch.randn(2, 4, slots - start, 8, generator=gen)
     k = torch.randn(2, 2, slots, 8, generator=gen)
@@ -123,13 +121,12 @@ def test_unpadded_lambda_attention_equals_the_dense_oracle(monkeypatch, band, si
     pos = torch.arange(slots)[None].expand(2, -1)
     expected = masked_attention(q, k, v, lambda_visible(pos[:, start:, None], pos[:, None, :], sink, window), 0.4)
     out = torch.full_like(q, float("nan"))
-    assert unpadded_lambda_attention(q, k, v, sink, window, 0.4, out=out) is out
+    assert unpadded_lambda_attention(q, k, v, sink, window, 0.4, out=out, band=band) is out
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_first_unpadded_prefill_through_the_blocked_reference_takes_bands(monkeypatch):
+def test_first_unpadded_prefill_through_the_blocked_reference_takes_bands():
     """`streaming_attention` on an empty cache without padding (the CPU's shortcut to the bands) equals the oracle."""
-    monkeypatch.setattr(reference, "LAMBDA_BAND", 4)
     gen = torch.Generator().manual_seed(5)
     sink, window, q_len = 3, 6, 37
     q = torch.randn(2, 4, q_len, 8, generator=gen)

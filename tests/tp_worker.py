@@ -11,6 +11,7 @@ raises ValueError writes the message instead. Keep it free of pytest: it is a pl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -100,7 +101,8 @@ def main() -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    duohead.kernels.CPU_SPLIT_MARGIN = 0  # split at S + W, like the single process it is compared with (tests/conftest.py)
+    torch_backend = duohead.kernels.backends.REGISTRY["torch"]  # split at S + W, like the process it is compared with
+    duohead.kernels.register_backend(dataclasses.replace(torch_backend, split_margin={}))  # (tests/conftest.py)
     rank = int(os.environ["RANK"])
     for case in cases:
         result = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), **run_case(case, out_dir, rank)}

@@ -11,6 +11,9 @@ to every backend as one `StreamingView` (`duohead.cache.StreamingKV.view()` hand
     flashinfer  retrieval heads: FlashInfer (CUDA only); streaming heads: Triton
     auto        (default) on CUDA: FlashInfer if installed, else SDPA, and Triton if installed; elsewhere torch
 
+Each backend is a `Backend` record in one registry (`duohead.kernels.backends`): its retrieval and streaming
+kernels, devices, dtypes, head dims, CUDA-graph and torch.compile support, and its split margin. Dispatch reads
+those records; `register_backend` adds one, `backend_options(name, ...)` changes one for a `with` block.
 Choose with the environment variable DUOHEAD_BACKEND, or in code:
 
     duohead.kernels.set_backend("triton")      # None returns to the environment / "auto"
@@ -22,13 +25,15 @@ CPU; "triton" on the CPU without TRITON_INTERPRET=1). Where it runs, inputs its 
 reference instead: FlashInfer takes no padding, no fp32, head dims 64/128/256 only and strides that form pages
 (SDPA runs the others); Triton takes no fp32 on CUDA (its fp32 tiles spill registers: the reference runs those
 streaming heads, with one warning). A FlashInfer error under "auto" (e.g. its JIT cannot compile) is logged once
-and SDPA serves retrieval heads from then on; forced "flashinfer" raises it. Under torch.compile the Triton
+and SDPA serves retrieval heads from then on (`backend_report()` says why; `reset_sticky_state()` forgets it);
+forced "flashinfer" raises it. Under torch.compile the Triton
 kernels run as the ops duohead::streaming_attention / streaming_append / streaming_decode (`triton_streaming`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
@@ -41,20 +46,24 @@ import torch
 from torch import Tensor
 
 from duohead.kernels import reference
+from duohead.kernels.backends import REGISTRY, STICKY, Backend, backend_report, register_backend, reset_sticky_state
 from duohead.kernels.reference import lambda_visible
 from duohead.kernels.streaming_view import StreamingView
 
-BACKENDS = ("auto", "torch", "triton", "flashinfer")
 ENV_VAR = "DUOHEAD_BACKEND"
 
 logger = logging.getLogger("duohead")
 _chosen: str | None = None
-_flashinfer_failure: str | None = None  # why FlashInfer failed under "auto"; it is not tried again
+
+
+def backend_names() -> tuple[str, ...]:
+    """ "auto" and every registered backend's name."""
+    return ("auto", *REGISTRY)
 
 
 def _check_name(name: str, where: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{where}: unknown duohead backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in backend_names():
+        raise ValueError(f"{where}: unknown duohead backend {name!r}; choose one of {', '.join(backend_names())}")
     return name
 
 
@@ -81,6 +90,19 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _chosen = previous
+
+
+@contextlib.contextmanager
+def backend_options(name: str, **changes) -> Iterator[Backend]:
+    """Run a `with` block with the registered backend `name` declaring other options, e.g.
+    `backend_options("torch", split_margin={"cpu": 0})` (split every dynamic layer at S + W, as on the GPU) or
+    `lambda_band=8`; the registered backend is restored on exit. Yields the changed backend."""
+    previous = REGISTRY[_check_name(name, "backend_options")]
+    changed = register_backend(dataclasses.replace(previous, **changes))
+    try:
+        yield changed
+    finally:
+        register_backend(previous)
 
 
 @functools.cache
@@ -118,45 +140,64 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and interpreter_problem() is None
 
 
+def runs_on(backend: Backend, device: torch.device | str) -> bool:
+    """Whether `backend` can run on `device`: a device type it declares, its modules installed, and Triton runnable
+    there when it uses Triton."""
+    device = torch.device(device)
+    if device.type not in backend.devices or not all(_has(module) for module in backend.needs):
+        return False
+    return backend.streaming != "triton" or _triton_runs_on(device)
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """The backends that run on `device` ("auto" and "torch" always do)."""
-    device = torch.device(device)
-    names = ["auto", "torch"]
-    if _triton_runs_on(device):
-        names.append("triton")
-    if device.type == "cuda" and _has("flashinfer") and _has("triton"):
-        names.append("flashinfer")
-    return names
+    return ["auto", *(name for name, backend in REGISTRY.items() if runs_on(backend, device))]
 
 
-def _require(backend: str, device: torch.device) -> None:
-    if backend not in available_backends(device):
-        if backend == "triton":
-            interpreting = device.type == "cpu" and _has("triton") and os.environ.get("TRITON_INTERPRET") == "1"
+def _require(backend: Backend, device: torch.device) -> None:
+    if not runs_on(backend, device):
+        if backend.streaming == "triton" and device.type == "cpu" and device.type in backend.devices:
+            interpreting = _has("triton") and os.environ.get("TRITON_INTERPRET") == "1"
             hint = (interpreting and interpreter_problem()) or (
                 "install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported"
             )
         else:
-            hint = "it needs a CUDA device, the flashinfer-python package and triton"
-        raise RuntimeError(f"duohead backend {backend!r} is not available for tensors on {device}: {hint}")
+            where = " or ".join("CUDA" if d == "cuda" else d for d in backend.devices)
+            hint = f"it runs on {where} and needs {', '.join(backend.needs) or 'torch only'}"
+        raise RuntimeError(f"duohead backend {backend.name!r} is not available for tensors on {device}: {hint}")
 
 
-CPU_SPLIT_MARGIN = 1536  # tokens; see `split_margin`
+def _auto(device: torch.device) -> Backend:
+    """What "auto" runs on `device`: on CUDA FlashInfer (unless it failed in this process), else Triton, where they
+    run; elsewhere the torch backend."""
+    if device.type == "cuda":
+        for name in ("flashinfer", "triton"):
+            backend = REGISTRY.get(name)
+            if backend and runs_on(backend, device) and not (name == "flashinfer" and STICKY.flashinfer_failure):
+                return backend
+    return REGISTRY["torch"]
+
+
+def resolve(device: torch.device) -> tuple[Backend, bool]:
+    """(the backend that runs tensors on `device`, whether it was forced). A forced backend that cannot run there
+    raises RuntimeError."""
+    name = get_backend()
+    if name == "auto":
+        return _auto(device), False
+    backend = REGISTRY[name]
+    _require(backend, device)
+    return backend, True
 
 
 def split_margin(device: torch.device) -> int:
     """Tokens past S + W for which a dynamic layer keeps all heads' KV in one buffer and attends in one call
-    (`reference.mixed_attention`: the Λ rule as a per-head mask), before it splits into retrieval KV and sink + ring.
-
-    Where streaming heads run the torch reference on the CPU, a split decode step costs a second attention call and
-    a dozen small ops per layer, which pay only once the streaming heads skip about 1.5K tokens
-    (`benchmarks/bench_ratio.py`, SmolLM2, decode speed vs full attention: split at S + W, 0.85x at 512 tokens and
-    0.94x at 1K; split at S + W + 1,024, 0.97x at 1,344 tokens, 1.00x at 1,536, 1.05x at 2K). Unsplit, a decode step
-    is full attention's (1.03-1.07x) and a prefill runs the streaming heads in bands either way. Elsewhere (Triton,
-    FlashInfer) 0: split at S + W.
-    """
-    streaming_on_reference = get_backend() == "torch" or (get_backend() == "auto" and device.type != "cuda")
-    return CPU_SPLIT_MARGIN if device.type == "cpu" and streaming_on_reference else 0
+    (`reference.mixed_attention`: the Λ rule as a per-head mask), before it splits into retrieval KV and sink + ring:
+    the margin the backend in force declares for this device (`Backend.split_margin`; the torch backend's on the CPU,
+    `backends.DEFAULT_CPU_SPLIT_MARGIN`: where a split decode step's second call and small ops cost more than the
+    skipped tokens save, measured in benchmarks/RESULTS.md; 0 elsewhere: split at S + W).
+    `DuoCache.from_model(model, split_margin=)` sets it per cache."""
+    backend = _auto(device) if get_backend() == "auto" else REGISTRY[get_backend()]
+    return backend.margin(device.type)
 
 
 def retrieval_attention(
@@ -171,28 +212,24 @@ def retrieval_attention(
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D].
     See `duohead.kernels.reference.retrieval_attention`.
     """
-    global _flashinfer_failure
-    backend = get_backend()
-    if backend == "torch" or (backend == "auto" and not q.is_cuda):
-        return reference.retrieval_attention(q, k, v, key_is_real, scaling)
-    _require(backend, q.device)
-    if not q.is_cuda:  # "triton" on the CPU interpreter: no retrieval kernel there
-        return reference.retrieval_attention(q, k, v, key_is_real, scaling)
-    from duohead.kernels import flashinfer_retrieval
+    backend, forced = resolve(q.device)
+    if backend.retrieval == "flashinfer" and q.is_cuda:
+        from duohead.kernels import flashinfer_retrieval
 
-    use_flashinfer = backend == "flashinfer" or (
-        backend == "auto" and _flashinfer_failure is None and flashinfer_retrieval.available()
-    )
-    if use_flashinfer and flashinfer_retrieval.supports(q, k, v, key_is_real):
-        if backend == "flashinfer":
-            return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
-        try:
-            return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
-        except flashinfer_retrieval.PlanInCaptureError:
-            raise  # the caller's capture is wrong, not FlashInfer: keep it
-        except Exception as e:  # e.g. its kernels fail to compile (no nvcc): "auto" falls back to SDPA for good
-            _flashinfer_failure = f"{type(e).__name__}: {e}"
-            logger.warning("duohead: FlashInfer failed (%s); retrieval heads use SDPA from now on", _flashinfer_failure)
+        if flashinfer_retrieval.supports(q, k, v, key_is_real):
+            if forced:
+                return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+            try:
+                return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+            except flashinfer_retrieval.PlanInCaptureError:
+                raise  # the caller's capture is wrong, not FlashInfer: keep it
+            except Exception as e:  # e.g. its kernels fail to compile (no nvcc): "auto" falls back to SDPA for good
+                STICKY.flashinfer_failure = f"{type(e).__name__}: {e}"
+                logger.warning(
+                    "duohead: FlashInfer failed (%s); retrieval heads use SDPA from now on "
+                    "(duohead.kernels.backend_report() says so; reset_sticky_state() tries again)",
+                    STICKY.flashinfer_failure,
+                )
     return reference.retrieval_attention(q, k, v, key_is_real, scaling)  # SDPA (flash / memory-efficient on CUDA)
 
 
@@ -203,15 +240,12 @@ _FP32_ON_CUDA = (
 
 
 def _streaming_module(device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """Where streaming heads run: `triton_streaming` (CUDA with triton under "auto"; forced "triton"/"flashinfer"),
-    else `reference`. fp32 on CUDA always runs the reference (`_FP32_ON_CUDA`), logged once."""
-    backend = get_backend()
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _has("triton") else "torch"
-    if backend == "torch":
+    """Where streaming heads run: `triton_streaming` where the backend's streaming kernel is Triton and takes this
+    dtype, else `reference`. fp32 on CUDA always runs the reference (`_FP32_ON_CUDA`), logged once."""
+    backend, _ = resolve(device)
+    if backend.streaming != "triton":
         return reference
-    _require(backend, device)
-    if device.type == "cuda" and dtype == torch.float32:
+    if device.type == "cuda" and backend.streaming_dtypes and str(dtype).removeprefix("torch.") not in backend.streaming_dtypes:
         _warn_once(_FP32_ON_CUDA)
         return reference
     from duohead.kernels import triton_streaming
@@ -261,11 +295,17 @@ def streaming_attention_and_append(
 
 
 __all__ = [
-    "BACKENDS",
+    "Backend",
     "StreamingView",
     "available_backends",
+    "backend_names",
+    "backend_options",
+    "backend_report",
     "get_backend",
     "lambda_visible",
+    "register_backend",
+    "reset_sticky_state",
+    "resolve",
     "retrieval_attention",
     "set_backend",
     "split_margin",

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from duohead.kernels.backends import REGISTRY
 from duohead.kernels.streaming_view import StreamingView
 
 QUERY_BLOCK = 128  # query rows per block in `streaming_attention`; a memory bound, not a semantic one
-LAMBDA_BAND = 128  # query rows per call in `unpadded_lambda_attention` (64-128 measured fastest on the CPU)
 
 
 def lambda_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
@@ -171,15 +171,16 @@ def unpadded_lambda_attention(
     window: int,
     scaling: float,
     out: torch.Tensor | None = None,
+    band: int | None = None,
 ) -> torch.Tensor:
     """Λ-masked attention of the last Q of T slots over all T, without padding (slot = real position).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; out [B, Hq, Q, D] to write into, or None. -> out, or a new
-    [B, Hq, Q, D]. Rows before slot S + W see every earlier slot (Λ is
-    causal there): one causal call. Later rows go in bands of `LAMBDA_BAND`, each over the S sink slots and its
-    own window (W - 1 + band slots) under an additive mask built once per band height, so the work is
-    O(Q (S + W)) and no mask is built or converted per call: on the CPU 0.9x a causal pass of the same heads at
-    768 tokens, 0.75x at 1K, 0.5x at 2K, where one dense [Q, T] mask costs 1.2-1.7x (SmolLM2's shapes).
+    [B, Hq, Q, D]. Rows before slot S + W see every earlier slot (Λ is causal there): one causal call. Later rows go
+    in bands of `band` rows (None: the torch backend's `lambda_band`), each over the S sink slots and its own window
+    (W - 1 + band slots) under an additive mask built once per band height, so the work is O(Q (S + W)) and no mask
+    is built or converted per call (its speed against a causal pass and a dense mask: benchmarks/RESULTS.md,
+    `bench_lambda_prefill.py`).
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     start, head = kv_len - q_len, sink + window
@@ -189,8 +190,9 @@ def unpadded_lambda_attention(
     if start < head:
         rows = min(head, kv_len) - start
         out[:, :, :rows] = retrieval_attention(q[:, :, :rows], k[:, :, : start + rows], v[:, :, : start + rows], None, scaling)
-    for r0 in range(max(start, head), kv_len, LAMBDA_BAND):
-        r1 = min(r0 + LAMBDA_BAND, kv_len)
+    band = band or REGISTRY["torch"].lambda_band
+    for r0 in range(max(start, head), kv_len, band):
+        r1 = min(r0 + band, kv_len)
         w0 = r0 - window + 1  # first window slot of row r0; > S since r0 >= S + W
         keys = torch.cat([k[:, :, :sink], k[:, :, w0:r1]], dim=2)
         values = torch.cat([v[:, :, :sink], v[:, :, w0:r1]], dim=2)
