@@ -1,8 +1,9 @@
 """One-call GPU check of duohead's kernels: every GPU path against the torch reference, then timings.
 
-Run it through benchmarks/gpu_check.sh (that file's header has the device-tool call). First the toolchain: nvcc's
-version (FlashInfer compiles its kernels with it on first use) and one FlashInfer warm-up; if that fails, the
-failure is reported once and every later row runs without FlashInfer (SDPA for retrieval heads). Sections:
+Run it through benchmarks/gpu_check.sh (that file's header has the device-tool call). First the preflight table
+(benchmarks/gpu_preflight.py: a missing compiler, Python.h, nvcc or FlashInfer turns off the rows that need it,
+with the reason), then one FlashInfer warm-up in a subprocess: a failure or a crash there (a sticky CUDA error
+included) is reported once and every later row runs without FlashInfer (SDPA for retrieval heads). Sections:
 1. correctness on random inputs (outputs poisoned with NaN first): Triton streaming attend-then-store (prefill /
    chunked prefill: attention + cache write; decode: the fused kernel, split and unsplit; outputs and caches,
    bf16 and fp16) and its cache writes alone (bit-exact), FlashInfer retrieval prefill / chunked prefill / decode,
@@ -15,12 +16,16 @@ failure is reported once and every later row runs without FlashInfer (SDPA for r
    eager and CUDA-graph replay;
 4. (b) one layer's prefill attention, duohead vs full attention;
 5. (c) a whole-model decode step at the longest context (random Llama, `--model-layers` layers of the benchmark's
-   shapes): stock transformers with its StaticCache vs duohead at 50% streaming, eager and CUDA-graph replay.
-Full results go to OUT/gpu_check.json (rewritten after every section); a short table is printed last; error texts
-are cut to one short line.
+   shapes): stock transformers with its StaticCache vs duohead at 50% streaming, eager and CUDA-graph replay;
+6. (d) a decode step of all layers' attention at 1M tokens, 50% streaming, when `duohead plan`'s KV bytes fit the
+   card's free memory (full attention's 128 GiB of KV do not: its side is the plan, not a timing).
+One failure loses one row: each row (context, fraction) is measured in its own try and written to
+OUT/gpu_check.json as soon as it exists; a sticky CUDA error stops the later rows with that reason. A short table
+is printed last; error texts are cut to one short line.
 
 `--dry-run` runs the same code on the CPU at tiny shapes: the Triton interpreter for streaming heads and the
-torch reference in place of FlashInfer, timed with perf_counter. tests/test_kernels_gpu_check.py runs it.
+torch reference in place of FlashInfer, timed with perf_counter; its FlashInfer warm-up subprocess crashes on
+purpose (SIGABRT) to show that the other rows survive. tests/test_kernels_gpu_check.py runs it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import datetime
 import json
 import os
 import platform
-import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +53,9 @@ from duohead import kernels
 from duohead.cache import RetrievalKV, StreamingKV
 from duohead.files import atomic_write_text
 from duohead.kernels import StreamingView, flashinfer_retrieval, reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_preflight beside this script, also when imported
+import gpu_preflight  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -123,20 +131,6 @@ def short(error: BaseException | str, limit: int = 160) -> str:
 # ---- 0. toolchain ----
 
 
-def nvcc_version() -> str | None:
-    """The release line of `nvcc --version` (FlashInfer's JIT compiles with it), or None if there is no nvcc."""
-    candidates = [shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")]
-    path = next((c for c in candidates if c and os.path.exists(c)), None)
-    if path is None:
-        return None
-    try:
-        lines = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"{path} ({short(e)})"
-    release = [line for line in lines if "release" in line]
-    return f"{path}: {(release or lines or ['?'])[-1].strip()}"
-
-
 def warm_up_flashinfer(device: torch.device, shapes: Shapes) -> str | None:
     """Run FlashInfer's prefill and decode once on a small cache (its JIT compiles here); the error, or None."""
     try:
@@ -147,6 +141,35 @@ def warm_up_flashinfer(device: torch.device, shapes: Shapes) -> str | None:
     except Exception as e:  # no nvcc, a compile error, an unsupported GPU: reported once, then rows run without it
         return short(e, 300)
     return None
+
+
+WARM_UP_SECONDS = 300  # FlashInfer's JIT compiles two modules on first use (prebuilt modules load in seconds)
+
+
+def warm_up_in_subprocess(dry: bool, timeout: float = WARM_UP_SECONDS) -> str | None:
+    """`warm_up_flashinfer` in a child process, so that a crash or a sticky CUDA error there costs FlashInfer's
+    rows, not the run. The error (its last line, the signal, or the timeout), or None. `dry`: the child crashes
+    on purpose (SIGABRT), the rehearsal of that failure."""
+    command = [sys.executable, os.path.abspath(__file__), "--warm-up-only"] + (["--dry-run"] if dry else [])
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"the warm-up subprocess ran past {timeout:.0f} s (FlashInfer's JIT compile?)"
+    last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+    if proc.returncode < 0:
+        return short(f"the warm-up subprocess died of {signal.Signals(-proc.returncode).name}: {last}", 300)
+    return None if proc.returncode == 0 else short(last or f"the warm-up subprocess exited {proc.returncode}", 300)
+
+
+def warm_up_child(dry: bool) -> None:
+    """The body of `--warm-up-only`: exit 0 when FlashInfer ran, 1 with its error on stderr."""
+    if dry:
+        print("simulated FlashInfer crash (--dry-run)", file=sys.stderr, flush=True)
+        os.abort()
+    failure = warm_up_flashinfer(torch.device("cuda"), LLAMA3_8B)
+    if failure is not None:
+        print(failure, file=sys.stderr, flush=True)
+    raise SystemExit(0 if failure is None else 1)
 
 
 # ---- 1. correctness ----
@@ -230,17 +253,20 @@ def check_retrieval(fn, device, dtype, shapes: Shapes, chunks: tuple[int, ...]) 
     return {"max_error": max_error(fn(q, k, v, None, scale), expected), "chunks": list(chunks)}
 
 
-def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: bool, flashinfer_skipped: str | None) -> list[dict]:
-    """Every GPU path vs the reference; a failing check is recorded, never fatal. FlashInfer's rows are skipped
-    with `flashinfer_skipped` as the reason when that is set."""
+def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: bool, skipped: dict[str, str | None], emit) -> None:
+    """Every GPU path vs the reference, each row passed to `emit` as it is done; a failing check is recorded,
+    never fatal. The "triton" and "flashinfer" rows are skipped with `skipped[name]` as the reason when set."""
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
     model_tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # relative to the largest logit
-    use_flashinfer = flashinfer_skipped is None
+    use_flashinfer = skipped["flashinfer"] is None
     prefill, chunked, decode = ((96,), (96, 17), (150, 1)) if dry else ((333,), (333, 64), (1000, 1))
-    plan = [
-        ("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry)) for dt in (shapes.dtype, torch.float16)
-    ]
-    plan.append(("triton streaming append", shapes.dtype, lambda: check_append(device, shapes.dtype, shapes, dry)))
+    plan = []
+    if skipped["triton"] is None:
+        plan += [
+            ("triton streaming", dt, lambda dt=dt: check_streaming(device, dt, shapes, dry))
+            for dt in (shapes.dtype, torch.float16)
+        ]
+        plan.append(("triton streaming append", shapes.dtype, lambda: check_append(device, shapes.dtype, shapes, dry)))
     for name, fn in (
         ("flashinfer retrieval", flashinfer_retrieval.retrieval_attention),
         ("sdpa retrieval", reference.retrieval_attention),
@@ -258,7 +284,6 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
             lambda: check_retrieval(kernels.retrieval_attention, device, shapes.dtype, shapes, decode),
         )
     )
-    results = []
     for name, dtype, run in plan:
         t0 = time.perf_counter()
         try:
@@ -270,7 +295,7 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
             name=name, dtype=str(dtype).removeprefix("torch."), tolerance=tol[dtype], seconds=round(time.perf_counter() - t0, 2)
         )
         print(f"[check] {row}", flush=True)
-        results.append(row)
+        emit(row)
     t0 = time.perf_counter()
     try:
         model_rows = check_model(device, shapes, duo_backend, dry)
@@ -285,10 +310,10 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
             seconds=round(time.perf_counter() - t0, 2),
         )
         print(f"[check] {row}", flush=True)
-    results += model_rows
-    if not use_flashinfer:
-        results.append({"name": "flashinfer retrieval", "ok": None, "skipped": flashinfer_skipped})
-    return results
+        emit(row)
+    for name, reason in skipped.items():
+        if reason is not None:
+            emit({"name": f"{name} rows", "ok": None, "skipped": reason})
 
 
 # ---- 1b. the whole model path ----
@@ -378,6 +403,30 @@ def copy_bandwidth(device: torch.device, clock: Clock, dry: bool) -> float:
     return 2 * n / (ms / 1e3)
 
 
+class ContextLost(RuntimeError):
+    """A sticky CUDA error: every later kernel launch fails, so the later rows are not attempted."""
+
+
+def after_failure(device: torch.device) -> None:
+    """Free what a failed row left and check that the device still works; raises ContextLost when it does not."""
+    if device.type != "cuda":
+        return
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    except Exception as e:
+        raise ContextLost(short(e)) from e
+
+
+def of_copy(nbytes: int, ms, bandwidth: float | None) -> float | None:
+    """The share of the copy bandwidth that moving `nbytes` in `ms` reaches (None: no time or no bandwidth)."""
+    return nbytes / (ms / 1e3) / bandwidth if isinstance(ms, float) and bandwidth else None
+
+
+def floor_ms(nbytes: int, bandwidth: float | None) -> float | None:
+    return nbytes / bandwidth * 1e3 if bandwidth else None
+
+
 def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> StreamingView:
     """The streaming cache after `seen` >= S + W tokens (sink positions [0, S), ring positions [seen - W, seen)),
     or an empty one for `seen` = 0. Random contents."""
@@ -394,9 +443,14 @@ def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> Stream
 
 def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
     """Median time of a CUDA-graph replay of `step` (kernels only, no Python), or why it could not be captured.
-    One eager step first (FlashInfer plans, Triton compiles), then `before_capture` (e.g. take that token back)."""
+    As PyTorch documents capture: one eager step on a side stream first (FlashInfer plans, Triton compiles, the
+    allocator settles), then `before_capture` (e.g. take that token back), then the capture."""
     try:
-        step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
         if before_capture is not None:
             before_capture()
         graph = torch.cuda.CUDAGraph()
@@ -407,138 +461,183 @@ def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
         return short(e)
 
 
-def decode_bench(device, shapes: Shapes, clock: Clock, bandwidth: float, full_backend: str, duo_backend: str) -> list[dict]:
+@dataclass
+class DuoDecode:
+    """One decode step of every layer's attention at one streaming fraction, with its cache writes: `kv` [2, 1,
+    Hkv', T, D] per layer (its first `hr` heads are the retrieval heads), `states` the streaming heads' caches."""
+
+    kv: list[torch.Tensor]
+    states: list[StreamingView]
+    q: torch.Tensor  # [1, Hq, 1, D]
+    new_kv: torch.Tensor  # [2, 1, Hkv, 1, D]
+    pos: torch.Tensor  # [1, 1]
+    hr: int
+    hs: int
+    group: int
+
+    def retrieval_part(self) -> None:
+        scale = self.q.shape[-1] ** -0.5
+        for buf in self.kv:
+            buf[:, :, : self.hr, -1:].copy_(self.new_kv[:, :, : self.hr])
+            kernels.retrieval_attention(
+                self.q[:, : self.hr * self.group], buf[0][:, : self.hr], buf[1][:, : self.hr], None, scale
+            )
+
+    def streaming_part(self) -> None:
+        scale, hr = self.q.shape[-1] ** -0.5, self.hr
+        for state in self.states:
+            kernels.streaming_attention_and_append(
+                self.q[:, hr * self.group :], self.new_kv[0][:, hr:], self.new_kv[1][:, hr:], self.pos, state, scale
+            )
+
+    def step(self) -> None:
+        if self.hr:
+            self.retrieval_part()
+        if self.hs:
+            self.streaming_part()
+
+    def bytes(self, shapes: Shapes, context: int) -> int:
+        """KV bytes read and written: retrieval heads' T tokens, streaming heads' S + W, the new token's K and V."""
+        d, item = shapes.head_dim, shapes.dtype.itemsize
+        read = self.hr * context + self.hs * (shapes.sink + shapes.window)
+        return shapes.layers * 2 * (read + self.hr + self.hs) * d * item
+
+
+def decode_bench(
+    device, shapes: Shapes, clock: Clock, bandwidth: float | None, full_backend: str, duo_backend: str, emit
+) -> None:
     """(a) One decode step of every layer's attention at each context and streaming fraction, the new token's cache
     writes included on both sides (full: one slot of the KV buffer; duohead: the retrieval slot, and the streaming
-    heads' fused attend-then-store)."""
-    group, d, item = shapes.num_q_heads // shapes.num_kv_heads, shapes.head_dim, shapes.dtype.itemsize
+    heads' fused attend-then-store). Each row is passed to `emit` when done; a failed row becomes an error row."""
+    d = shapes.head_dim
     scale = d**-0.5
-    rows = []
     for context in shapes.contexts:
-        kv = [randn(2, 1, shapes.num_kv_heads, context, d, device=device, dtype=shapes.dtype) for _ in range(shapes.layers)]
-        new_kv = randn(2, 1, shapes.num_kv_heads, 1, d, device=device, dtype=shapes.dtype)
-        q = randn(1, shapes.num_q_heads, 1, d, device=device, dtype=shapes.dtype)
+        try:
+            kv = [randn(2, 1, shapes.num_kv_heads, context, d, device=device, dtype=shapes.dtype) for _ in range(shapes.layers)]
+            new_kv = randn(2, 1, shapes.num_kv_heads, 1, d, device=device, dtype=shapes.dtype)
+            q = randn(1, shapes.num_q_heads, 1, d, device=device, dtype=shapes.dtype)
 
-        def full_step():
-            for buf in kv:
-                buf[:, :, :, -1:].copy_(new_kv)  # the new token's slot (the buffer holds exactly `context` tokens)
-                kernels.retrieval_attention(q, buf[0], buf[1], None, scale)
-
-        with kernels.use_backend(full_backend):
-            full_ms = clock(full_step)
-            full_graph = graph_ms(full_step, clock) if device.type == "cuda" else None
-        written = shapes.layers * 2 * shapes.num_kv_heads * d * item
-        full_bytes = shapes.layers * 2 * shapes.num_kv_heads * context * d * item + written
-        for fraction in shapes.fractions:
-            hs = round(fraction * shapes.num_kv_heads)
-            hr = shapes.num_kv_heads - hs
-            pos = torch.full((1, 1), context - 1, dtype=torch.long, device=device)
-            states = [streaming_state(hs, context - 1, shapes, device) for _ in range(shapes.layers)] if hs else []
-
-            def retrieval_part():
+            def full_step():
                 for buf in kv:
-                    buf[:, :, :hr, -1:].copy_(new_kv[:, :, :hr])
-                    kernels.retrieval_attention(q[:, : hr * group], buf[0][:, :hr], buf[1][:, :hr], None, scale)
+                    buf[:, :, :, -1:].copy_(new_kv)  # the new token's slot (the buffer holds exactly `context` tokens)
+                    kernels.retrieval_attention(q, buf[0], buf[1], None, scale)
 
-            def streaming_part():
-                for state in states:
-                    kernels.streaming_attention_and_append(
-                        q[:, hr * group :], new_kv[0][:, hr:], new_kv[1][:, hr:], pos, state, scale
-                    )
-
-            def duo_step():
-                if hr:
-                    retrieval_part()
-                if hs:
-                    streaming_part()
-
-            with kernels.use_backend(duo_backend):
-                duo_ms = clock(duo_step)
-                parts = {
-                    "retrieval_ms": clock(retrieval_part) if hr else 0.0,
-                    "streaming_ms": clock(streaming_part) if hs else 0.0,
-                }
-                duo_graph = graph_ms(duo_step, clock) if device.type == "cuda" else None
-            duo_bytes = shapes.layers * 2 * (hr * context + hs * (shapes.sink + shapes.window)) * d * item + written
-
-            def of_copy(nbytes: int, ms) -> float | None:
-                return nbytes / (ms / 1e3) / bandwidth if isinstance(ms, float) else None
-
-            rows.append(
-                {
-                    "context": context,
-                    "streaming_fraction": fraction,
-                    "retrieval_kv_heads": hr,
-                    "streaming_kv_heads": hs,
-                    "full_ms": full_ms,
-                    "duo_ms": duo_ms,
-                    "speedup": full_ms / duo_ms,
-                    **parts,
-                    "full_graph_ms": full_graph,
-                    "duo_graph_ms": duo_graph,
-                    "full_bytes": full_bytes,
-                    "duo_bytes": duo_bytes,
-                    "full_GBps": full_bytes / full_ms / 1e6,
-                    "duo_GBps": duo_bytes / duo_ms / 1e6,
-                    "duo_floor_ms": duo_bytes / bandwidth * 1e3,
-                    "full_floor_ms": full_bytes / bandwidth * 1e3,
-                    "full_of_copy_bw": of_copy(full_bytes, full_ms),
-                    "duo_of_copy_bw": of_copy(duo_bytes, duo_ms),
-                    "full_graph_of_copy_bw": of_copy(full_bytes, full_graph),
-                    "duo_graph_of_copy_bw": of_copy(duo_bytes, duo_graph),
-                }
-            )
-            print(f"[decode] {rows[-1]}", flush=True)
+            with kernels.use_backend(full_backend):
+                full_ms = clock(full_step)
+                full_graph = graph_ms(full_step, clock) if device.type == "cuda" else None
+        except Exception as e:  # this context's rows fail; the next context still runs
+            for fraction in shapes.fractions:
+                emit({"context": context, "streaming_fraction": fraction, "error": f"full attention: {short(e)}"})
+            kv = None
+            after_failure(device)
+            continue
+        full_bytes = shapes.layers * 2 * shapes.num_kv_heads * (context + 1) * d * shapes.dtype.itemsize
+        for fraction in shapes.fractions:
+            try:
+                row = duo_row(device, shapes, clock, bandwidth, duo_backend, kv, q, new_kv, context, fraction)
+                row |= full_side(full_ms, full_graph, full_bytes, bandwidth) | {"speedup": full_ms / row["duo_ms"]}
+                print(f"[decode] {row}", flush=True)
+                emit(row)
+            except Exception as e:
+                emit({"context": context, "streaming_fraction": fraction, "error": short(e)})
+                after_failure(device)
         del kv
-    return rows
 
 
-def prefill_bench(device, shapes: Shapes, clock: Clock, full_backend: str, duo_backend: str, dry: bool) -> list[dict]:
-    """(b) One layer's prefill attention over T new tokens, duohead vs full."""
+def full_side(full_ms: float, full_graph, full_bytes: int, bandwidth: float | None) -> dict:
+    return {
+        "full_ms": full_ms,
+        "full_graph_ms": full_graph,
+        "full_bytes": full_bytes,
+        "full_GBps": full_bytes / full_ms / 1e6,
+        "full_floor_ms": floor_ms(full_bytes, bandwidth),
+        "full_of_copy_bw": of_copy(full_bytes, full_ms, bandwidth),
+        "full_graph_of_copy_bw": of_copy(full_bytes, full_graph, bandwidth),
+    }
+
+
+def duo_row(device, shapes: Shapes, clock: Clock, bandwidth, duo_backend: str, kv, q, new_kv, context, fraction) -> dict:
+    """duohead's side of one decode row: eager, its two parts, CUDA-graph replay, bytes and shares of bandwidth."""
+    hs = round(fraction * shapes.num_kv_heads)
+    hr = shapes.num_kv_heads - hs
+    pos = torch.full((1, 1), context - 1, dtype=torch.long, device=device)
+    states = [streaming_state(hs, context - 1, shapes, device) for _ in range(shapes.layers)] if hs else []
+    step = DuoDecode(kv, states, q, new_kv, pos, hr, hs, shapes.num_q_heads // shapes.num_kv_heads)
+    with kernels.use_backend(duo_backend):
+        duo_ms = clock(step.step)
+        parts = {
+            "retrieval_ms": clock(step.retrieval_part) if hr else 0.0,
+            "streaming_ms": clock(step.streaming_part) if hs else 0.0,
+        }
+        duo_graph = graph_ms(step.step, clock) if device.type == "cuda" else None
+    duo_bytes = step.bytes(shapes, context)
+    return {
+        "context": context,
+        "streaming_fraction": fraction,
+        "retrieval_kv_heads": hr,
+        "streaming_kv_heads": hs,
+        "duo_ms": duo_ms,
+        **parts,
+        "duo_graph_ms": duo_graph,
+        "duo_bytes": duo_bytes,
+        "duo_GBps": duo_bytes / duo_ms / 1e6,
+        "duo_floor_ms": floor_ms(duo_bytes, bandwidth),
+        "duo_of_copy_bw": of_copy(duo_bytes, duo_ms, bandwidth),
+        "duo_graph_of_copy_bw": of_copy(duo_bytes, duo_graph, bandwidth),
+    }
+    return row
+
+
+def prefill_bench(device, shapes: Shapes, clock: Clock, full_backend: str, duo_backend: str, dry: bool, emit) -> None:
+    """(b) One layer's prefill attention over T new tokens, duohead vs full; each row to `emit` when done."""
     group, d = shapes.num_q_heads // shapes.num_kv_heads, shapes.head_dim
     scale = d**-0.5
-    rows = []
     for context in shapes.contexts:
         few = Clock(device, 1, 3) if context > 65536 and not dry else clock
-        q = randn(1, shapes.num_q_heads, context, d, device=device, dtype=shapes.dtype)
-        buf = randn(2, 1, shapes.num_kv_heads, context, d, device=device, dtype=shapes.dtype)
-        with kernels.use_backend(full_backend):
-            full_ms = few(lambda: kernels.retrieval_attention(q, buf[0], buf[1], None, scale))
+        try:
+            q = randn(1, shapes.num_q_heads, context, d, device=device, dtype=shapes.dtype)
+            buf = randn(2, 1, shapes.num_kv_heads, context, d, device=device, dtype=shapes.dtype)
+            with kernels.use_backend(full_backend):
+                full_ms = few(lambda: kernels.retrieval_attention(q, buf[0], buf[1], None, scale))
+        except Exception as e:
+            for fraction in shapes.fractions:
+                emit({"context": context, "streaming_fraction": fraction, "error": f"full attention: {short(e)}"})
+            q = buf = None
+            after_failure(device)
+            continue
         pos = torch.arange(context, device=device)[None]
         for fraction in shapes.fractions:
             hs = round(fraction * shapes.num_kv_heads)
             hr = shapes.num_kv_heads - hs
-            state = streaming_state(hs, 0, shapes, device) if hs else None
+            try:
+                state = streaming_state(hs, 0, shapes, device) if hs else None
 
-            def duo():
-                if hr:
-                    kernels.retrieval_attention(q[:, : hr * group], buf[0][:, :hr], buf[1][:, :hr], None, scale)
-                if hs:
-                    kernels.streaming_attention(q[:, hr * group :], buf[0][:, hr:], buf[1][:, hr:], pos, state, scale)
+                def duo():
+                    if hr:
+                        kernels.retrieval_attention(q[:, : hr * group], buf[0][:, :hr], buf[1][:, :hr], None, scale)
+                    if hs:
+                        kernels.streaming_attention(q[:, hr * group :], buf[0][:, hr:], buf[1][:, hr:], pos, state, scale)
 
-            with kernels.use_backend(duo_backend):
-                duo_ms = few(duo)
-            rows.append(
-                {
-                    "context": context,
-                    "streaming_fraction": fraction,
-                    "full_ms": full_ms,
-                    "duo_ms": duo_ms,
-                    "speedup": full_ms / duo_ms,
-                }
-            )
-            print(f"[prefill] {rows[-1]}", flush=True)
+                with kernels.use_backend(duo_backend):
+                    duo_ms = few(duo)
+                row = {"context": context, "streaming_fraction": fraction, "full_ms": full_ms, "duo_ms": duo_ms}
+                row["speedup"] = full_ms / duo_ms
+            except Exception as e:
+                row = {"context": context, "streaming_fraction": fraction, "error": short(e)}
+                after_failure(device)
+            print(f"[prefill] {row}", flush=True)
+            emit(row)
         del q, buf
-    return rows
 
 
 def model_decode_bench(
-    device, shapes: Shapes, clock: Clock, bandwidth: float, duo_backend: str, layers: int, dry: bool
-) -> list[dict]:
+    device, shapes: Shapes, clock: Clock, bandwidth: float | None, duo_backend: str, layers: int, dry: bool, emit
+) -> None:
     """(c) A whole-model decode step at the longest context: a random Llama (`layers` layers of the benchmark's
     shapes), stock transformers with its StaticCache (sdpa) vs duohead at 50% streaming on `duo_backend`, both
     prefilled in chunks, then timed eagerly and as a CUDA-graph replay of one captured step (a replay repeats that
-    step at the same position: a timing, not a generation). Bytes: weights + the KV each side reads."""
+    step at the same position: a timing, not a generation). Bytes: weights + the KV each side reads. Each row goes
+    to `emit` when done; a failed stock row does not stop duohead's."""
     from transformers import StaticCache
 
     import duohead
@@ -551,7 +650,7 @@ def model_decode_bench(
     next_id = ids[:, context:]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_token = 2 * shapes.head_dim * shapes.dtype.itemsize * layers  # bytes per token per KV head, all layers
-    rows = []
+    stock_row = None
 
     def prefill(cache) -> None:
         for start in range(0, context, chunk):
@@ -569,19 +668,30 @@ def model_decode_bench(
             "eager_ms": eager,
             "graph_ms": graph,
             "bytes": total,
-            "floor_ms": total / bandwidth * 1e3,
-            "graph_of_copy_bw": total / (graph / 1e3) / bandwidth if isinstance(graph, float) else None,
+            "floor_ms": floor_ms(total, bandwidth),
+            "graph_of_copy_bw": of_copy(total, graph, bandwidth),
         }
 
+    def report(r: dict) -> None:
+        print(f"[model decode] {r}", flush=True)
+        emit(r)
+
+    label = "stock transformers (StaticCache, sdpa)"
     with torch.no_grad():
-        static = StaticCache(config=model.config, max_cache_len=context + 1)
-        prefill(static)
-        position = torch.tensor([context], device=device)
-        stock = lambda: model(next_id, **{name: static}, use_cache=True, cache_position=position)  # noqa: E731
-        rows.append(row("stock transformers (StaticCache, sdpa)", stock, shapes.num_kv_heads * (context + 1) * kv_token))
-        del static
+        try:
+            static = StaticCache(config=model.config, max_cache_len=context + 1)
+            prefill(static)
+            position = torch.tensor([context], device=device)
+            stock = lambda: model(next_id, **{name: static}, use_cache=True, cache_position=position)  # noqa: E731
+            stock_row = row(label, stock, shapes.num_kv_heads * (context + 1) * kv_token)
+            report(stock_row)
+        except Exception as e:
+            report({"model": label, "context": context, "layers": layers, "error": short(e)})
+            after_failure(device)
+        static = None
         pattern = duohead.HeadPattern(torch.rand(layers, shapes.num_kv_heads), sink=shapes.sink, window=shapes.window)
         duohead.enable(model, pattern, sparsity=0.5)
+        label = f"duohead 50% streaming ({duo_backend})"
         try:
             with kernels.use_backend(duo_backend):
                 cache = duohead.DuoCache.from_model(model, max_length=context + 96, rollback=1)
@@ -589,15 +699,77 @@ def model_decode_bench(
                 duo = lambda: model(next_id, **{name: cache}, use_cache=True)  # noqa: E731
                 hs = shapes.num_kv_heads // 2
                 kv_bytes = ((shapes.num_kv_heads - hs) * (context + 1) + hs * (shapes.sink + shapes.window)) * kv_token
-                rows.append(row(f"duohead 50% streaming ({duo_backend})", duo, kv_bytes, before_capture=lambda: cache.crop(-1)))
+                duo_row = row(label, duo, kv_bytes, before_capture=lambda: cache.crop(-1))
+        except Exception as e:
+            report({"model": label, "context": context, "layers": layers, "error": short(e)})
+            after_failure(device)
+            return
         finally:
             duohead.disable(model)
-    rows[-1]["speedup_eager"] = rows[0]["eager_ms"] / rows[-1]["eager_ms"]
-    if isinstance(rows[0]["graph_ms"], float) and isinstance(rows[-1]["graph_ms"], float):
-        rows[-1]["speedup_graph"] = rows[0]["graph_ms"] / rows[-1]["graph_ms"]
-    for r in rows:
-        print(f"[model decode] {r}", flush=True)
-    return rows
+    if stock_row is not None:
+        duo_row["speedup_eager"] = stock_row["eager_ms"] / duo_row["eager_ms"]
+        if isinstance(stock_row["graph_ms"], float) and isinstance(duo_row["graph_ms"], float):
+            duo_row["speedup_graph"] = stock_row["graph_ms"] / duo_row["graph_ms"]
+    report(duo_row)
+
+
+MILLION = 2**20  # tokens of the 1M row
+HEADROOM = 4 << 30  # bytes the 1M row leaves free beside its KV (FlashInfer's workspace, the graph's pool, q)
+
+
+def million_plan(shapes: Shapes) -> dict:
+    """`duohead plan` for Llama-3.1-8B (the shipped pattern's model config) at 1M tokens, half the KV heads
+    streaming, on one GPU: bytes of the weights, of full attention's KV and of duohead's."""
+    from duohead import planner
+
+    config = planner.shipped_model_config("llama-3.1-8b-instruct")
+    layout = planner.spread_layout(config.num_hidden_layers, config.num_key_value_heads, 1, 0.5)
+    rank = planner.plan_deployment(config, layout, sink=shapes.sink, window=shapes.window, context=MILLION).fullest()
+    return {"weights_bytes": rank.weight_bytes, "full_kv_bytes": rank.full_kv_bytes, "duo_kv_bytes": rank.duohead_kv_bytes}
+
+
+def million_bench(device, shapes: Shapes, clock: Clock, bandwidth: float | None, duo_backend: str, dry: bool, emit) -> None:
+    """(d) A decode step of every layer's attention at 1M tokens (dry run: 1K), 50% streaming, with its cache
+    writes, eager and CUDA-graph replay, when the card's free memory holds the retrieval heads' KV plus HEADROOM.
+    Full attention is not run: the plan's bytes say why (Llama-3.1-8B: 128 GiB of KV plus 15 GiB of weights)."""
+    context = 1024 if dry else MILLION
+    plan = million_plan(LLAMA3_8B)
+    group, d = shapes.num_q_heads // shapes.num_kv_heads, shapes.head_dim
+    hs = shapes.num_kv_heads // 2
+    hr = shapes.num_kv_heads - hs
+    need = shapes.layers * 2 * hr * context * d * shapes.dtype.itemsize
+    row = {"context": context, "streaming_fraction": hs / shapes.num_kv_heads, "retrieval_kv_heads": hr, "plan": plan}
+    row["plan_fits"] = None  # whether weights + KV fit the card: known on a GPU
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        row["plan_fits"] = {side: plan["weights_bytes"] + plan[f"{side}_kv_bytes"] <= total for side in ("full", "duo")}
+        if free < need + HEADROOM:
+            row["skipped"] = f"needs {need / 2**30:.1f} GiB of KV + {HEADROOM >> 30} GiB; {free / 2**30:.1f} GiB free"
+            print(f"[1M decode] {row}", flush=True)
+            emit(row)
+            return
+    kv = [randn(2, 1, hr, context, d, device=device, dtype=shapes.dtype) for _ in range(shapes.layers)]
+    new_kv = randn(2, 1, shapes.num_kv_heads, 1, d, device=device, dtype=shapes.dtype)
+    q = randn(1, shapes.num_q_heads, 1, d, device=device, dtype=shapes.dtype)
+    pos = torch.full((1, 1), context - 1, dtype=torch.long, device=device)
+    states = [streaming_state(hs, context - 1, shapes, device) for _ in range(shapes.layers)]
+    step = DuoDecode(kv, states, q, new_kv, pos, hr, hs, group)
+    with kernels.use_backend(duo_backend):
+        duo_ms = clock(step.step)
+        duo_graph = graph_ms(step.step, clock) if device.type == "cuda" else None
+    duo_bytes = step.bytes(shapes, context)
+    row |= {
+        "duo_ms": duo_ms,
+        "duo_graph_ms": duo_graph,
+        "duo_bytes": duo_bytes,
+        "duo_floor_ms": floor_ms(duo_bytes, bandwidth),
+        "duo_of_copy_bw": of_copy(duo_bytes, duo_ms, bandwidth),
+        "duo_graph_of_copy_bw": of_copy(duo_bytes, duo_graph, bandwidth),
+        "full_floor_ms": floor_ms(shapes.layers * 2 * shapes.num_kv_heads * (context + 1) * d * shapes.dtype.itemsize, bandwidth),
+    }
+    print(f"[1M decode] {row}", flush=True)
+    emit(row)
 
 
 # ---- report ----
@@ -607,12 +779,14 @@ def table(report: dict) -> str:
     def fmt(x, spec: str, width: int) -> str:
         return format(x, spec) if isinstance(x, float) else f"{'-':>{width}}"
 
-    lines = [
+    lines = [gpu_preflight.table(report["preflight"])]
+    lines.append(
         f"duohead gpu_check  {report['device']}  {report['date']}  "
         f"(full = {report['full_backend']}, duohead = {report['duo_backend']})"
-    ]
-    lines.append(f"nvcc: {report['nvcc'] or 'not found'}; flashinfer: {report['flashinfer']}")
-    lines.append(f"copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s")
+    )
+    lines.append(f"flashinfer: {report['flashinfer']}")
+    bandwidth = report["copy_bandwidth_GBps"]
+    lines.append(f"copy bandwidth: {bandwidth:.0f} GB/s" if bandwidth else f"copy bandwidth: failed ({report['errors'][0]})")
     failed = [
         c["name"] + (f" ({c['error']})" if "error" in c else f" err={c.get('max_error')}")
         for c in report["checks"]
@@ -631,31 +805,56 @@ def table(report: dict) -> str:
         f"{'full bw':>7} {'duo bw':>7} {'duo_g bw':>8} {'floor':>7}"
     )
     for r in report["decode"]:
+        if "error" in r:
+            lines.append(f"{r['context']:>8} {r['streaming_fraction']:>6.2f}  error: {r['error']}")
+            continue
         fg, dg = r["full_graph_ms"], r["duo_graph_ms"]
         ratio = fg / dg if isinstance(fg, float) and isinstance(dg, float) else None
         lines.append(
             f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:8.3f} {r['duo_ms']:8.3f} {r['speedup']:7.2f} "
             f"{fmt(fg, '8.3f', 8)} {fmt(dg, '8.3f', 8)} {fmt(ratio, '9.2f', 9)} {fmt(r['full_of_copy_bw'], '7.0%', 7)} "
-            f"{fmt(r['duo_of_copy_bw'], '7.0%', 7)} {fmt(r['duo_graph_of_copy_bw'], '8.0%', 8)} {r['duo_floor_ms']:7.3f}"
+            f"{fmt(r['duo_of_copy_bw'], '7.0%', 7)} {fmt(r['duo_graph_of_copy_bw'], '8.0%', 8)} "
+            f"{fmt(r['duo_floor_ms'], '7.3f', 7)}"
         )
     lines.append("prefill, one layer's attention (ms)")
     lines.append(f"{'context':>8} {'stream':>6} {'full':>9} {'duo':>9} {'speedup':>7}")
     for r in report["prefill"]:
         lines.append(
-            f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:9.2f} {r['duo_ms']:9.2f} {r['speedup']:7.2f}"
+            f"{r['context']:>8} {r['streaming_fraction']:>6.2f}  error: {r['error']}"
+            if "error" in r
+            else f"{r['context']:>8} {r['streaming_fraction']:>6.2f} {r['full_ms']:9.2f} {r['duo_ms']:9.2f} {r['speedup']:7.2f}"
         )
     if report["model_decode"]:
         lines.append("whole-model decode step (ms; graph = replay of one captured step)")
         lines.append(f"{'model':>44} {'context':>8} {'eager':>8} {'graph':>8} {'floor':>7} {'graph bw':>8}")
         for r in report["model_decode"]:
+            if "error" in r:
+                lines.append(f"{r['model']:>44} {r['context']:>8}  error: {r['error']}")
+                continue
             graph = r["graph_ms"] if isinstance(r["graph_ms"], float) or r["graph_ms"] is None else f"error: {r['graph_ms']}"
             lines.append(
-                f"{r['model']:>44} {r['context']:>8} {r['eager_ms']:8.2f} {fmt(graph, '8.2f', 8)} {r['floor_ms']:7.2f} "
+                f"{r['model']:>44} {r['context']:>8} {r['eager_ms']:8.2f} {fmt(graph, '8.2f', 8)} "
+                f"{fmt(r['floor_ms'], '7.2f', 7)} "
                 f"{fmt(r['graph_of_copy_bw'], '8.0%', 8)}" + (f"  {graph}" if isinstance(graph, str) else "")
             )
         last = report["model_decode"][-1]
-        graph_ratio = f"{last['speedup_graph']:.2f}x" if "speedup_graph" in last else "-"
-        lines.append(f"duohead vs stock: eager {last.get('speedup_eager', float('nan')):.2f}x, graph replay {graph_ratio}")
+        if "speedup_eager" in last:
+            graph_ratio = f"{last['speedup_graph']:.2f}x" if "speedup_graph" in last else "-"
+            lines.append(f"duohead vs stock: eager {last['speedup_eager']:.2f}x, graph replay {graph_ratio}")
+    for r in report["million"]:
+        plan = r["plan"]
+        lines.append(
+            f"1M plan (Llama-3.1-8B, 50% streaming, GiB): weights {plan['weights_bytes'] / 2**30:.1f}, KV full "
+            f"{plan['full_kv_bytes'] / 2**30:.1f}, duohead {plan['duo_kv_bytes'] / 2**30:.1f}; fits the card: {r['plan_fits']}"
+        )
+        if "skipped" in r or "error" in r:
+            lines.append(f"decode at {r['context']} tokens: {r.get('skipped') or 'error: ' + r['error']}")
+        else:
+            lines.append(
+                f"decode at {r['context']} tokens, all layers' attention (ms): eager {r['duo_ms']:.3f}, graph "
+                f"{fmt(r['duo_graph_ms'], '.3f', 1)}, floor {fmt(r['duo_floor_ms'], '.3f', 1)} (full attention's floor "
+                f"{fmt(r['full_floor_ms'], '.3f', 1)}, not run)"
+            )
     lines += [f"ERROR {e}" for e in report.get("errors", [])]
     lines.append(f"total {report.get('seconds', '?')} s; full results in gpu_check.json")
     return "\n".join(lines)
@@ -673,11 +872,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["fa2", "auto"],
         help="FlashInfer prefill backend: fa2 (one JIT module shared with decode) or auto (FA3 on Hopper)",
     )
+    parser.add_argument("--warm-up-only", action="store_true", help=argparse.SUPPRESS)  # the warm-up subprocess
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.warm_up_only:
+        warm_up_child(args.dry_run)
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; use --dry-run for the CPU rehearsal")
@@ -685,25 +887,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.contexts:
         shapes = Shapes(**{**asdict(shapes), "contexts": args.contexts})
     flashinfer_retrieval.PREFILL_BACKEND = args.prefill_backend
-    nvcc = nvcc_version() if device.type == "cuda" else None
-    print(
-        f"[toolchain] nvcc: {nvcc or 'not found (FlashInfer cannot JIT-compile kernels it does not ship prebuilt)'}", flush=True
-    )
-    if device.type != "cuda":
-        flashinfer_skipped = "no CUDA device"
-    elif not flashinfer_retrieval.available():
-        flashinfer_skipped = "flashinfer not installed"
-    else:
-        failure = warm_up_flashinfer(device, shapes)
-        flashinfer_skipped = None if failure is None else f"warm-up failed: {failure}"
+    preflight = gpu_preflight.load_or_collect(args.out, args.dry_run)
+    skipped = dict(preflight["gates"])
+    if skipped["flashinfer"] is None and not args.dry_run and not flashinfer_retrieval.available():
+        skipped["flashinfer"] = "flashinfer does not import"
+    if skipped["flashinfer"] is None:
+        failure = warm_up_in_subprocess(args.dry_run)
+        skipped["flashinfer"] = None if failure is None else f"warm-up failed: {failure}"
         print(
-            f"[toolchain] flashinfer warm-up: {'ok' if failure is None else failure} (later rows run "
+            f"[toolchain] flashinfer warm-up (subprocess): {'ok' if failure is None else failure} (later rows run "
             f"{'with' if failure is None else 'without'} FlashInfer)",
             flush=True,
         )
-    has_flashinfer = flashinfer_skipped is None
-    full_backend = "flashinfer" if has_flashinfer else ("triton" if device.type == "cuda" else "torch")
-    duo_backend = "flashinfer" if has_flashinfer else "triton"
+    has_flashinfer = skipped["flashinfer"] is None
+    if skipped["triton"] is not None:
+        full_backend = duo_backend = "torch"
+    else:
+        full_backend = "flashinfer" if has_flashinfer else ("triton" if device.type == "cuda" else "torch")
+        duo_backend = "flashinfer" if has_flashinfer else "triton"
     clock = Clock(device, warmup=0 if args.dry_run else 5, iters=1 if args.dry_run else 20)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu_check.json"
@@ -721,41 +922,70 @@ def main(argv: list[str] | None = None) -> dict:
             "cuda": torch.version.cuda,
             "flashinfer": _version("flashinfer") if has_flashinfer else None,
         },
+        "preflight": preflight,
         "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
         "full_backend": full_backend,
         "duo_backend": duo_backend,
         "prefill_backend": args.prefill_backend,
-        "nvcc": nvcc,
-        "flashinfer": "ok" if has_flashinfer else flashinfer_skipped,
+        "flashinfer": "ok" if has_flashinfer else skipped["flashinfer"],
+        "flashinfer_modules": ("prebuilt" if preflight["prebuilt_flashinfer"] else "JIT") if has_flashinfer else None,
         "checks": [],
-        "copy_bandwidth_GBps": 0.0,
+        "copy_bandwidth_GBps": None,
         "decode": [],
         "prefill": [],
         "model_decode": [],
+        "million": [],
     }
 
     def save():
         atomic_write_text(path, json.dumps(report, indent=1, default=str))
 
+    def emitter(section: str):
+        def emit(row: dict) -> None:  # each row on disk as soon as it exists
+            report[section].append(row)
+            save()
+
+        return emit
+
+    def failed(section: str, e: Exception) -> None:
+        traceback.print_exc()
+        report.setdefault("errors", []).append(f"{section}: {short(e, 300)}")
+        save()
+
     t0 = time.perf_counter()
-    report["checks"] = correctness(device, shapes, duo_backend, args.dry_run, flashinfer_skipped)
     save()
-    bandwidth = copy_bandwidth(device, clock, args.dry_run)
-    report["copy_bandwidth_GBps"] = bandwidth / 1e9
-    for section, bench in (
-        ("decode", lambda: decode_bench(device, shapes, clock, bandwidth, full_backend, duo_backend)),
-        ("prefill", lambda: prefill_bench(device, shapes, clock, full_backend, duo_backend, args.dry_run)),
+    bandwidth = None
+    sections = (
+        ("checks", lambda: correctness(device, shapes, duo_backend, args.dry_run, skipped, emitter("checks"))),
+        ("copy_bandwidth", lambda: copy_bandwidth(device, clock, args.dry_run)),
+        ("decode", lambda: decode_bench(device, shapes, clock, bandwidth, full_backend, duo_backend, emitter("decode"))),
+        ("prefill", lambda: prefill_bench(device, shapes, clock, full_backend, duo_backend, args.dry_run, emitter("prefill"))),
         (
             "model_decode",
-            lambda: model_decode_bench(device, shapes, clock, bandwidth, duo_backend, args.model_layers, args.dry_run),
+            lambda: model_decode_bench(
+                device, shapes, clock, bandwidth, duo_backend, args.model_layers, args.dry_run, emitter("model_decode")
+            ),
         ),
-    ):
+        ("million", lambda: million_bench(device, shapes, clock, bandwidth, duo_backend, args.dry_run, emitter("million"))),
+    )
+    for section, bench in sections:
         try:
-            report[section] = bench()
+            result = bench()
+            if section == "copy_bandwidth":
+                bandwidth = result
+                report["copy_bandwidth_GBps"] = bandwidth / 1e9
+                save()
+        except ContextLost as e:  # nothing after a sticky CUDA error can run
+            failed(section, e)
+            report["errors"].append(f"CUDA context lost: the sections after {section} were not run")
+            break
         except Exception as e:  # keep what the other sections measured; the table says what failed
-            traceback.print_exc()
-            report.setdefault("errors", []).append(f"{section}: {short(e, 300)}")
-        save()
+            failed(section, e)
+            try:
+                after_failure(device)
+            except ContextLost as lost:
+                report["errors"].append(f"CUDA context lost ({lost}): the sections after {section} were not run")
+                break
     report["seconds"] = round(time.perf_counter() - t0, 1)
     save()
     print(table(report), flush=True)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One-call GPU check of duohead's kernels: nvcc's version and one FlashInfer warm-up first (if FlashInfer fails,
-# once, every later row runs without it), correctness of every GPU path against the torch reference, then
-# timings on Llama-3-8B-shaped attention (32 q heads, 8 KV heads, head_dim 128, bf16) at 32K and 128K context,
+# One-call GPU check of duohead's kernels: a preflight table first (benchmarks/gpu_preflight.py: Python, pip,
+# compilers, Python.h, nvcc, ninja, FlashInfer and its prebuilt modules, $HOME, GPU memory, driver; a missing
+# prerequisite turns off the rows that need it, with the reason), then one FlashInfer warm-up in a subprocess (a
+# crash there turns FlashInfer off, and every later row runs without it), correctness of every GPU path against
+# the torch reference, then timings on Llama-3-8B-shaped attention (32 q heads, 8 KV heads, head_dim 128, bf16) at 32K and 128K context,
 # 0/50/75% streaming heads: (a) a decode step of all 32 layers' attention with the cache writes, eager and
 # CUDA-graph replay, (b) one layer's prefill attention, duohead vs FlashInfer full attention, (c) a whole-model
 # decode step at 128K (2 random layers of 8B shape; --model-layers N) vs stock transformers' StaticCache, eager
-# and CUDA-graph replay. Prints a table last; full JSON in $OUT/gpu_check.json. It has not run on a GPU yet:
+# and CUDA-graph replay, (d) a decode step of all 32 layers' attention at 1M tokens, 50% streaming, when
+# `duohead plan` says the card holds its KV (full attention at 1M needs 128 GiB of KV: not run). Prints a table last; full JSON in $OUT/gpu_check.json. It has not run on a GPU yet:
 # give it the 540 s below and rerun with --contexts 32768 if it runs out.
 #
 # Once per checkout, on a machine with PyPI (the wheels travel with the tree; /.whl/ is git-ignored):
@@ -18,26 +21,31 @@
 # Then, from a session that has a device machine, one call of the `run` device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Without the device tool, on any CUDA machine: OUT=out bash benchmarks/gpu_check.sh
-# CPU rehearsal of the same logic (tiny shapes, Triton interpreter, no FlashInfer):
-#   python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check
+# CPU rehearsal of the same logic (tiny shapes, Triton interpreter, no FlashInfer; the warm-up subprocess crashes
+# on purpose, to show the other rows survive it):
+#   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --dry-run
+# Nothing here stops the script: a failed step is printed, recorded in the preflight table, and the rows that
+# need it are reported as off. Every row is in $OUT/gpu_check.json as soon as it is measured.
 # Extra arguments go to gpu_check.py, e.g. --contexts 32768 or --prefill-backend auto (FA3: longer compile).
-set -euo pipefail
-cd "$(dirname "$0")/.."
+set -uo pipefail  # no -e: a failed step turns rows off (preflight), it does not end the one run
+cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-python3}
 export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-if command -v nvcc > /dev/null; then  # FlashInfer's JIT needs it; gpu_check.py reports it again in its table
-  echo "gpu_check: $(command -v nvcc): $(nvcc --version | grep -i release || echo '?')"
-else
-  echo "gpu_check: nvcc not found on PATH (FlashInfer can only use kernels it ships prebuilt)" >&2
-fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl
-  export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$HOME/site/bin:$PATH"  # ninja for FlashInfer's JIT
+  if log=$("$PYTHON" -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl 2>&1); then
+    GPU_CHECK_WHEELS="installed $(ls .whl/*.whl | wc -l) from .whl/ into $HOME/site"
+  else
+    GPU_CHECK_WHEELS="failed: $(echo "$log" | tail -n 1)"
+  fi
+  export PYTHONPATH="$HOME/site:$PYTHONPATH" PATH="$HOME/site/bin:$PATH"  # ninja for FlashInfer's JIT
 else
-  echo "gpu_check: no wheels in .whl/; FlashInfer only if already installed" >&2
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  GPU_CHECK_WHEELS="none in .whl/ (FlashInfer only if already installed)"
 fi
-export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
-nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
-exec "$PYTHON" benchmarks/gpu_check.py --out "$OUT" "$@"
+export GPU_CHECK_WHEELS FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+"$PYTHON" benchmarks/gpu_preflight.py --out "$OUT" "$@" || echo "gpu_check: the preflight failed (exit $?); gpu_check.py collects it again" >&2
+"$PYTHON" benchmarks/gpu_check.py --out "$OUT" "$@"
+status=$?
+[ "$status" -eq 0 ] || echo "gpu_check: gpu_check.py exited $status; the rows measured so far are in $OUT/gpu_check.json" >&2
+exit "$status"

@@ -32,8 +32,9 @@ def test_gpu_check_script_is_valid_bash():
 
 @pytest.mark.skipif(kernels.interpreter_problem() is not None, reason=str(kernels.interpreter_problem()))
 def test_gpu_check_dry_run(tmp_path):
-    """`bash benchmarks/gpu_check.sh --dry-run` (what the device call runs, on the CPU): every row the GPU run
-    will report is there, with the keys the table reads."""
+    """`bash benchmarks/gpu_check.sh --dry-run` (what the device call runs, on the CPU): the preflight table comes
+    first and is saved; FlashInfer's warm-up subprocess crashes (SIGABRT, on purpose) and only FlashInfer's rows are
+    lost; every other row the GPU run will report is there, with the keys the table reads."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
@@ -56,8 +57,12 @@ def test_gpu_check_dry_run(tmp_path):
         "model 50% streaming (triton) vs torch",
     } <= set(checks)
     assert checks["triton streaming"]["cache_mismatches"] == 0  # attend-then-store left the same cache as the reference
-    assert checks["flashinfer retrieval"]["skipped"] == "no CUDA device" == report["flashinfer"]
-    assert "nvcc" in report
+    assert report["flashinfer"].startswith("warm-up failed: the warm-up subprocess died of SIGABRT")
+    assert checks["flashinfer rows"]["skipped"] == report["flashinfer"] and report["flashinfer_modules"] is None
+    preflight = {row["name"]: row for row in report["preflight"]["rows"]}
+    assert {"python", "pip", "gcc", "g++", "Python.h", "nvcc", "ninja", "$HOME", "wheels", "gpu"} <= set(preflight)
+    assert report["preflight"]["gates"]["triton"] is None
+    assert proc.stdout.startswith("preflight\n")  # before anything else
     grid = {(r["context"], r["streaming_fraction"]) for r in report["decode"]}
     assert grid == {(c, f) for c in report["shapes"]["contexts"] for f in report["shapes"]["fractions"]}
     assert len(report["prefill"]) == len(grid) and "errors" not in report
@@ -68,6 +73,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert stock["model"].startswith("stock transformers") and duo["model"].startswith("duohead 50% streaming")
     assert stock["context"] == duo["context"] == max(report["shapes"]["contexts"]) and duo["eager_ms"] > 0
     assert duo["bytes"] < stock["bytes"] and "speedup_eager" in duo
+    (million,) = report["million"]
+    assert million["duo_ms"] > 0 and million["context"] == 1024  # 1M on a GPU; the plan is Llama-3.1-8B's at 1M
+    assert million["plan"]["full_kv_bytes"] == 128 * 2**30 and million["plan"]["duo_kv_bytes"] < 65 * 2**30
     out = proc.stdout.rstrip().splitlines()
     assert any(line.startswith("whole-model decode step") for line in out) and out[-1].startswith("total")  # the table comes last
 
@@ -90,3 +98,65 @@ def test_a_failing_flashinfer_warm_up_is_reported_once_and_short(gpu_check, monk
     failure = gpu_check.warm_up_flashinfer(gpu_check.torch.device("cpu"), gpu_check.TINY)
     assert failure.startswith("RuntimeError: Ninja build failed: nvcc not found") and len(failure) <= 300
     assert len(calls) == 1  # stopped at the first failure
+
+
+@pytest.mark.skipif(kernels.interpreter_problem() is not None, reason=str(kernels.interpreter_problem()))
+def test_one_failure_loses_one_row(gpu_check, monkeypatch, tmp_path):
+    """A failing copy-bandwidth probe, a retrieval call that fails at one context and a section that raises cost
+    their own rows only; every row is on disk as soon as it is measured."""
+    real = gpu_check.kernels.retrieval_attention
+    on_disk = []
+
+    def fails_at_160(q, k, v, *args):
+        if k.shape[2] == 160:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(q, k, v, *args)
+
+    def save_spy(path, text):
+        on_disk.append(json.loads(text))
+        path.write_text(text)
+
+    monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda *a: (_ for _ in ()).throw(RuntimeError("copy failed")))
+    monkeypatch.setattr(gpu_check.kernels, "retrieval_attention", fails_at_160)
+    monkeypatch.setattr(gpu_check, "correctness", lambda *a: a[-1]({"name": "stub", "ok": True}))
+    monkeypatch.setattr(gpu_check, "model_decode_bench", lambda *a: (_ for _ in ()).throw(RuntimeError("model")))
+    monkeypatch.setattr(gpu_check, "warm_up_in_subprocess", lambda dry: "stubbed")
+    monkeypatch.setattr(gpu_check, "atomic_write_text", save_spy)
+    monkeypatch.setattr(gpu_check, "TINY", gpu_check.Shapes(2, 4, 2, 16, 4, 16, (96, 160), (0.0, 0.5), gpu_check.torch.float32))
+    monkeypatch.chdir(tmp_path)
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    assert report["copy_bandwidth_GBps"] is None and report["errors"][:2] == [
+        "copy_bandwidth: RuntimeError: copy failed",
+        "model_decode: RuntimeError: model",
+    ]
+    for section in ("decode", "prefill"):
+        rows = {(r["context"], r["streaming_fraction"]): r for r in report[section]}
+        assert set(rows) == {(96, 0.0), (96, 0.5), (160, 0.0), (160, 0.5)}
+        assert all("error" not in rows[96, f] and rows[96, f]["duo_ms"] > 0 for f in (0.0, 0.5)), report[section]
+        assert all("simulated" in rows[160, f]["error"] for f in (0.0, 0.5))
+        assert rows[96, 0.0]["full_ms"] > 0
+    assert report["million"][0]["duo_ms"] > 0  # the section after the failed one ran
+    first_decode = next(i for i, r in enumerate(on_disk) if r["decode"])
+    assert len(on_disk[first_decode]["decode"]) == 1  # written after its first row, not at the section's end
+    assert "ERROR copy_bandwidth: RuntimeError: copy failed" in gpu_check.table(report)
+
+
+def test_preflight_turns_rows_off_with_the_reason(monkeypatch, tmp_path):
+    """No compiler and no FlashInfer on PATH / sys.path: Triton's and FlashInfer's rows are off, each with its reason;
+    nothing raises."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_preflight
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(gpu_preflight.importlib.util, "find_spec", lambda name: None)
+    result = gpu_preflight.collect(dry_run=False)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert not rows["gcc"]["ok"] and not rows["nvcc"]["ok"] and not rows["ninja"]["ok"] and not rows["gpu"]["ok"]
+    assert result["gates"]["triton"].startswith("no C compiler")
+    assert result["gates"]["flashinfer"].startswith("flashinfer not installed")
+    text = gpu_preflight.table(result)
+    assert "NO  gcc" in text and "=> triton rows: off: no C compiler" in text
