@@ -3,13 +3,14 @@
 # compilers, Python.h, nvcc, ninja, FlashInfer and its prebuilt modules, $HOME, GPU memory, driver; a missing
 # prerequisite turns off the rows that need it, with the reason), then one FlashInfer warm-up in a subprocess (a
 # crash there turns FlashInfer off, and every later row runs without it), correctness of every GPU path against
-# the torch reference, then timings on Llama-3-8B-shaped attention (32 q heads, 8 KV heads, head_dim 128, bf16) at 32K and 128K context,
-# 0/50/75% streaming heads: (a) a decode step of all 32 layers' attention with the cache writes, eager and
-# CUDA-graph replay, (b) one layer's prefill attention, duohead vs FlashInfer full attention, (c) a whole-model
-# decode step at 128K (2 random layers of 8B shape; --model-layers N) vs stock transformers' StaticCache, eager
-# and CUDA-graph replay, (d) a decode step of all 32 layers' attention at 1M tokens, 50% streaming, when
-# `duohead plan` says the card holds its KV (full attention at 1M needs 128 GiB of KV: not run). Prints a table last; full JSON in $OUT/gpu_check.json. It has not run on a GPU yet:
-# give it the 540 s below and rerun with --contexts 32768 if it runs out.
+# the torch reference, then timings on Llama-3-8B-shaped attention (32 q heads, 8 KV heads, head_dim 128, bf16)
+# at 32K and 128K context, 0/50/75% streaming heads: (a) a decode step of all 32 layers' attention with the cache
+# writes, eager and CUDA-graph replay, (b) one layer's prefill attention, duohead vs FlashInfer full attention,
+# (c) a whole-model decode step at 128K (2 random layers of 8B shape; --model-layers N) vs stock transformers'
+# StaticCache, eager and CUDA-graph replay, (d) a decode step of all 32 layers' attention at 1M tokens, 50%
+# streaming, when `duohead plan` says the card holds its KV (full attention at 1M needs 128 GiB of KV: not run).
+# Prints a table last; full JSON in $OUT/gpu_check.json. It has not run on a GPU yet: give it the 540 s below
+# and rerun with --contexts 32768 if it runs out.
 #
 # Once per checkout, on a machine with PyPI (the wheels travel with the tree; /.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -44,8 +45,10 @@ else
   GPU_CHECK_WHEELS="none in .whl/ (FlashInfer only if already installed)"
 fi
 export GPU_CHECK_WHEELS FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
-"$PYTHON" benchmarks/gpu_preflight.py --out "$OUT" "$@" || echo "gpu_check: the preflight failed (exit $?); gpu_check.py collects it again" >&2
+"$PYTHON" benchmarks/gpu_preflight.py --out "$OUT" "$@" ||
+  echo "gpu_check: the preflight failed (exit $?); gpu_check.py collects it again" >&2
 "$PYTHON" benchmarks/gpu_check.py --out "$OUT" "$@"
 status=$?
-[ "$status" -eq 0 ] || echo "gpu_check: gpu_check.py exited $status; the rows measured so far are in $OUT/gpu_check.json" >&2
+[ "$status" -eq 0 ] ||
+  echo "gpu_check: gpu_check.py exited $status; the rows measured so far are in $OUT/gpu_check.json" >&2
 exit "$status"
