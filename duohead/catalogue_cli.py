@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from duohead.cli_support import DTYPES, run_cli
+from duohead.cli_support import DTYPES, Parser, run_cli
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked (a bad one is answered at once)
     from duohead.pattern import HeadPattern
@@ -107,7 +107,7 @@ def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="duohead patterns", description="List the shipped head patterns, or show one.")
+    parser = Parser(prog="duohead patterns", description="List the shipped head patterns, or show one.")
     parser.add_argument("name", nargs="?", help="a shipped pattern to show in detail")
     parser.add_argument("--tokens", type=int, default=131072, help="context length for the KV bytes (default 131072)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="KV dtype for the bytes (default bfloat16)")

@@ -33,8 +33,9 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    commands = f"commands: {', '.join(COMMANDS)} (see duohead --help)"
     if not argv:
-        print(f"duohead: no command given\n\n{_usage()}", file=sys.stderr)
+        print(f"duohead: error: no command given; {commands}", file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
         print(_usage())
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"duohead {__version__}")
         return 0
     if argv[0] not in COMMANDS:
-        print(f"duohead: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"duohead: error: unknown command {argv[0]!r}; {commands}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])

@@ -193,19 +193,24 @@ def load_model_for_cli(
     device: torch.device,
     pattern: HeadPattern | None = None,
     tp: bool = False,
+    sink: int | None = None,
+    window: int | None = None,
 ):
     """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None. Checks the source and validates
-    `pattern` against the model's config before the weights are loaded; no progress bars from transformers.
-    `tp`: tensor parallel under torchrun (see `duohead.ranks`)."""
+    `pattern` (with `sink` / `window` in place of its own where given) against the model's config before the weights
+    are loaded; no progress bars from transformers. `tp`: tensor parallel under torchrun (see `duohead.ranks`)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     from duohead.loading import load_model, resolve_model_path
+    from duohead.pattern import check_positions
 
     check_model_source(model, gguf_file)
     folder = resolve_model_path(model, gguf_file)
     if pattern is not None:
-        pattern.validate(AutoConfig.from_pretrained(folder))
+        config = AutoConfig.from_pretrained(folder)
+        pattern.validate(config)
+        check_positions(pattern.sink if sink is None else sink, pattern.window if window is None else window, config)
     hf_logging.disable_progress_bar()
     return load_model(folder, dtype=DTYPES[dtype], device=device, tp=tp)
 

@@ -278,7 +278,9 @@ def _run(args: argparse.Namespace) -> int:
     if text is not None and not text.strip():
         raise ValueError("the prompt is empty; pass text with --prompt-file FILE or on stdin")
     threads = use_cpu_threads(args.threads) if device.type == "cpu" else None  # (threads, the line saying why)
-    model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
+    model, tokenizer = load_model_for_cli(
+        args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp, sink=args.sink, window=args.window
+    )
     if args.demo:
         text, expected = prompts.demo_document(tokenizer)
         print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import re
 import socket
 from pathlib import Path
@@ -170,7 +171,13 @@ def load_model(
 
     folder = resolve_model_path(path, gguf_file)
     placement = {"tp_plan": "auto"} if tp else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **placement).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **placement).eval()
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{folder}: a weights file holds pickled objects besides tensors, which are not loaded (they could run code); "
+            "where you trust the checkpoint, convert it to safetensors"
+        ) from None
     if not tp:
         model.to(device)
     model.requires_grad_(False)

@@ -135,17 +135,21 @@ def load_config(model: str) -> Any:
         if not isinstance(data, dict) or "model_type" not in data:
             raise ValueError(f"{path}: no 'model_type' field; expected a transformers config.json")
         check_architecture(data["model_type"], "duohead plan")
-        return AutoConfig.for_model(**data)
+        check_config_sizes(data.get("text_config") or data)
+        try:
+            return AutoConfig.for_model(**data)
+        except (ValueError, TypeError, ArithmeticError) as e:
+            raise ValueError(f"{path}: transformers cannot read it as a {data['model_type']} config ({e})") from None
     if path.suffix == ".json" or model.startswith((".", "/")):
         raise FileNotFoundError(f"model config {model} does not exist (pass a config.json, a model folder or a model id)")
     return model_config(model)
 
 
 def check_config_sizes(config: Any) -> None:
-    """Raise ValueError unless the config's layer and head counts are whole numbers in [1, `MAX_COUNT`] (the plan's
-    work grows with them; the largest models have ~130 layers and 128 heads)."""
+    """Raise ValueError unless the layer and head counts of `config` (a config, or its config.json as a dict) are whole
+    numbers in [1, `MAX_COUNT`] (the plan's work grows with them; the largest models have ~130 layers, 128 heads)."""
     for field in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size"):
-        value = getattr(config, field, None)
+        value = config.get(field) if isinstance(config, dict) else getattr(config, field, None)
         if field == "num_key_value_heads" and value is None:
             continue  # absent: as many as attention heads
         limit = MAX_COUNT if field != "hidden_size" else MAX_COUNT * 256

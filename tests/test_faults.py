@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from duohead.calibrate import train as train_module
 from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.settings import CHECKPOINT, LOG
 from duohead.calibrate.train import Calibrator
+from duohead.cli import main as cli_main
 from duohead.files import LOCK_FILE, folder_lock
 from duohead.pattern import HeadPattern
 
@@ -190,3 +192,160 @@ def test_a_held_folder_is_refused_before_anything_is_written(model_dir, tmp_path
         assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
     assert f"PID {os.getpid()}" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == []  # no log, no checkpoint; the lock is gone with its holder
+
+
+# ---------------------------------------------------------------------------------------------------- every CLI
+
+
+class ModelLoaded(BaseException):
+    """Raised if a bad-argument case gets as far as loading weights (a BaseException: no CLI turns it into a line)."""
+
+
+@pytest.fixture
+def hostile(tmp_path, tiny_model_dir, tiny_pattern_file) -> SimpleNamespace:
+    """The paths the bad-argument table points at: a folder, a FIFO, /dev/zero, an existing file, a file used as a
+    folder, an unwritable folder, damaged pattern files and model configs."""
+    f = SimpleNamespace(model=str(tiny_model_dir), pattern=str(tiny_pattern_file), tmp=tmp_path, zero="/dev/zero")
+    f.dir = str(tmp_path)
+    f.fifo = str(tmp_path / "fifo")
+    os.mkfifo(f.fifo)
+    f.existing = str(tmp_path / "existing.json")
+    Path(f.existing).write_text("{}\n")
+    f.under_file = str(tmp_path / "existing.json" / "x.json")
+    f.unwritable = "/sys"  # refuses new files, even to root
+    data = json.loads(Path(f.pattern).read_text())
+    for name, change in {
+        "list_model": {"model": ["tiny"]},
+        "list_provenance": {"provenance": [1, 2]},
+        "string_head_dim": {"model": {"head_dim": "16"}},
+    }.items():
+        setattr(f, name, str(tmp_path / f"{name}.json"))
+        Path(getattr(f, name)).write_text(json.dumps({**data, **change}))
+    f.nested = str(tmp_path / "nested.json")
+    Path(f.nested).write_text("[" * 100_000 + "]" * 100_000)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    for name, change in {"million_layers": {"num_hidden_layers": 1_000_000}, "no_heads": {"num_attention_heads": 0},
+                         "negative_layers": {"num_hidden_layers": -2}}.items():  # fmt: skip
+        setattr(f, name, str(tmp_path / f"{name}.json"))
+        Path(getattr(f, name)).write_text(json.dumps({**config, **change}))
+    f.list_config = str(tmp_path / "list_config.json")
+    Path(f.list_config).write_text("[1, 2]")
+    f.run = tmp_path / "run"
+    f.run.mkdir()
+    (f.run / LOG).write_text('{"step": 1}\n')
+    f.gguf = str(tmp_path / "model.gguf")
+    return f
+
+
+CALIBRATE = ["calibrate", "--steps", "1", *RUN]
+GENERATE = ["generate", "--max-new-tokens", "1"]
+BAD_ARGUMENTS = {  # case -> (argv from the `hostile` paths, a phrase the one line must hold)
+    "no command": (lambda f: [], "no command given"),
+    "unknown command": (lambda f: ["serve"], "unknown command 'serve'"),
+    "generate: --threshold nan": (lambda f: [*GENERATE, "--threshold", "nan"], "--threshold must be a finite number"),
+    "generate: --sink -1": (lambda f: [*GENERATE, "--sink", "-1"], "--sink must be >= 0"),
+    "generate: --window 0": (lambda f: [*GENERATE, "--window", "0"], "--window must be >= 1"),
+    "generate: --max-new-tokens abc": (lambda f: [*GENERATE, "--max-new-tokens", "abc"], "invalid int value: 'abc'"),
+    "generate: --prompt-file DIR": (lambda f: [*GENERATE, "--prompt-file", f.dir], "is a folder; pass a file"),
+    "generate: --prompt-file FIFO": (lambda f: [*GENERATE, "--prompt-file", f.fifo], "not a regular file"),
+    "generate: --prompt-file /dev/zero": (lambda f: [*GENERATE, "--prompt-file", f.zero], "not a regular file"),
+    "generate: --report-json existing": (lambda f: [*GENERATE, "--report-json", f.existing], "pass --force"),
+    "generate: --report-json DIR": (lambda f: [*GENERATE, "--report-json", f.dir], "is a folder; name a file"),
+    "generate: --report-json under a file": (lambda f: [*GENERATE, "--report-json", f.under_file], "is a file, not a folder"),
+    "generate: --report-json unwritable": (lambda f: [*GENERATE, "--report-json", f"{f.unwritable}/r.json"], "cannot write"),
+    "generate: --force without --report-json": (lambda f: [*GENERATE, "--force"], "--force replaces"),
+    "generate: X.gguf and --gguf-file": (lambda f: [*GENERATE, "--model", f.gguf, "--gguf-file", "b.gguf"], "names another"),
+    "generate: --device bogus": (
+        lambda f: [*GENERATE, "--model", f.model, "--pattern", f.pattern, "--device", "bogus"],
+        "not a device",
+    ),  # noqa: E501
+    "generate: pattern FIFO": (lambda f: [*GENERATE, "--model", f.model, "--pattern", f.fifo], "not a regular file"),
+    "generate: pattern /dev/zero": (lambda f: [*GENERATE, "--model", f.model, "--pattern", f.zero], "not a regular file"),
+    "generate: --sink past the positions": (
+        lambda f: [*GENERATE, "--model", f.model, "--pattern", f.pattern, "--sink", "100000", "--prompt-file", f.existing],
+        "exceed the model's 600 positions",
+    ),
+    "inspect: missing pattern": (lambda f: ["inspect", str(f.tmp / "none.json")], "neither a file nor a shipped"),
+    "inspect: --sparsity nan": (lambda f: ["inspect", f.pattern, "--sparsity", "nan"], "--sparsity must be in [0, 1]"),
+    "inspect: --png existing": (lambda f: ["inspect", f.pattern, "--png", f.existing], "pass --force"),
+    "inspect: --png DIR": (lambda f: ["inspect", f.pattern, "--png", f.dir], "is a folder"),
+    "inspect: 100,000 nested brackets": (lambda f: ["inspect", f.nested], "nested too deeply"),
+    "inspect: model is a list": (lambda f: ["inspect", f.list_model], "field 'model' must be a JSON object"),
+    "inspect: provenance is a list": (lambda f: ["inspect", f.list_provenance], "field 'provenance' must be a JSON object"),
+    "inspect: head_dim '16'": (lambda f: ["inspect", f.string_head_dim], "'model.head_dim' must be an integer >= 1; got '16'"),
+    "inspect: pattern FIFO": (lambda f: ["inspect", f.fifo], "not a regular file"),
+    "plan: --gpu-memory 1e400GB": (
+        lambda f: ["plan", "--model", f.model, "--sparsity", "0.5", "--context", "1K", "--gpu-memory", "1e400GB"],
+        "positive, finite",
+    ),
+    "plan: 1,000,000 layers": (
+        lambda f: ["plan", "--model", f.million_layers, "--sparsity", "0.5", "--context", "1K"],
+        "[1, 4,096]",
+    ),
+    "plan: 0 heads": (lambda f: ["plan", "--model", f.no_heads, "--sparsity", "0.5", "--context", "1K"], "num_attention_heads"),
+    "plan: negative layers": (lambda f: ["plan", "--model", f.negative_layers, "--sparsity", "0.5", "--context", "1K"], "got -2"),
+    "plan: config.json is a list": (
+        lambda f: ["plan", "--model", f.list_config, "--sparsity", "0.5", "--context", "1K"],
+        "model_type",
+    ),
+    "plan: config /dev/zero": (
+        lambda f: ["plan", "--model", f.zero, "--sparsity", "0.5", "--context", "1K"],
+        "not a regular file",
+    ),
+    "patterns: unknown name": (lambda f: ["patterns", "nonesuch"], "no shipped pattern 'nonesuch'"),
+    "patterns: --tokens abc": (lambda f: ["patterns", "--tokens", "abc"], "invalid int value"),
+    "calibrate: --checkpoint-every 0": (
+        lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--checkpoint-every", "0"],
+        "must be >= 1",
+    ),
+    "calibrate: --checkpoint-every -1": (lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--checkpoint-every", "-1"], "got -1"),
+    "calibrate: --reg nan": (lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--reg", "nan"], "--reg must be a finite number"),
+    "calibrate: --lr inf": (lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--lr", "inf"], "--lr must be a finite number"),
+    "calibrate: --device bogus": (
+        lambda f: [*CALIBRATE, "--model", f.model, "--out", str(f.tmp / "o"), "--device", "bogus"],
+        "not a device",
+    ),
+    "calibrate: --haystack DIR": (lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--haystack", f.dir], "is a folder"),
+    "calibrate: --haystack /dev/zero": (lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--haystack", f.zero], "not a regular"),
+    "calibrate: --out a file": (lambda f: [*CALIBRATE, "--out", f.existing], "is a file; name a folder"),
+    "calibrate: --out under a file": (lambda f: [*CALIBRATE, "--out", f.under_file], "is a file, not a folder"),
+    "calibrate: --out unwritable": (lambda f: [*CALIBRATE, "--out", f"{f.unwritable}/run"], "cannot write"),
+    "calibrate: --out holding a log": (
+        lambda f: [*CALIBRATE, "--out", str(f.run)],
+        "train_log.jsonl already exists; pass --force",
+    ),
+    "calibrate: --window past --ctx-max": (
+        lambda f: [*CALIBRATE, "--out", str(f.tmp / "o"), "--window", "1000"],
+        "exceed --ctx-max",
+    ),
+    "calibrate: --window past the positions": (
+        lambda f: ["calibrate", "--model", f.model, "--out", str(f.tmp / "o"), "--window", "100000"],
+        "exceed the model's 600 positions",
+    ),
+}
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS["generate: --device cuda without CUDA"] = (
+        lambda f: [*GENERATE, "--model", f.model, "--pattern", f.pattern, "--device", "cuda"],
+        "CUDA is not available",
+    )
+    BAD_ARGUMENTS["calibrate: --device cuda without CUDA"] = (
+        lambda f: [*CALIBRATE, "--model", f.model, "--out", str(f.tmp / "o"), "--device", "cuda"],
+        "CUDA is not available",
+    )
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_every_cli_answers_a_bad_argument_with_one_line_and_exit_2_before_loading_a_model(case, hostile, capsys, monkeypatch):
+    def loaded(*args, **kwargs):
+        raise ModelLoaded(case)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loaded)
+    argv, phrase = BAD_ARGUMENTS[case]
+    capsys.readouterr()
+    try:
+        rc = cli_main(argv(hostile))
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "error: " in err and phrase in err, err
