@@ -327,7 +327,10 @@ def _run(args: argparse.Namespace) -> int:
             **({"kv_per_rank": per_rank} if per_rank else {}),
         }
         check_output_file(args.report_json, "--report-json", args.force)  # nothing appeared there meanwhile
-        atomic_write_text(args.report_json, json.dumps(report, indent=2) + "\n")
+        try:
+            atomic_write_text(args.report_json, json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise OSError(f"--report-json {args.report_json}: not written ({e.strerror or e}); the report is above") from None
     return 0
 
 

@@ -6,6 +6,7 @@ The calibration runs use a tiny random Llama with a word-level tokenizer (calibr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -349,3 +350,101 @@ def test_every_cli_answers_a_bad_argument_with_one_line_and_exit_2_before_loadin
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "error: " in err and phrase in err, err
+
+
+# ---------------------------------------------------------------------------------------------------- item 5
+
+
+def _no_space(path, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_checkpoint_and_resume_writes_the_pattern(
+    model_dir, straight, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    monkeypatch.setattr(HeadPattern, "save", lambda self, path, **kwargs: _no_space(path))
+    assert calibrate_main(_args(model_dir, out, 8)) == 2
+    printed, err = capsys.readouterr()
+    assert "gate report:" in printed  # the results are shown although the pattern could not be written
+    line = err.strip().splitlines()[-1]
+    assert f"could not write ({out / 'pattern.json'}: No space left on device)" in line
+    assert f"the checkpoint of step 8 in {out / CHECKPOINT} is kept" in line and line.endswith(f"--out {out} --resume")
+    monkeypatch.undo()
+    assert calibrate_main(["--out", str(out), "--resume"]) == 0  # no step left: writes the pattern
+    _same_run(out, straight(8))
+
+
+def test_an_unwritable_checkpoint_stops_the_run_saying_nothing_was_saved(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "atomic_write", _no_space)
+    assert calibrate_main(_args(model_dir, tmp_path / "out", 8)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("no checkpoint could be saved")
+
+
+def test_generate_prints_its_report_when_the_report_file_cannot_be_written(
+    tiny_model_dir, tiny_pattern_file, tmp_path, monkeypatch, capsys
+):
+    from duohead import generate
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The lighthouse stands on the northern cape. " * 4)
+    monkeypatch.setattr(generate, "atomic_write_text", _no_space)
+    argv = ["--model", str(tiny_model_dir), "--pattern", str(tiny_pattern_file), "--prompt-file", str(prompt)]
+    assert generate.main([*argv, "--max-new-tokens", "2", "--report-json", str(tmp_path / "r.json")]) == 2
+    printed, err = capsys.readouterr()
+    assert "KV cache held" in printed  # the run's results are shown
+    errors = [line for line in err.splitlines() if "error" in line]
+    report = tmp_path / "r.json"
+    assert errors == [
+        f"duohead generate: error: --report-json {report}: not written (No space left on device); the report is above"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- item 7, 8: the API
+
+
+def test_python_api_mistakes_raise_specific_exceptions(tmp_path):
+    from tiny_models import tiny_model
+
+    import duohead
+    from duohead.loading import load_model, resolve_model_path
+
+    pattern = HeadPattern(torch.tensor([[0.9, 0.1]] * 3), sink=4, window=8)
+    with pytest.raises(TypeError, match="takes a transformers causal LM.*got Linear"):
+        duohead.enable(torch.nn.Linear(2, 2), pattern)
+    model = tiny_model()
+    for bad in (None, 12345):
+        with pytest.raises(TypeError, match="pattern must be a HeadPattern, a pattern file"):
+            duohead.enable(model, bad)
+    with pytest.raises(ValueError, match="window 100000 exceed the model's 1024 positions"):
+        duohead.enable(model, pattern, window=100_000)
+    with pytest.raises(ValueError, match="sink 5000 / window 8 exceed"):
+        duohead.enable(model, HeadPattern(pattern.gates, sink=5000, window=8))
+    assert not duohead.is_enabled(model)
+    with pytest.raises(ValueError, match="'model.head_dim' must be an integer >= 1; got '16'"):
+        HeadPattern(pattern.gates, model={"head_dim": "16"})
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="not a regular file"):
+        HeadPattern.load(tmp_path / "fifo")  # refused without opening it: nothing blocks
+    with pytest.raises(ValueError, match="not a regular file"):
+        HeadPattern.load("/dev/zero")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "full_attention_heads.tsv").write_text("1.0\t0.0\n")
+    (reference / "config.json").write_text("[64, 256]")
+    with pytest.raises(ValueError, match="must be a JSON object with sink_size, recent_size; got list"):
+        HeadPattern.from_duo_attention(reference)
+    with pytest.raises(ValueError, match="is a GGUF file and gguf_file='b.gguf' names another"):
+        resolve_model_path(tmp_path / "a.gguf", "b.gguf")
+    evil = tmp_path / "evil"
+    model.config.save_pretrained(evil)
+    torch.save({**model.state_dict(), "payload": _Payload()}, evil / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled objects besides tensors"):
+        load_model(evil)
+
+
+class _Payload:
+    """A pickle that would run code when loaded without weights_only (it is never loaded)."""
+
+    def __reduce__(self):
+        return (print, ("this must never print",))

@@ -281,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return INTERRUPTED
-    bar.close()
+    finally:
+        bar.close()  # also when a write fails: the error line comes after the bar
     wall = time.perf_counter() - started
 
     cut = config.target_sparsity if config.target_sparsity is not None else 0.5
