@@ -444,7 +444,8 @@ def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> Stream
 def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
     """Median time of a CUDA-graph replay of `step` (kernels only, no Python), or why it could not be captured.
     As PyTorch documents capture: one eager step on a side stream first (FlashInfer plans, Triton compiles, the
-    allocator settles), then `before_capture` (e.g. take that token back), then the capture."""
+    allocator settles), then `before_capture` (e.g. take that token back), then the capture; FlashInfer's wrappers
+    that the graph replays are pinned to it."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -456,6 +457,7 @@ def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
+        flashinfer_retrieval.pin_to(graph)  # the wrappers it replays live as long as it does
         return clock(graph.replay)
     except Exception as e:
         return short(e)

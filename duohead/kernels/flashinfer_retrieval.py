@@ -15,14 +15,18 @@ One plan serves every layer of a step: wrappers are cached by the static problem
 scale; at most `MAX_WRAPPERS`, least recently used first out) and re-planned only when Q, T or the page geometry
 changes. Decode wrappers are FlashInfer's CUDA-graph variant (`use_cuda_graph=True` with fixed index buffers): a
 captured step replays as long as it was planned before the capture (`plan` raises inside a capture instead of
-planning there). Written against the keyword APIs that flashinfer 0.6.x and 0.7.x share
-(`plan(indptr, indices, last_page_len, ...)`, `run(q, (k, v), out=)`). Inputs FlashInfer cannot take (padding,
+planning there). A wrapper used inside a capture is pinned: never re-planned, evicted or replaced (a new geometry
+gets a new wrapper), so the buffers the graph reads stay alive and unchanged; `pin_to(graph)` ties the pins taken
+since the last call to that graph's lifetime (without it they last as long as the process).
+Written against the keyword APIs that flashinfer 0.6.x and 0.7.x share (`plan(indptr, indices, last_page_len,
+...)`, `run(q, (k, v), out=)`). Inputs FlashInfer cannot take (padding,
 fp32, other head dims, CPU) are the caller's to route elsewhere: see `supports`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -122,10 +126,31 @@ class _Planned:
     wrapper: Any
     geometry: tuple[int, ...] | None = None
     index_capacity: int = 0  # decode: length of the fixed page-index buffer
+    pinned: bool = False  # used inside a CUDA-graph capture: frozen (see the module docstring)
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
 _wrappers: OrderedDict[tuple, _Planned] = OrderedDict()
+_pinned: list[_Planned] = []  # wrappers a captured graph may replay: alive while they are here
+_unowned: list[_Planned] = []  # pinned since the last `pin_to`
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _unpin(entries: list[_Planned]) -> None:
+    for entry in entries:
+        entry.pinned = False
+        _pinned.remove(entry)
+
+
+def pin_to(graph: Any) -> None:
+    """Keep the wrappers pinned by the captures since the last call pinned while `graph` (a torch.cuda.CUDAGraph,
+    or any object that owns the capture) lives; then they are evicted or re-planned as usual."""
+    owned = list(_unowned)
+    _unowned.clear()
+    weakref.finalize(graph, _unpin, owned)
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -165,18 +190,23 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> A
     key = (decode, q.device, batch, num_q_heads, num_kv_heads, head_dim, q.dtype, float(scaling))
     geometry = (q_len, *pages.geometry)
     entry = _wrappers.get(key)
+    capturing = _capturing()
     if entry is not None and entry.geometry == geometry:
         _wrappers.move_to_end(key)
+        if capturing and not entry.pinned:
+            entry.pinned = True
+            _pinned.append(entry)
+            _unowned.append(entry)
         return entry.wrapper
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing:
         raise PlanInCaptureError(
             "FlashInfer cannot plan inside a CUDA-graph capture: run the step once eagerly (or call "
             "duohead.kernels.flashinfer_retrieval.plan(q, k, v, scaling)) before capturing it"
         )
     needed = batch * pages.row_pages
-    if entry is None or (decode and entry.index_capacity < needed):
+    if entry is None or entry.pinned or (decode and entry.index_capacity < needed):
         entry = _new_wrapper(decode, q.device, batch, needed, num_q_heads // num_kv_heads >= 4)
-        _wrappers[key] = entry
+        _wrappers[key] = entry  # a pinned one it replaces lives on in _pinned
         while len(_wrappers) > MAX_WRAPPERS:
             _wrappers.popitem(last=False)
     _wrappers.move_to_end(key)
