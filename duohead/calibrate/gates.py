@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from duohead.architecture import check_architecture, check_sink_window, num_kv_heads
-from duohead.kernels.reference import lambda_visible
+from duohead.kernels.oracle import lambda_visible
 
 GATED_ATTENTION = "duohead-calibrate"
 GATING_KWARG = "duohead_gating"
@@ -56,6 +56,12 @@ def blocked_streaming_attention(
     q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> [B, Hq, T, D]. Queries go in blocks of N = max(W, 128) rows
     (at most T); block b sees the sink keys plus key blocks b-1 and b, which hold every key within the window
     (N >= W); `lambda_visible` masks the rest (a bool mask [T, S + 2N] per group of G query heads).
+
+    Not the torch backend's banded prefill (`kernels.reference.unpadded_lambda_attention`): calibration differentiates
+    through q, k and v, and this layout (two key blocks per query block, one mask per forward) keeps the saved
+    activations of the backward at O(T (S + 2N)) as measured in `benchmarks/bench_calibration_memory.py`; the
+    inference bands write into a preallocated output and build per-band key copies, which the backward would keep.
+    Both are checked against the same Λ rule (`duohead.kernels.oracle`; tests/test_calibrate.py, test_oracle.py).
     """
     batch, num_q_heads, length, head_dim = q.shape
     num_kv_heads = k.shape[1]

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from duohead.kernels import reference
 from duohead.kernels.backends import REGISTRY, STICKY, Backend, backend_report, register_backend, reset_sticky_state
-from duohead.kernels.reference import lambda_visible
+from duohead.kernels.oracle import lambda_visible
 from duohead.kernels.streaming_view import StreamingView
 
 ENV_VAR = "DUOHEAD_BACKEND"

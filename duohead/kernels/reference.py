@@ -1,11 +1,14 @@
-"""Pure-torch attention for retrieval and streaming heads (any device; the oracle for the kernels).
+"""The torch backend's kernels: attention for retrieval and streaming heads in plain torch, on any device (the CPU
+path, and every fallback on CUDA).
 
 Shape letters: B batch, Hq query heads, Hkv KV heads (Hq = G * Hkv), Q new tokens, T tokens in the
 retrieval cache (slots, padding included), D head dim, S sink size, W window size.
 
 Positions: every token has a *real position*, its index among the real (non-padding) tokens of its
-row, or -1 for padding and empty cache slots. The Λ rule is stated in `lambda_visible`, and every
-streaming path (this reference, the Triton kernels' block skipping, the tests' oracle) follows it.
+row, or -1 for padding and empty cache slots. The Λ rule is stated once, in `duohead.kernels.oracle.lambda_visible`;
+these functions are tuned (blocks, bands, dense masks for short caches, host reads where they are free) and checked
+against the plain oracle (`duohead.kernels.oracle`) on random inputs (tests/test_oracle.py), as the Triton and
+FlashInfer kernels are.
 """
 
 from __future__ import annotations
@@ -17,19 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from duohead.kernels.backends import REGISTRY
+from duohead.kernels.oracle import lambda_visible
 from duohead.kernels.streaming_view import StreamingView
 
 QUERY_BLOCK = 128  # query rows per block in `streaming_attention`; a memory bound, not a semantic one
-
-
-def lambda_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """The Λ rule: may a query at real position `q_pos` see a key at real position `k_pos`?
-
-    A streaming head sees key j from query i iff j is a real token, j <= i and (j < sink or i - j < window).
-    Broadcasts `q_pos` against `k_pos` (e.g. [B, Q, 1] with [B, 1, K] -> [B, Q, K]).
-    """
-    causal = (k_pos >= 0) & (k_pos <= q_pos)
-    return causal & ((k_pos < sink) | (q_pos - k_pos < window))
 
 
 def real_positions(is_real: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""The torch backend (`duohead.kernels.reference`) against the plain oracle (`duohead.kernels.oracle`) on random
+inputs: streaming attention and cache writes chunk after chunk (left and right padding, a ring that wraps, sink and
+window edges, GQA ratios), retrieval attention with padding, the one-call and banded CPU paths; and the oracle itself
+against the tests' independent masked softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import masked_attention
+
+from duohead.cache import StreamingKV
+from duohead.kernels import oracle, reference
+from duohead.kernels.oracle import lambda_visible
+
+
+def positions(real_lengths: list[int], width: int, right: bool = False) -> torch.Tensor:
+    """Real positions [B, width]: each row's real tokens contiguous (left padding, or right with right=True)."""
+    pos = torch.full((len(real_lengths), width), -1)
+    for row, n in enumerate(real_lengths):
+        start = 0 if right else width - n
+        pos[row, start : start + n] = torch.arange(n)
+    return pos
+
+
+def test_the_oracle_equals_an_independent_masked_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 6, 5, 8, generator=gen),
+        torch.randn(2, 3, 9, 8, generator=gen),
+        torch.randn(2, 3, 9, 8, generator=gen),
+    )
+    visible = torch.rand(2, 5, 9, generator=gen) > 0.4
+    visible[1, 2] = False  # a query that sees nothing: zeros
+    torch.testing.assert_close(oracle.masked_attention(q, k, v, visible, 0.3), masked_attention(q, k, v, visible, 0.3))
+    assert (oracle.masked_attention(q, k, v, visible, 0.3)[1, :, 2] == 0).all()
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("sink, window", [(0, 1), (1, 1), (4, 3), (3, 16)])
+@pytest.mark.parametrize("right", [False, True])
+def test_streaming_attention_and_append_equal_the_oracle_chunk_after_chunk(group, sink, window, right):
+    """Chunks of 1, 7, 2, 19 and 1 tokens into one cache (the ring wraps several times), rows of different lengths."""
+    gen = torch.Generator().manual_seed(sink * 31 + window + group)
+    chunks, real = [1, 7, 2, 19, 1], [30, 17, 0]
+    width = sum(chunks)
+    pos = positions(real, width, right)
+    k_all = torch.randn(3, 2, width, 8, generator=gen)
+    v_all = torch.randn(3, 2, width, 8, generator=gen)
+    ours, theirs = StreamingKV(k_all, sink, window), StreamingKV(k_all, sink, window)
+    start = 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        q = torch.randn(3, 2 * group, n, 8, generator=gen)
+        got = reference.streaming_attention(q, k_all[:, :, sl], v_all[:, :, sl], pos[:, sl], ours.view(), 0.3)
+        expected = oracle.streaming_attention(q, k_all[:, :, sl], v_all[:, :, sl], pos[:, sl], theirs.view(), 0.3)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        reference.streaming_append(k_all[:, :, sl], v_all[:, :, sl], pos[:, sl], ours.view())
+        oracle.streaming_append(k_all[:, :, sl], v_all[:, :, sl], pos[:, sl], theirs.view())
+        for a, b in zip(ours.tensors(), theirs.tensors(), strict=True):
+            assert torch.equal(a, b)
+        start += n
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("q_len", [1, 5, 24])
+def test_retrieval_attention_equals_the_oracle(padded, q_len):
+    gen = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, 4, q_len, 8, generator=gen)
+    k, v = torch.randn(2, 2, 24, 8, generator=gen), torch.randn(2, 2, 24, 8, generator=gen)
+    key_is_real = torch.ones(2, 24, dtype=torch.bool)
+    key_is_real[1, :10] = False
+    mask = key_is_real if padded else None
+    torch.testing.assert_close(
+        reference.retrieval_attention(q, k, v, mask, 0.25), oracle.retrieval_attention(q, k, v, mask, 0.25), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("sink, window", [(0, 1), (2, 5), (4, 30)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("q_len", [1, 9, 40])
+def test_the_one_call_cpu_paths_equal_the_oracle(sink, window, padded, q_len):
+    """`mixed_attention` (retrieval heads causal, streaming heads Λ, one call), `dense_lambda_attention` and the banded
+    `unpadded_lambda_attention` over a full cache of 40 slots."""
+    gen = torch.Generator().manual_seed(q_len * 7 + sink)
+    slots, split = 40, 2
+    key_is_real = torch.ones(2, slots, dtype=torch.bool)
+    if padded:
+        key_is_real[1, :11] = False
+    pos = reference.real_positions(key_is_real)
+    q = torch.randn(2, 6, q_len, 8, generator=gen)
+    k, v = torch.randn(2, 3, slots, 8, generator=gen), torch.randn(2, 3, slots, 8, generator=gen)
+    mask = key_is_real if padded else None
+    lam = lambda_visible(pos[:, -q_len:, None], pos[:, None, :], sink, window)
+    real = (pos[:, -q_len:] >= 0)[:, None, :, None]
+    expected_streaming = oracle.masked_attention(q[:, split:], k[:, 1:], v[:, 1:], lam, 0.3)
+    mixed = reference.mixed_attention(q, k, v, mask, split, sink, window, 0.3)
+    torch.testing.assert_close(
+        mixed[:, :split] * real, oracle.retrieval_attention(q[:, :split], k[:, :1], v[:, :1], mask, 0.3) * real
+    )
+    torch.testing.assert_close(mixed[:, split:] * real, expected_streaming * real)
+    dense = reference.dense_lambda_attention(q[:, split:], k[:, 1:], v[:, 1:], mask, sink, window, 0.3)
+    torch.testing.assert_close(dense * real, expected_streaming * real)
+    if not padded:
+        bands = reference.unpadded_lambda_attention(q[:, split:], k[:, 1:], v[:, 1:], sink, window, 0.3, band=4)
+        torch.testing.assert_close(bands, expected_streaming)
