@@ -4,7 +4,7 @@ A leaf module (it imports nothing, torch included, so the CLIs read it before to
 attention, hook, sharding, calibration and the planner all read these facts from here, and nothing here reaches
 back into them. Adding a family whose attention is Llama's (q/k/v/o projections, RoPE or not, any scaling, per-head
 q/k norms, biases) is one `FAMILIES` entry plus its tests: everything that happens inside the attention module
-before the attention function (RoPE, partial or LongRoPE, skipped RoPE layers, norms, the module's `scaling`) is
+before the attention function (RoPE, partial or LongRoPE, skipped RoPE layers, per-head norms, the module's `scaling`) is
 the same for every head and commutes with the head reorder; biases are reordered with their rows whenever present.
 """
 
@@ -19,10 +19,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family's attention, in the traits that change what duohead does.
+    """One model family's attention, in the traits that change what duohead does (README: "Supported model families").
 
     model_type: transformers' `config.model_type` (and a GGUF's `general.architecture`).
-    special: what the family's attention adds to Llama's and what duohead does there (README's support table).
     layers: dotted path from the causal LM to its decoder layers, each with a `self_attn`.
     fused_qkv: name of a fused [q; k; v] row projection (Phi-3's `qkv_proj`), None for separate q/k/v_proj.
     wide_qk_norm: q_norm / k_norm weights span every head ([Hq*D] / [Hkv*D], OLMo 2), so they follow the reorder.
@@ -31,7 +30,6 @@ class Family:
     """
 
     model_type: str
-    special: str
     layers: str = "model.layers"
     fused_qkv: str | None = None
     wide_qk_norm: bool = False
@@ -43,26 +41,20 @@ _GATHERED = "transformers' tp_plan gathers the q/k/v outputs on every rank (colw
 FAMILIES = {
     family.model_type: family
     for family in (
-        Family("llama", "none: the reference family", vllm=True),
-        Family("mistral", "sliding window: retrieval heads attend to the whole context (a warning says so)", vllm=True),
-        Family("qwen2", "q/k/v biases: reordered with their rows", vllm=True),
-        Family("qwen3", "per-head q/k RMSNorm: shared by every head, nothing to reorder", vllm=True),
-        Family("mixtral", "experts and router: untouched (only attention changes); sliding window as Mistral's"),
-        Family("qwen2_moe", "experts, shared expert and router: untouched; q/k/v biases reordered with their rows"),
-        Family("qwen3_moe", "experts and router: untouched; per-head q/k RMSNorm shared by every head"),
-        Family(
-            "phi3", "fused qkv_proj: the reorder permutes the q, k and v rows inside it; LongRoPE untouched",
-            fused_qkv="qkv_proj", tensor_parallel=_GATHERED,
-        ),
-        Family("smollm3", "layers without RoPE (no_rope_layers): the same for every head, nothing to do"),
-        Family(
-            "olmo2", "q/k RMSNorm over all heads at once: its weights are reordered with the heads",
-            wide_qk_norm=True, tensor_parallel=_GATHERED,
-        ),
-        Family("granite", "attention_multiplier scaling (and embedding/residual/logit multipliers): passed through"),
-        Family("glm4", "partial RoPE, q/k/v biases, extra post-norms: RoPE untouched, biases reordered with their rows"),
+        Family("llama", vllm=True),
+        Family("mistral", vllm=True),  # sliding window: retrieval heads see the whole context (enable warns)
+        Family("qwen2", vllm=True),  # q/k/v biases: reordered with their rows
+        Family("qwen3", vllm=True),  # per-head q/k RMSNorm: one weight for every head
+        Family("mixtral"),  # experts and router: untouched, as everything outside self_attn
+        Family("qwen2_moe"),
+        Family("qwen3_moe"),
+        Family("phi3", fused_qkv="qkv_proj", tensor_parallel=_GATHERED),  # Phi-3 and Phi-4; LongRoPE is outside self_attn
+        Family("smollm3"),  # layers without RoPE: the same for every head
+        Family("olmo2", wide_qk_norm=True, tensor_parallel=_GATHERED),
+        Family("granite"),  # attention_multiplier: the module's `scaling`, passed to the attention function
+        Family("glm4"),  # partial RoPE and q/k/v biases
     )
-}  # fmt: skip
+}
 
 # Families duohead refuses, and what their attention needs that duohead's does not have yet.
 UNSUPPORTED = {

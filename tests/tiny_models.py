@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import transformers
 from transformers import AttentionInterface, AutoModelForCausalLM
@@ -34,14 +33,6 @@ FAMILIES = {
 ARCHITECTURES = tuple(arch for arch in FAMILIES if SUPPORTED[arch].vllm)  # the families duohead's vLLM plugin runs
 
 
-def config_class(arch: str) -> type:
-    """The transformers config class of `arch`; skips the test where this transformers lacks it."""
-    cls = getattr(transformers, FAMILIES[arch][0], None)
-    if cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {FAMILIES[arch][0]} ({arch})")
-    return cls
-
-
 def tiny_model(
     arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 97, seed: int = 0, **config
 ):
@@ -50,7 +41,7 @@ def tiny_model(
     random (not zeros / ones), so a reorder that forgot them would change the output."""
     torch.manual_seed(seed)
     fields = {"hidden_size": 64, "intermediate_size": 96, "head_dim": 16, "max_position_embeddings": 1024}
-    config = config_class(arch)(
+    config = getattr(transformers, FAMILIES[arch][0])(
         vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         **{**fields, **FAMILIES[arch][1], **config},
     )  # fmt: skip
@@ -99,9 +90,12 @@ def oracle_model(model, layout: torch.Tensor, sink: int, window: int):
 
 
 def mixed_gates(layers: int, kv_heads: int, seed: int = 0) -> torch.Tensor:
-    """Gates with both kinds of head in most layers (and at least one layer of each pure kind when possible)."""
+    """Gates [L, Hkv] with a pure-retrieval first layer and a pure-streaming last layer (when L > 1); every layer in
+    between has a streaming head 0 and a retrieval last head (threshold 0.5), so enabling it reorders heads there."""
     g = torch.Generator().manual_seed(seed)
     gates = torch.rand(layers, kv_heads, generator=g)
+    gates[:, 0] *= 0.5  # < 0.5: streaming
+    gates[:, -1] = 0.5 + 0.5 * gates[:, -1]  # >= 0.5: retrieval
     gates[0] = 1.0
     if layers > 1:
         gates[-1] = 0.0

@@ -33,8 +33,9 @@ def register() -> None:
         register_backend(BACKEND_NAME, "duohead.vllm.backend.StreamingBackend")
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from duohead.vllm.engine import ARCHITECTURES, EngineCheck
+    from duohead.vllm.engine import ARCHITECTURES, REFUSED, EngineCheck
 
     for architecture in ARCHITECTURES:
         ModelRegistry.register_model(architecture, f"duohead.vllm.models:{architecture}")
+    for architecture in ARCHITECTURES + REFUSED:
         MODELS_CONFIG_MAP.setdefault(architecture, EngineCheck)  # vLLM 0.32 has no check of its own for them

@@ -13,12 +13,17 @@ from duohead.vllm.settings import deployment_for, requested
 logger = init_logger(__name__)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Families duohead runs in transformers only: vLLM's own class runs them, and `EngineCheck` refuses a `duohead` key
+# on them in one line (architecture.check_architecture) rather than let vLLM ignore it.
+REFUSED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM",
+           "Olmo2ForCausalLM", "GraniteForCausalLM", "Glm4ForCausalLM")  # fmt: skip
 
 
 class EngineCheck(VerifyAndUpdateConfig):
     """Checks a duohead model's engine settings when vLLM builds its config, in the process that starts the engine,
     so that a bad pattern or an unsupported setting fails at `LLM(...)` / `vllm serve` in one line, before any
-    worker starts or weights load. Registered for the supported architectures by `duohead.vllm.register`."""
+    worker starts or weights load. Registered by `duohead.vllm.register` for the supported architectures and for
+    `REFUSED` (whose `duohead` key it refuses)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:

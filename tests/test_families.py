@@ -1,0 +1,149 @@
+"""Every supported family, beyond the inference equivalences of tests/test_inference.py (parametrised over the same
+families): exact restore with the rest of the model untouched, calibration, `duohead plan`, pattern validation, and
+the refusals (unsupported families, the vLLM plugin, tensor parallelism where the plan gathers q/k/v)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from calibration_testbed import word_tokenizer
+from tiny_models import FAMILIES, mixed_gates, tiny_model
+
+import duohead
+from duohead import DuoCache, HeadPattern
+from duohead.architecture import FAMILIES as SUPPORTED
+from duohead.architecture import UNSUPPORTED, check_architecture
+from duohead.cache import cache_argument
+from duohead.calibrate.cli import main as calibrate_main
+from duohead.calibrate.data import PasskeyDataset, PasskeySpec
+from duohead.calibrate.gates import GatedModel
+from duohead.planner import main as plan_main
+from duohead.planner import plan_deployment
+from duohead.vllm.settings import deployment_for
+
+NEW = [arch for arch in FAMILIES if not SUPPORTED[arch].vllm]  # the families the vLLM plugin does not run
+
+
+def test_the_tests_cover_every_supported_family():
+    assert sorted(FAMILIES) == sorted(SUPPORTED)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_enable_changes_only_attention_and_disable_restores_every_parameter(arch):
+    model = tiny_model(arch)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    implementation, cls = model.config._attn_implementation, type(model)
+    gates = torch.tensor([[0.1, 0.9]] * 3)  # every layer swaps its two KV heads (retrieval first)
+    duohead.enable(model, HeadPattern(gates, sink=4, window=8), sparsity=0.5)
+    changed = {name for name, p in model.state_dict().items() if not torch.equal(p, before[name])}
+    assert changed and all(".self_attn." in name for name in changed)  # MLP, experts, router, norms untouched
+    projection = SUPPORTED[arch].fused_qkv or "q_proj"
+    assert {f"model.layers.{i}.self_attn.{projection}.weight" for i in range(3)} <= changed
+    duohead.disable(model)
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+    assert (model.config._attn_implementation, type(model)) == (implementation, cls)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phi3", "smollm3", "granite"])
+def test_plan_kv_bytes_equal_a_real_duocache(arch):
+    model = tiny_model(arch)
+    pattern = HeadPattern(mixed_gates(3, 2, seed=1), sink=4, window=8)
+    duohead.enable(model, pattern, sparsity=0.5)
+    cache = DuoCache.from_model(model)
+    with torch.no_grad():
+        model(torch.randint(1, 97, (1, 40)), **{cache_argument(model): cache})
+    held = cache.memory()
+    plan = plan_deployment(model.config, pattern.binarize(sparsity=0.5), sink=4, window=8, context=40, dtype="float32")
+    (rank,) = plan.ranks
+    assert (rank.full_kv_bytes, rank.duohead_kv_bytes) == (held["full_bytes"], held["total_bytes"])
+    assert rank.weight_bytes == sum(p.numel() * 4 for p in model.parameters())  # experts included
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_plan_from_the_family_config(arch, tmp_path, capsys):
+    tiny_model(arch, heads=8, kv_heads=4).config.save_pretrained(tmp_path)
+    common = ["--model", str(tmp_path), "--sparsity", "0.5", "--context", "4K"]
+    assert plan_main(common) == 0
+    assert f"model: {arch}, 3 layers x 4 KV heads" in capsys.readouterr().out
+    if SUPPORTED[arch].tensor_parallel is not None:
+        assert plan_main([*common, "--tp", "2"]) == 2
+        assert f"cannot run {arch!r} tensor-parallel: transformers' tp_plan gathers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_a_pattern_for_another_family_is_refused_naming_both(arch):
+    model = tiny_model(arch)
+    pattern = HeadPattern(torch.ones(3, 2), model={"name": "tiny-llama", "architecture": "llama"})
+    with pytest.raises(ValueError, match=f"a 'llama' model; this model is {arch!r}"):
+        duohead.enable(model, pattern)
+    with pytest.raises(ValueError, match=rf"this model \({arch}\) has 3 layers x 2 KV heads"):
+        duohead.enable(model, HeadPattern(torch.ones(2, 2)))
+
+
+@pytest.mark.parametrize(
+    "config_class, model_type",
+    [("Gemma2Config", "gemma2"), ("Gemma3TextConfig", "gemma3_text"), ("GptOssConfig", "gpt_oss")],
+)
+def test_families_with_new_attention_math_are_refused_with_what_is_missing(config_class, model_type):
+    config = getattr(transformers, config_class)(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError) as refused:
+        duohead.enable(model, HeadPattern(torch.ones(2, 2)))
+    message = str(refused.value)
+    assert f"does not support architecture {model_type!r} (its attention needs {UNSUPPORTED[model_type]}" in message
+    assert message.endswith(f"supported: {', '.join(sorted(SUPPORTED))}")
+
+
+def test_an_unknown_family_is_refused_with_the_supported_list():
+    with pytest.raises(ValueError, match=r"architecture 'bert'; supported: glm4, granite, llama, mistral, mixtral"):
+        check_architecture("bert")
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_the_vllm_plugin_refuses_a_family_it_does_not_run(arch):
+    config = tiny_model(arch).config
+    config.duohead = {"pattern": "auto"}
+    with pytest.raises(ValueError, match=rf"vLLM plugin does not support architecture {arch!r} \(duohead supports it in "):
+        deployment_for(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer()
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_all_gates_one_is_the_teacher(arch, tokenizer):
+    gated = GatedModel(tiny_model(arch, layers=2, vocab=len(tokenizer)), sink=4, window=16)
+    sample = PasskeyDataset(tokenizer, PasskeySpec(120, 200, num_passkeys=3, passkey_words=4), seed=0)[0]
+    ids = sample.input_ids[None]
+    target = gated.teacher_states(ids, sample.supervised)
+    assert gated.distill_backward(ids, sample.supervised, target) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        gated.gates.fill_(0.0)
+    assert gated.distill_backward(ids, sample.supervised, target) > 1e-6
+
+
+CALIBRATE = ["--steps", "2", "--ctx-min", "120", "--ctx-max", "200", "--num-passkeys", "3", "--passkey-words", "4",
+             "--sink", "4", "--window", "16", "--target-sparsity", "0.5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_calibrate_writes_a_pattern_the_family_enables(arch, tokenizer, tmp_path, capsys):
+    model = tiny_model(arch, layers=2, vocab=len(tokenizer), max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert calibrate_main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), *CALIBRATE]) == 0
+    capsys.readouterr()
+    pattern = HeadPattern.load(tmp_path / "out" / "pattern.json")
+    assert pattern.gates.shape == (2, 2) and pattern.model["architecture"] == arch
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(len(record["streaming"]) == 2 for record in log)
+    duohead.enable(model, pattern)
+    assert model._duohead.sparsity == 0.5
