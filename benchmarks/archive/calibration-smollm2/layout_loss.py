@@ -4,7 +4,7 @@ Each pattern's 50% layout (its 45 lowest gates stream, the rest full) runs as th
 gates 0/1; the MSE against the teacher's final hidden states on the question/answer tail is averaged over
 samples 1000.. of the default recipe's data (seed 0, 4 passkeys x 16 words) at the given context range.
 
-    python benchmarks/calibration-smollm2/layout_loss.py 768 1280 8 shipped path/to/pattern.json ...
+    python benchmarks/archive/calibration-smollm2/layout_loss.py 768 1280 8 shipped path/to/pattern.json ...
 """
 
 import sys
