@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Family:
     """One model family's attention, in the traits that change what duohead does (README: "Supported model families").
 
-    model_type: transformers' `config.model_type` (and a GGUF's `general.architecture`).
+    model_type: transformers' `config.model_type` (a GGUF's `general.architecture` through `gguf_model_type`).
     layers: dotted path from the causal LM to its decoder layers, each with a `self_attn`.
     fused_qkv: name of a fused [q; k; v] row projection (Phi-3's `qkv_proj`), None for separate q/k/v_proj.
     wide_qk_norm: q_norm / k_norm weights span every head ([Hq*D] / [Hkv*D], OLMo 2), so they follow the reorder.
@@ -66,9 +66,17 @@ UNSUPPORTED = {
 }
 
 
+# llama.cpp's `general.architecture` where it differs from transformers' model_type (as transformers maps it on load)
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+def gguf_model_type(architecture: str) -> str:
+    """transformers' `model_type` of a GGUF file's `general.architecture`."""
+    return _GGUF_MODEL_TYPES.get(architecture, architecture)
+
+
 def family(model_type: str | None, what: str = "duohead") -> Family:
-    """The `Family` of a config's `model_type` (or a GGUF's architecture); ValueError naming what is missing unless
-    it is supported."""
+    """The `Family` of a config's `model_type`; ValueError naming what is missing unless it is supported."""
     check_architecture(model_type, what)
     return FAMILIES[model_type]
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from duohead.architecture import check_architecture
+from duohead.architecture import check_architecture, gguf_model_type
 from duohead.files import atomic_folder
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -61,7 +61,7 @@ def check_gguf(gguf: Path) -> None:
     """Raise unless `gguf` is an existing GGUF file of an architecture duohead supports."""
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
-    check_architecture(gguf_architecture(gguf), f"{gguf}: duohead")
+    check_architecture(gguf_model_type(gguf_architecture(gguf)), f"{gguf}: duohead")
 
 
 def _dequantised_folder(gguf: Path, name: str) -> Path:

@@ -147,3 +147,24 @@ def test_calibrate_writes_a_pattern_the_family_enables(arch, tokenizer, tmp_path
     assert len(log) == 2 and all(len(record["streaming"]) == 2 for record in log)
     duohead.enable(model, pattern)
     assert model._duohead.sparsity == 0.5
+
+
+@pytest.mark.parametrize(
+    "architecture, refused", [("qwen2moe", None), ("qwen3moe", None), ("phi3", None), ("gemma2", "soft-capping")]
+)
+def test_a_gguf_file_is_checked_by_the_family_transformers_loads_it_as(architecture, refused, tmp_path):
+    import gguf
+
+    from duohead.loading import check_gguf
+
+    path = tmp_path / f"{architecture}.gguf"
+    writer = gguf.GGUFWriter(path, arch=architecture)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if refused is None:
+        check_gguf(path)
+    else:
+        with pytest.raises(ValueError, match=f"architecture {architecture!r} \\(its attention needs .*{refused}"):
+            check_gguf(path)
