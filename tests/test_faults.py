@@ -234,6 +234,9 @@ def hostile(tmp_path, tiny_model_dir, tiny_pattern_file) -> SimpleNamespace:
     f.run = tmp_path / "run"
     f.run.mkdir()
     (f.run / LOG).write_text('{"step": 1}\n')
+    f.fifo_run = tmp_path / "fifo-run"
+    f.fifo_run.mkdir()
+    os.mkfifo(f.fifo_run / CHECKPOINT)
     f.gguf = str(tmp_path / "model.gguf")
     return f
 
@@ -311,6 +314,10 @@ BAD_ARGUMENTS = {  # case -> (argv from the `hostile` paths, a phrase the one li
     "calibrate: --out a file": (lambda f: [*CALIBRATE, "--out", f.existing], "is a file; name a folder"),
     "calibrate: --out under a file": (lambda f: [*CALIBRATE, "--out", f.under_file], "is a file, not a folder"),
     "calibrate: --out unwritable": (lambda f: [*CALIBRATE, "--out", f"{f.unwritable}/run"], "cannot write"),
+    "calibrate: --resume, checkpoint a FIFO": (
+        lambda f: ["calibrate", "--out", str(f.fifo_run), "--resume"],
+        "not a regular file",
+    ),
     "calibrate: --out holding a log": (
         lambda f: [*CALIBRATE, "--out", str(f.run)],
         "train_log.jsonl already exists; pass --force",

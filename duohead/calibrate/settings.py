@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from duohead.files import check_regular_file
+
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
 RULES = ("relaxed", "evidence", "lagrange", "instant")
+CHECKPOINT_LIMIT = 1 << 30  # bytes a calibration checkpoint may have (gates and optimiser state: kilobytes)
 HAYSTACK_LIMIT = 256 << 20  # bytes read at most per --haystack file (a 32K-token sample needs ~150 KB of prose)
 
 
@@ -67,6 +70,7 @@ def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (its `__metadata__`), read from the header without loading tensors.
     Raises ValueError if the file is not a safetensors file."""
     path = Path(path)
+    check_regular_file(path, "checkpoint", CHECKPOINT_LIMIT)
     with open(path, "rb") as f:
         head = f.read(8)
         size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
