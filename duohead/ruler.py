@@ -72,15 +72,22 @@ def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text).input_ids)
 
 
-def fit(tokenizer, length: int, task: str, build: Callable[[int], str]) -> str:
-    """The prompt `build(n)` for the largest haystack size n whose prompt has at most `length` tokens.
-    `build` must grow with n. Raises ValueError stating the family's minimum when even n = 0 does not fit."""
+def fit(tokenizer, length: int, task: str, build: Callable[[int], str], most: int | None = None) -> str:
+    """The prompt `build(n)` for the largest haystack size n (at most `most`, default `length`: every unit is at
+    least one token) whose prompt has at most `length` tokens. `build` must grow with n. Raises ValueError stating
+    the family's minimum when even n = 0 does not fit, or its maximum when n = `most` still falls short."""
     least = _count(tokenizer, build(0))
     if least > length:
         raise ValueError(f"a {task} prompt needs at least {least} tokens with this tokenizer; got --lengths {length}")
+    most = length if most is None else most
     low, high = 0, 1
     while _count(tokenizer, build(high)) <= length:
-        low, high = high, high * 2
+        if high >= most:
+            raise ValueError(
+                f"a {task} prompt holds at most {_count(tokenizer, build(most))} tokens with this tokenizer (its word "
+                f"list runs out); got --lengths {length}"
+            )
+        low, high = high, min(2 * high, most)
     while high - low > 1:  # build(low) fits, build(high) does not
         mid = (low + high) // 2
         low, high = (mid, high) if _count(tokenizer, build(mid)) <= length else (low, mid)
@@ -151,8 +158,7 @@ def niah(tokenizer, length: int, seed: int, task: str, haystack: str, key_kind: 
     elif haystack == "essay":
         units, ends = essay_words(rng.randrange(2**31), length), True
     else:  # every line a needle under a key not asked for
-        fillers = _keys(rng, key_kind, length + keys)
-        fillers = [k for k in fillers if k not in all_keys][:length]
+        fillers = [k for k in _keys(rng, key_kind, length + keys) if k not in all_keys][:length]
         units, ends = [NIAH_NEEDLE.format(kind=kind, key=k, value=_value(rng, value_kind)) for k in fillers], False
     head = NIAH_INTRO.format(kind=kind)
     tail = f"{NIAH_QUESTION.format(kind=kind, query=query)} {NIAH_ANSWER.format(kind=kind, query=query)}"
@@ -161,7 +167,7 @@ def niah(tokenizer, length: int, seed: int, task: str, haystack: str, key_kind: 
     def build(n: int) -> str:
         return f"{head}\n{sep.join(insert_needles(units[:n], lines, depths, ends))}\n{tail}"
 
-    return Sample(task, length, None, fit(tokenizer, length, task, build), answers)
+    return Sample(task, length, None, fit(tokenizer, length, task, build, most=len(units)), answers)
 
 
 def variable_name(rng: random.Random) -> str:
@@ -214,7 +220,7 @@ def cwe(tokenizer, length: int, seed: int, task: str = "cwe", common: int = 10, 
         listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
         return f"{CWE_INTRO}\nHere is the list: {listing}\n{tail}"
 
-    return Sample(task, length, None, fit(tokenizer, length, task, build), tuple(frequent))
+    return Sample(task, length, None, fit(tokenizer, length, task, build, most=len(rare)), tuple(frequent))
 
 
 def coded_words(rng: random.Random, count: int) -> list[str]:

@@ -121,3 +121,9 @@ def test_families():
         "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
     }  # fmt: skip
     assert len(ruler.SUITE) == 11 and "niah_single_words" not in ruler.SUITE
+
+
+def test_a_length_past_the_word_list_is_refused(tokenizer):
+    """cwe's rare words come from the essays' vocabulary; a prompt longer than it can fill is refused, not shortened."""
+    with pytest.raises(ValueError, match=r"a cwe prompt holds at most \d+ tokens with this tokenizer"):
+        ruler.cwe(tokenizer, 30000, 0)
