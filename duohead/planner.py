@@ -118,11 +118,8 @@ def format_tokens(n: int) -> str:
 
 def load_config(model: str) -> Any:
     """A transformers config from a config.json file, a model folder, or a Hugging Face model id (transformers resolves
-    it: its local cache, or the hub when online)."""
-    from transformers import AutoConfig
-
+    it: its local cache, or the hub when online). A config.json is checked before transformers loads."""
     from duohead.architecture import check_architecture
-    from duohead.loading import model_config
 
     path = Path(model)
     if path.is_dir():
@@ -136,12 +133,16 @@ def load_config(model: str) -> Any:
             raise ValueError(f"{path}: no 'model_type' field; expected a transformers config.json")
         check_architecture(data["model_type"], "duohead plan")
         check_config_sizes(data.get("text_config") or data)
+        from transformers import AutoConfig
+
         try:
             return AutoConfig.for_model(**data)
         except (ValueError, TypeError, ArithmeticError) as e:
             raise ValueError(f"{path}: transformers cannot read it as a {data['model_type']} config ({e})") from None
     if path.suffix == ".json" or model.startswith((".", "/")):
         raise FileNotFoundError(f"model config {model} does not exist (pass a config.json, a model folder or a model id)")
+    from duohead.loading import model_config
+
     return model_config(model)
 
 
@@ -391,12 +392,13 @@ def _config(args: argparse.Namespace) -> Any:
 def _plan(args: argparse.Namespace) -> int:
     _check_args(args)
     from duohead.architecture import num_kv_heads, text_config
-    from duohead.pattern import HeadPattern
 
     gpu_memory = args.gpu_memory
     config = _config(args)
     check_config_sizes(text_config(config))
     if args.pattern is not None:
+        from duohead.pattern import HeadPattern
+
         pattern = HeadPattern.load(args.pattern)
         pattern.validate(config)
         default = args.sparsity is None and args.threshold is None  # the pattern's calibrated cut, as enable() applies it
