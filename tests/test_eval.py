@@ -13,7 +13,7 @@ import torch
 from cli_model import KV_HEADS, LAYERS
 from transformers import AutoTokenizer
 
-from duohead import evaluate, prompts, runner
+from duohead import eval_report, evaluate, prompts, runner
 from duohead.calibrate import haystack as calibration_haystack
 from duohead.plots import have_matplotlib
 
@@ -149,15 +149,15 @@ def test_a_correct_answer_scores_one(tiny_model_dir, tmp_path, monkeypatch):
     assert (summary["mean"], summary["tasks"]["passkey"]["mean"], summary["tasks"]["needle"]["mean"]) == (0.5, 1.0, 0.0)
     assert summary["tasks"]["passkey"]["grid"] == [[1.0, 1.0], [1.0, 1.0]]
     assert summary["kv_bytes"] == max(1000 * r["prompt_tokens"] for r in rows if r["length"] == 300)
-    assert summary["ci95"] == pytest.approx(list(evaluate.wilson(0.5, 8)))
+    assert summary["ci95"] == pytest.approx(list(eval_report.wilson(0.5, 8)))
 
 
 def test_wilson_interval():
     """Known values of the 95% Wilson interval; it stays inside [0, 1] at the ends."""
-    low, high = evaluate.wilson(0.5, 10)
+    low, high = eval_report.wilson(0.5, 10)
     assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert evaluate.wilson(0.0, 5)[0] == 0.0 and evaluate.wilson(0.0, 5)[1] == pytest.approx(0.4345, abs=1e-4)
-    assert evaluate.wilson(1.0, 5)[1] == 1.0
+    assert eval_report.wilson(0.0, 5)[0] == 0.0 and eval_report.wilson(0.0, 5)[1] == pytest.approx(0.4345, abs=1e-4)
+    assert eval_report.wilson(1.0, 5)[1] == 1.0
 
 
 def _args(**kw) -> argparse.Namespace:
