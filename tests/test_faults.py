@@ -83,7 +83,7 @@ def _same_run(out: Path, reference: Path) -> None:
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     steps = lambda folder: [json.loads(line)["step"] for line in (folder / LOG).read_text().splitlines()]
     assert steps(out) == steps(reference)
-    assert not (out / LOCK_FILE).exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no lock, no half-written temporary file
 
 
 # ---------------------------------------------------------------------------------------------------- item 1
@@ -126,8 +126,8 @@ def test_ctrl_c_anywhere_in_a_step_resumes_to_the_uninterrupted_result(point, mo
             return count(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, counted)
-    else:  # the first periodic checkpoint (step 5) is cut half-way; the interrupt handler then saves
-        _interrupt_after(train_module, "atomic_write", monkeypatch, lambda: True)
+    else:  # the first periodic checkpoint (step 5) is cut after its temporary file is written, before the rename
+        _interrupt_after(train_module, "save_file", monkeypatch, lambda: True)
     out = tmp_path / "out"
     assert calibrate_main(_args(model_dir, out, 8)) == 130
     monkeypatch.undo()
