@@ -62,15 +62,15 @@ def _args(model_dir: Path, out: Path, steps: int, every: int = 5) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight(model_dir, tmp_path_factory):
-    """steps -> the folder of an uninterrupted run of that many steps (made once)."""
-    runs: dict[int, Path] = {}
+    """(steps, rule) -> the folder of an uninterrupted run (made once)."""
+    runs: dict[tuple[int, str], Path] = {}
 
-    def run(steps: int) -> Path:
-        if steps not in runs:
-            out = tmp_path_factory.mktemp(f"straight-{steps}")
-            assert calibrate_main(_args(model_dir, out, steps)) == 0
-            runs[steps] = out
-        return runs[steps]
+    def run(steps: int, rule: str = "relaxed") -> Path:
+        if (steps, rule) not in runs:
+            out = tmp_path_factory.mktemp(f"straight-{steps}-{rule}")
+            assert calibrate_main([*_args(model_dir, out, steps), "--rule", rule]) == 0
+            runs[steps, rule] = out
+        return runs[steps, rule]
 
     return run
 
@@ -81,8 +81,10 @@ def _same_run(out: Path, reference: Path) -> None:
     assert torch.equal(HeadPattern.load(out / "pattern.json").gates, HeadPattern.load(reference / "pattern.json").gates)
     mine, theirs = load_file(out / CHECKPOINT), load_file(reference / CHECKPOINT)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    steps = lambda folder: [json.loads(line)["step"] for line in (folder / LOG).read_text().splitlines()]
-    assert steps(out) == steps(reference)
+    records = lambda folder: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (folder / LOG).read_text().splitlines()
+    ]
+    assert records(out) == records(reference)  # every step's loss, gates summary and layout
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no lock, no half-written temporary file
 
 
@@ -133,6 +135,30 @@ def test_ctrl_c_anywhere_in_a_step_resumes_to_the_uninterrupted_result(point, mo
     monkeypatch.undo()
     assert calibrate_main(["--out", str(out), "--resume"]) == 0
     _same_run(out, straight(8))
+
+
+@pytest.mark.parametrize("rule", ["evidence", "lagrange", "instant"])
+def test_ctrl_c_after_the_update_of_every_rule_resumes_to_the_uninterrupted_result(
+    rule, model_dir, straight, tmp_path, monkeypatch
+):
+    """The other rules: interrupted after step 3's update (signed step or AdamW), before the step counts as done."""
+    owner, name = (Calibrator, "_signed_step") if rule == "evidence" else (Calibrator, "_adam_step")
+    calls = []
+    original = getattr(owner, name)
+
+    def interrupted(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, name, interrupted)
+    out = tmp_path / "out"
+    assert calibrate_main([*_args(model_dir, out, 8), "--rule", rule]) == 130
+    monkeypatch.undo()
+    assert calibrate_main(["--out", str(out), "--resume"]) == 0
+    _same_run(out, straight(8, rule))
 
 
 def test_sigint_in_a_real_process_inside_the_student_pass_resumes_bit_for_bit(model_dir, straight, tmp_path):
