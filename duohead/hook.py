@@ -71,6 +71,18 @@ class _DuoGenerationMixin:
                 return None  # transformers would refuse a cache together with cache_implementation
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Where the model's own step drops the cache to recompute the whole sequence (Phi-3 with LongRoPE, once it
+        passes `original_max_position_embeddings`: every position is encoded again with the long factors), the same
+        `DuoCache` is emptied and passed on, instead of the DynamicCache the model would create."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        name = cache_argument(self)
+        cache = kwargs.get(name)
+        if isinstance(cache, DuoCache) and inputs.get(name) is None and inputs.get("use_cache") is not False:
+            cache.reset()
+            inputs[name] = cache
+        return inputs
+
     def create_masks_for_generate(self, *args, attention_mask=None, inputs_embeds=None, **kwargs):
         """generate() asks for a prepared mask when the cache is compileable (a static DuoCache): the new tokens'
         columns of the 2-D mask, so the compiled step sees the same shape every step (the cache keeps the rest)."""

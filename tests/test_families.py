@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from calibration_testbed import word_tokenizer
-from tiny_models import FAMILIES, mixed_gates, tiny_model
+from tiny_models import FAMILIES, mixed_gates, oracle_model, tiny_model
 
 import duohead
 from duohead import DuoCache, HeadPattern
@@ -168,3 +168,36 @@ def test_a_gguf_file_is_checked_by_the_family_transformers_loads_it_as(architect
     else:
         with pytest.raises(ValueError, match=f"architecture {architecture!r} \\(its attention needs .*{refused}"):
             check_gguf(path)
+
+
+def test_phi3_longrope_switch_recomputes_into_the_same_duocache():
+    """Phi-3's generate() drops the cache once the sequence passes original_max_position_embeddings and encodes every
+    position again with LongRoPE's long factors: duohead empties its DuoCache and refills it, as stock refills a new
+    DynamicCache (stock raised here before: the model made a DynamicCache that duohead's attention refuses)."""
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1 + 0.1 * i for i in range(8)],
+            "long_factor": [2 + 0.3 * i for i in range(8)], "original_max_position_embeddings": 32}  # fmt: skip
+    model = tiny_model("phi3", rope_parameters=rope, max_position_embeddings=128, original_max_position_embeddings=32)
+    ids = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(1))
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=30, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+    stock_tokens, stock_logits = generate()
+    duohead.enable(model, HeadPattern(torch.ones(3, 2), sink=4, window=8))
+    tokens, logits = generate()
+    assert torch.equal(tokens, stock_tokens) and torch.equal(logits, stock_logits)
+    duohead.disable(model)
+    with torch.no_grad():
+        stock_full = model(stock_tokens[:, :-1]).logits
+    if not torch.allclose(stock_logits[0, 13:], stock_full[0, 32:], atol=1e-5):
+        pytest.skip(f"transformers {transformers.__version__}: stock Phi-3 generate() loses the context at the switch")
+    pattern = HeadPattern(mixed_gates(3, 2), sink=4, window=8)
+    oracle = oracle_model(model, pattern.binarize(), 4, 8)
+    duohead.enable(model, pattern)
+    tokens, logits = generate()
+    with torch.no_grad():
+        expected = oracle(tokens[:, :-1]).logits  # 49 tokens: long factors at every position
+    # step k sees 20 + k tokens; from 33 tokens on (k >= 13) every position was encoded with the long factors
+    torch.testing.assert_close(logits[0, 13:], expected[0, 32:], atol=1e-5, rtol=0)
