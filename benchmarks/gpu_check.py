@@ -143,6 +143,12 @@ def warm_up_flashinfer(device: torch.device, shapes: Shapes) -> str | None:
     return None
 
 
+# the one FlashInfer module gpu_check runs (bf16, head dim 128: fa2 prefill and tensor-core decode share it), as
+# FlashInfer 0.6.13 names it; benchmarks/flashinfer_aot.py builds it ahead of time
+NEEDED_MODULE = (
+    "batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128"
+    "_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False"
+)
 WARM_UP_SECONDS = 300  # FlashInfer's JIT compiles two modules on first use (prebuilt modules load in seconds)
 
 
@@ -786,7 +792,7 @@ def table(report: dict) -> str:
         f"duohead gpu_check  {report['device']}  {report['date']}  "
         f"(full = {report['full_backend']}, duohead = {report['duo_backend']})"
     )
-    lines.append(f"flashinfer: {report['flashinfer']}")
+    lines.append(f"flashinfer: {report['flashinfer']} (its module: {report['flashinfer_modules']})")
     bandwidth = report["copy_bandwidth_GBps"]
     lines.append(f"copy bandwidth: {bandwidth:.0f} GB/s" if bandwidth else f"copy bandwidth: failed ({report['errors'][0]})")
     failed = [
@@ -930,7 +936,7 @@ def main(argv: list[str] | None = None) -> dict:
         "duo_backend": duo_backend,
         "prefill_backend": args.prefill_backend,
         "flashinfer": "ok" if has_flashinfer else skipped["flashinfer"],
-        "flashinfer_modules": ("prebuilt" if preflight["prebuilt_flashinfer"] else "JIT") if has_flashinfer else None,
+        "flashinfer_modules": "prebuilt" if NEEDED_MODULE in preflight["prebuilt_flashinfer"] else "JIT",
         "checks": [],
         "copy_bandwidth_GBps": None,
         "decode": [],

@@ -34,15 +34,29 @@ PYTHON=${PYTHON:-python3}
 export OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SITE=$HOME/site PIP_EXTRA=""
+case " $* " in  # the rehearsal installs the GPU machine's cp312 wheels beside its results, not in $HOME
+  *" --dry-run "*) SITE=$OUT/site PIP_EXTRA="--python-version 3.12 --only-binary=:all:" ;;
+esac
 if compgen -G ".whl/*.whl" > /dev/null; then
-  if log=$("$PYTHON" -m pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl 2>&1); then
-    GPU_CHECK_WHEELS="installed $(ls .whl/*.whl | wc -l) from .whl/ into $HOME/site"
+  # shellcheck disable=SC2086
+  if log=$("$PYTHON" -m pip install -q --no-index --no-deps $PIP_EXTRA --target "$SITE" .whl/*.whl 2>&1); then
+    GPU_CHECK_WHEELS="installed $(ls .whl/*.whl | wc -l) from .whl/ into $SITE"
   else
     GPU_CHECK_WHEELS="failed: $(echo "$log" | tail -n 1)"
   fi
-  export PYTHONPATH="$HOME/site:$PYTHONPATH" PATH="$HOME/site/bin:$PATH"  # ninja for FlashInfer's JIT
+  export PYTHONPATH="$SITE:$PYTHONPATH" PATH="$SITE/bin:$PATH"  # ninja for FlashInfer's JIT
 else
   GPU_CHECK_WHEELS="none in .whl/ (FlashInfer only if already installed)"
+fi
+if [ -d .whl/aot ]; then  # prebuilt FlashInfer modules (benchmarks/flashinfer_aot.py) where FlashInfer looks first
+  find='import importlib.util as u; s = u.find_spec("flashinfer"); print(s.submodule_search_locations[0] if s else "")'
+  package=$("$PYTHON" -c "$find" 2> /dev/null)
+  if [ -n "$package" ] && mkdir -p "$package/data/aot" && cp -r .whl/aot/. "$package/data/aot/"; then
+    GPU_CHECK_WHEELS="$GPU_CHECK_WHEELS; prebuilt modules copied to $package/data/aot"
+  else
+    GPU_CHECK_WHEELS="$GPU_CHECK_WHEELS; prebuilt modules in .whl/aot not copied (failed: no flashinfer package?)"
+  fi
 fi
 export GPU_CHECK_WHEELS FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 "$PYTHON" benchmarks/gpu_preflight.py --out "$OUT" "$@" ||

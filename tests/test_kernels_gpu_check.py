@@ -31,7 +31,7 @@ def test_gpu_check_script_is_valid_bash():
 
 
 @pytest.mark.skipif(kernels.interpreter_problem() is not None, reason=str(kernels.interpreter_problem()))
-def test_gpu_check_dry_run(tmp_path):
+def test_gpu_check_dry_run(gpu_check, tmp_path):
     """`bash benchmarks/gpu_check.sh --dry-run` (what the device call runs, on the CPU): the preflight table comes
     first and is saved; FlashInfer's warm-up subprocess crashes (SIGABRT, on purpose) and only FlashInfer's rows are
     lost; every other row the GPU run will report is there, with the keys the table reads."""
@@ -58,8 +58,10 @@ def test_gpu_check_dry_run(tmp_path):
     } <= set(checks)
     assert checks["triton streaming"]["cache_mismatches"] == 0  # attend-then-store left the same cache as the reference
     assert report["flashinfer"].startswith("warm-up failed: the warm-up subprocess died of SIGABRT")
-    assert checks["flashinfer rows"]["skipped"] == report["flashinfer"] and report["flashinfer_modules"] is None
+    assert checks["flashinfer rows"]["skipped"] == report["flashinfer"]
     preflight = {row["name"]: row for row in report["preflight"]["rows"]}
+    prebuilt = gpu_check.NEEDED_MODULE in report["preflight"]["prebuilt_flashinfer"]  # where .whl/aot was built
+    assert report["flashinfer_modules"] == ("prebuilt" if prebuilt else "JIT")
     assert {"python", "pip", "gcc", "g++", "Python.h", "nvcc", "ninja", "$HOME", "wheels", "gpu"} <= set(preflight)
     assert report["preflight"]["gates"]["triton"] is None
     assert proc.stdout.startswith("preflight\n")  # before anything else
