@@ -19,6 +19,9 @@
 #     -d .whl flashinfer-python==0.6.13 apache-tvm-ffi==0.1.15.post2 \
 #     nvidia-ml-py ninja requests urllib3 idna charset-normalizer certifi
 # (`import flashinfer` needs pynvml and requests, its JIT the ninja binary; the GPU machine may lack them.)
+# Then the FlashInfer module gpu_check runs, prebuilt so the GPU machine needs no compiler (~5 min on 2 busy cores,
+# 2 MiB; a venv with flashinfer-python==0.6.13, apache-tvm-ffi==0.1.15.post2 and torch, nvcc 13.0 from pip):
+#   FLASHINFER_CUDA_ARCH_LIST=9.0a CUDA_HOME=/usr/local/cuda-13.0 MAX_JOBS=2 python benchmarks/flashinfer_aot.py
 # Then, from a session that has a device machine, one call of the `run` device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Without the device tool, on any CUDA machine: OUT=out bash benchmarks/gpu_check.sh
