@@ -201,3 +201,15 @@ def test_phi3_longrope_switch_recomputes_into_the_same_duocache():
         expected = oracle(tokens[:, :-1]).logits  # 49 tokens: long factors at every position
     # step k sees 20 + k tokens; from 33 tokens on (k >= 13) every position was encoded with the long factors
     torch.testing.assert_close(logits[0, 13:], expected[0, 32:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_duoheads_own_chunked_loop_equals_generate(arch):
+    """`duohead generate` / `eval` run their own loop (runner.run_prompt: chunked prefill, then greedy decode)."""
+    from duohead.runner import run_prompt
+
+    model = duohead.enable(tiny_model(arch), HeadPattern(mixed_gates(3, 2), sink=4, window=8))
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=10, do_sample=False)[0, 40:].tolist()
+    assert run_prompt(model, ids, 10, chunk=7).tokens == expected
