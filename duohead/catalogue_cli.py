@@ -54,19 +54,38 @@ def list_lines() -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
 
 
+def sparsity_lines(pattern: HeadPattern) -> list[str]:
+    """For which sparsities the pattern holds: a ranking or graded gates serve any (nested layouts); 0/1 gates without
+    a ranking only their calibrated cut. Then the sparsities its accuracy was measured at, where the file records them
+    (provenance "measured": {sparsity: what was measured})."""
+    cut = pattern.default_sparsity
+    at = f"calibrated at {cut:g}" if cut is not None else "no calibrated cut recorded"
+    if pattern.ranking is not None:
+        line = f"sparsities: any (a ranking orders every head; the layouts are nested); {at}"
+    elif bool(((pattern.gates > 0) & (pattern.gates < 1)).float().mean() >= 0.5):
+        line = f"sparsities: any (graded gates order the heads); {at}"
+    else:
+        line = f"sparsities: {at} only (0/1 gates and no ranking: other cuts fall inside ties, decided by head order)"
+    measured = pattern.provenance.get("measured")
+    if not isinstance(measured, dict) or not measured:
+        return [line]
+    return [line, "measured: " + "; ".join(f"sparsity {key}: {value}" for key, value in measured.items())]
+
+
 def tie_line(pattern: HeadPattern, sparsity: float) -> str:
-    """How the cut at `sparsity` falls among equal gates, in words."""
+    """How the cut at `sparsity` falls among equal scores of the pattern's order (ranking, else gates), in words."""
     from duohead.catalogue import tie_structure
 
-    t = tie_structure(pattern.gates, sparsity)
+    t = tie_structure(pattern.order_scores, sparsity)
     head = f"cut at {sparsity:g}: {t['streaming']} of {pattern.gates.numel()} KV heads stream"
+    score = "ranking score" if pattern.ranking is not None else "gate"
     if t["cut_gate"] is None:
         return head
     if not t["inside_tie"]:
-        return f"{head}; no tie at the cut: all {t['tied']} head(s) at the highest streaming gate {t['cut_gate']:.6g} stream"
+        return f"{head}; no tie at the cut: all {t['tied']} head(s) at the highest streaming {score} {t['cut_gate']:.6g} stream"
     return (
-        f"{head}; the cut falls inside a tie: {t['tied']} heads share gate {t['cut_gate']:.6g} and {t['tied_streaming']} of them "
-        "stream, picked by (layer, head) order (earlier layers first)"
+        f"{head}; the cut falls inside a tie: {t['tied']} heads share {score} {t['cut_gate']:.6g} and {t['tied_streaming']} of "
+        "them stream, picked by (layer, head) order (earlier layers first)"
     )
 
 
@@ -90,6 +109,7 @@ def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) ->
         if cut is not None
         else "default cut: none recorded (threshold 0.5)"
     )
+    lines += sparsity_lines(pattern)
     lines += ["gate histogram:", *histogram_lines(pattern.gates)]
     lines += [tie_line(pattern, s) for s in TIE_CUTS]
     head_dim = pattern.model.get("head_dim")

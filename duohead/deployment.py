@@ -74,15 +74,17 @@ def deploy(
 
 
 def _warn_if_cut_in_tie(pattern: HeadPattern, sparsity: float) -> None:
-    """Warn when the cut at `sparsity` falls among equal gates: then (layer, head) order, not calibration, picks
-    which of them stream (a converged calibration leaves 0/1 gates: a layout for its own target only). At the
-    pattern's own calibrated cut (`default_sparsity`) a tie is the pattern's business: logged at info level."""
-    tie = tie_structure(pattern.gates, sparsity)
+    """Warn when the cut at `sparsity` falls among equal scores of the pattern's order (its ranking, else its gates):
+    then (layer, head) order, not calibration, picks which of them stream (a converged calibration without a ranking
+    leaves 0/1 gates: a layout for its own target only). At the pattern's own calibrated cut (`default_sparsity`) a
+    tie is the pattern's business: logged at info level."""
+    tie = tie_structure(pattern.order_scores, sparsity)
     if not tie["inside_tie"]:
         return
+    score = "ranking score" if pattern.ranking is not None else "gate"
     where = (
-        f"the cut at sparsity {sparsity:g} falls inside a tie: {tie['tied']} heads share gate {tie['cut_gate']:.6g} and "
-        f"{tie['tied_streaming']} of them stream, chosen by (layer, head) order"
+        f"the cut at sparsity {sparsity:g} falls inside a tie: {tie['tied']} heads share {score} {tie['cut_gate']:.6g} "
+        f"and {tie['tied_streaming']} of them stream, chosen by (layer, head) order"
     )
     if sparsity == pattern.default_sparsity:
         logger.info("duohead: %s", where)

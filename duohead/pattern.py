@@ -5,11 +5,18 @@ A gate near 1 means the KV head retrieves (keeps the full KV cache); near 0 mean
 
 File format (JSON, one file, human-readable)::
 
-    {"format": "duohead-pattern", "version": 1, "sink": 64, "window": 256,
+    {"format": "duohead-pattern", "version": 2, "sink": 64, "window": 256,
      "default_sparsity": 0.5,                  # optional: the cut `enable` uses when given none
      "model": {"name": ..., "hf_id": ..., "architecture": ..., "num_layers": 30, "num_kv_heads": 3, "head_dim": 64},
      "provenance": {...free-form: how the gates were made...},
-     "gates": [[1.0, 0.02, 0.9], ...]}          # num_layers rows of num_kv_heads floats
+     "gates": [[1.0, 0.02, 0.9], ...],          # num_layers rows of num_kv_heads floats
+     "ranking": [[0.9, 0.1, 0.7], ...]}         # optional (version 2): the order heads stream in at any sparsity
+
+A *ranking* is one score per head, meaningful at every sparsity: at sparsity s the round(s * L * Hkv) lowest scores
+stream, so the layouts are nested (a head streaming at 50% also streams at 75%). A calibration whose gates converge
+to 0/1 (rules relaxed and evidence) records one, which reproduces its calibrated layout at `default_sparsity`; graded
+gates (the published patterns, the AdamW rules) are their own ranking. Files without a ranking are written as
+version 1, which older duohead reads.
 
 Gates are float32 and written exactly (the shortest decimal that reads back to the same float32).
 Shipped patterns live in the package (`duohead/patterns/<name>/pattern.json`), read through `importlib.resources`.
@@ -32,7 +39,8 @@ from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, check_sink_window
 from duohead.files import atomic_write_text, read_regular_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 2 adds the optional "ranking"; version 1 files read unchanged
+READABLE_VERSIONS = (1, 2)
 DUO_TSV = "full_attention_heads.tsv"
 DUO_CONFIG = "config.json"
 PATTERN_FILE = "pattern.json"  # the pattern inside a pattern folder (shipped or user-made)
@@ -88,6 +96,22 @@ def check_positions(sink: int, window: int, config: Any, where: str = "") -> Non
         )
 
 
+def cut(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The layout bool [L, Hkv] (True = retrieval) in which the round(sparsity * L * Hkv) lowest `scores` stream, ties
+    broken by (layer, head) order (earlier layers, then lower KV heads, stream first). The one definition of "the cut
+    at a sparsity"."""
+    flat = scores.flatten()
+    order = torch.sort(flat, stable=True).indices  # ascending score, ties by flat (layer, head) index
+    retrieval = torch.ones_like(flat, dtype=torch.bool)
+    retrieval[order[: round(sparsity * flat.numel())]] = False
+    return retrieval.view_as(scores)
+
+
+def _rows(table: torch.Tensor) -> str:
+    """A [L, Hkv] table as JSON rows, one line per layer, each float32 written exactly."""
+    return ",\n    ".join("[" + ", ".join(_float32_text(g) for g in row) + "]" for row in table.tolist())
+
+
 def _float32_text(value: float) -> str:
     """The shortest decimal that reads back as the same float32 (e.g. 0.000431, 1.0, 1e-05)."""
     return str(np.float32(value))
@@ -106,6 +130,8 @@ class HeadPattern:
         source: the file it was read from, used in error messages.
         default_sparsity: the cut `duohead.enable` uses when given neither sparsity nor threshold; default: the
             provenance's `target_sparsity` (what a `duohead calibrate --target-sparsity` run aimed at), else none.
+        ranking: [L, Hkv] finite floats, or None: the order heads stream in at a sparsity (lowest first); None:
+            the gates. With `default_sparsity`, its cut there must be the gates' cut.
     """
 
     def __init__(
@@ -118,6 +144,7 @@ class HeadPattern:
         provenance: dict[str, Any] | None = None,
         source: str | None = None,
         default_sparsity: float | None = None,
+        ranking: torch.Tensor | list | None = None,
     ):
         self.source = source
         where = f"{source}: " if source else ""
@@ -155,10 +182,36 @@ class HeadPattern:
             raise ValueError(f"{where}field 'default_sparsity' must be a number in [0, 1] or null; got {default_sparsity!r}")
         self.default_sparsity = default_sparsity
         self.gates = gates
+        self.ranking = None if ranking is None else self._checked_ranking(ranking, where)
         self.sink = sink
         self.window = window
         self.model = dict(model or {})
         self.provenance = provenance
+
+    def _checked_ranking(self, ranking: torch.Tensor | list, where: str) -> torch.Tensor:
+        try:
+            ranking = torch.as_tensor(ranking, dtype=torch.float32).clone()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}field 'ranking' must be a list of equal-length rows of numbers ({e})") from None
+        if ranking.shape != self.gates.shape:
+            raise ValueError(
+                f"{where}field 'ranking' is {list(ranking.shape)}; it must have the gates' shape {list(self.gates.shape)}"
+            )
+        if not torch.isfinite(ranking).all():
+            raise ValueError(f"{where}field 'ranking' must hold finite numbers")
+        if self.default_sparsity is not None:
+            by_ranking, by_gates = cut(ranking, self.default_sparsity), cut(self.gates, self.default_sparsity)
+            if not torch.equal(by_ranking, by_gates):
+                raise ValueError(
+                    f"{where}field 'ranking' does not reproduce the gates' layout at the calibrated sparsity "
+                    f"{self.default_sparsity:g} ({int((by_ranking != by_gates).sum())} heads differ); the file is damaged"
+                )
+        return ranking
+
+    @property
+    def order_scores(self) -> torch.Tensor:
+        """[L, Hkv]: what heads stream by at a sparsity, lowest first: the ranking, else the gates."""
+        return self.gates if self.ranking is None else self.ranking
 
     @property
     def num_layers(self) -> int:
@@ -180,21 +233,17 @@ class HeadPattern:
     def binarize(self, sparsity: float | None = None, threshold: float | None = None) -> torch.Tensor:
         """The layout: bool [L, Hkv], True = retrieval head.
 
-        `sparsity` = fraction of KV heads that stream: the round(sparsity * L * Hkv) lowest gates stream,
-        ties broken by (layer, head) order, so the cut is deterministic. `threshold`: a head streams iff its
-        gate < threshold. With neither, threshold 0.5. See `sparsity_of` for the achieved sparsity.
+        `sparsity` = fraction of KV heads that stream: the round(sparsity * L * Hkv) heads lowest in the ranking
+        (`order_scores`: the ranking if the pattern has one, else the gates) stream, ties broken by (layer, head)
+        order, so the cut is deterministic and the layouts of two sparsities are nested. `threshold`: a head streams
+        iff its gate < threshold. With neither, threshold 0.5. See `sparsity_of` for the achieved sparsity.
         """
         if sparsity is not None and threshold is not None:
             raise ValueError("pass either sparsity= or threshold=, not both")
         if sparsity is not None:
             if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
                 raise ValueError(f"sparsity must be a number in [0, 1] (fraction of KV heads that stream); got {sparsity!r}")
-            flat = self.gates.flatten()
-            num_streaming = round(sparsity * flat.numel())
-            order = torch.sort(flat, stable=True).indices  # ascending gate, ties by flat (layer, head) index
-            retrieval = torch.ones_like(flat, dtype=torch.bool)
-            retrieval[order[:num_streaming]] = False
-            return retrieval.view_as(self.gates)
+            return cut(self.order_scores, sparsity)
         if threshold is None:
             threshold = 0.5
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
@@ -234,10 +283,14 @@ class HeadPattern:
 
     def to_dict(self) -> dict[str, Any]:
         model = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, **self.model}
-        data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "sink": self.sink, "window": self.window}
+        version = 1 if self.ranking is None else FORMAT_VERSION  # files without a ranking stay readable by older duohead
+        data = {"format": FORMAT_NAME, "version": version, "sink": self.sink, "window": self.window}
         if self.default_sparsity is not None:
             data["default_sparsity"] = self.default_sparsity
-        return {**data, "model": model, "provenance": self.provenance, "gates": self.gates.tolist()}
+        data = {**data, "model": model, "provenance": self.provenance, "gates": self.gates.tolist()}
+        if self.ranking is not None:
+            data["ranking"] = self.ranking.tolist()
+        return data
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the pattern as JSON, atomically. Refuses to replace an existing file unless `overwrite`."""
@@ -245,11 +298,11 @@ class HeadPattern:
         refuse_overwrite(path, overwrite)
         data = self.to_dict()
         data.pop("gates")
-        rows = ",\n    ".join(  # one line per layer
-            "[" + ", ".join(_float32_text(g) for g in row) + "]" for row in self.gates.tolist()
-        )
+        data.pop("ranking", None)
+        tables = [("gates", self.gates)] + ([("ranking", self.ranking)] if self.ranking is not None else [])
+        body = ",\n".join(f'  "{name}": [\n    {_rows(table)}\n  ]' for name, table in tables)
         head = json.dumps(data, indent=2).removesuffix("\n}")
-        atomic_write_text(path, f'{head},\n  "gates": [\n    {rows}\n  ]\n}}\n')
+        atomic_write_text(path, f"{head},\n{body}\n}}\n")
         return path
 
     @classmethod
@@ -264,11 +317,13 @@ class HeadPattern:
         data = _read_json(path, "pattern")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: field 'format' must be {FORMAT_NAME!r}; this is not a duohead pattern file")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{path}: field 'version' is {data.get('version')!r}; this duohead reads version {FORMAT_VERSION} "
-                "(upgrade duohead to read newer files)"
+                f"{path}: field 'version' is {data.get('version')!r}; this duohead reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade duohead to read newer files)"
             )
+        if data.get("version") == 1 and "ranking" in data:
+            raise ValueError(f"{path}: field 'ranking' needs version 2; the file says version 1")
         for field in ("gates", "sink", "window"):
             if field not in data:
                 raise ValueError(f"{path}: missing field {field!r}")
@@ -280,6 +335,7 @@ class HeadPattern:
             provenance=data.get("provenance"),
             source=str(path),
             default_sparsity=data.get("default_sparsity"),
+            ranking=data.get("ranking"),
         )
         declared = (pattern.model.get("num_layers"), pattern.model.get("num_kv_heads"))
         if declared != (None, None) and declared != (pattern.num_layers, pattern.num_kv_heads):

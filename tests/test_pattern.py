@@ -141,7 +141,7 @@ def edit_saved(tmp_path, change) -> str:
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d.update(version=99), r"'version' is 99; this duohead reads version 1"),
+        (lambda d: d.update(version=99), r"'version' is 99; this duohead reads versions 1, 2"),
         (lambda d: d.update(format="other"), "'format' must be 'duohead-pattern'"),
         (lambda d: d.pop("window"), "missing field 'window'"),
         (lambda d: d.update(window=0), "'window' must be an integer >= 1"),

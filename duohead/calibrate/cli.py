@@ -303,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
             "wall_seconds_this_run": round(wall, 1),
             "gate_report": report,
         },
+        ranking=calibrator.ranking(),
     )
     print("gate histogram:\n" + "\n".join(histogram_lines(calibrator.gates)))
     print("gate report:\n" + "\n".join(f"  {line}" for line in report_lines(report)))

@@ -46,6 +46,7 @@ from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.settings import TrainConfig, checkpoint_metadata
 from duohead.files import atomic_write
+from duohead.pattern import cut
 
 SIGNED = ("relaxed", "evidence")  # rules that move the deployed gates by signed steps toward the evidence's top-k
 DUAL_LR = 2.0  # "lagrange": multiplier change per unit of (mean gate - (1 - target)) per step
@@ -164,6 +165,23 @@ class Calibrator:
             seconds=round(time.perf_counter() - start, 3),
         )
         return record
+
+    def ranking(self) -> torch.Tensor | None:
+        """[L, Hkv]: the order heads stream in at every sparsity (`HeadPattern.ranking`), for the rules whose gates end
+        at 0/1 (relaxed, evidence); None where the gates are graded and rank themselves, or without a target.
+
+        Score = (2 * side + e) / 3: side is 1 for the heads the gates keep retrieving at the target (their cut), e the
+        evidence (the running mean of the relaxed layout R, or of the scaled pulls) min-max scaled to [0, 1]. So the
+        cut at the target is the gates' cut, and on each side heads follow their evidence: the streaming heads with
+        the most evidence are the first to retrieve below the target, the retrieval heads with the least the first
+        to stream above it."""
+        if self.config.mode not in SIGNED or self.config.target_sparsity is None:
+            return None
+        side = cut(self.gates.detach().cpu(), self.config.target_sparsity).float()
+        evidence = self.evidence.view(side.shape).float()
+        span = (evidence.max() - evidence.min()).item()
+        scaled = (evidence - evidence.min()) / span if span > 0 else torch.zeros_like(evidence)
+        return (2 * side + scaled) / 3
 
     def _probe(self) -> torch.Tensor:
         """Where the student runs under a signed rule: the relaxed layout, or every gate at 1 - target."""
