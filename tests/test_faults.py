@@ -185,7 +185,7 @@ def test_a_signal_from_outside_at_any_moment_then_resume_matches_and_the_folder_
     """A real `duohead calibrate` process: while it runs, a second run on its --out is refused naming its PID; then it
     gets SIGINT or SIGKILL wherever it is, and `--resume` ends at the uninterrupted run's result. SIGKILL leaves the
     lock file behind: the resumed run takes it over."""
-    out, steps = tmp_path / "out", 200
+    out, steps = tmp_path / "out", 120
     process = subprocess.Popen(
         [sys.executable, "-m", "duohead", "calibrate", *_args(model_dir, out, steps)],
         env=ENV,
