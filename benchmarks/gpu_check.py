@@ -156,7 +156,14 @@ def warm_up_in_subprocess(dry: bool, timeout: float = WARM_UP_SECONDS) -> str | 
     """`warm_up_flashinfer` in a child process, so that a crash or a sticky CUDA error there costs FlashInfer's
     rows, not the run. The error (its last line, the signal, or the timeout), or None. `dry`: the child crashes
     on purpose (SIGABRT), the rehearsal of that failure."""
-    command = [sys.executable, os.path.abspath(__file__), "--warm-up-only"] + (["--dry-run"] if dry else [])
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--warm-up-only",
+        "--prefill-backend",
+        flashinfer_retrieval.PREFILL_BACKEND,
+    ]
+    command += ["--dry-run"] if dry else []
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -886,6 +893,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    flashinfer_retrieval.PREFILL_BACKEND = args.prefill_backend
     if args.warm_up_only:
         warm_up_child(args.dry_run)
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -894,7 +902,6 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = TINY if args.dry_run else LLAMA3_8B
     if args.contexts:
         shapes = Shapes(**{**asdict(shapes), "contexts": args.contexts})
-    flashinfer_retrieval.PREFILL_BACKEND = args.prefill_backend
     preflight = gpu_preflight.load_or_collect(args.out, args.dry_run)
     skipped = dict(preflight["gates"])
     if skipped["flashinfer"] is None and not args.dry_run and not flashinfer_retrieval.available():

@@ -162,3 +162,25 @@ def test_preflight_turns_rows_off_with_the_reason(monkeypatch, tmp_path):
     assert result["gates"]["flashinfer"].startswith("flashinfer not installed")
     text = gpu_preflight.table(result)
     assert "NO  gcc" in text and "=> triton rows: off: no C compiler" in text
+
+
+def test_the_warm_up_subprocess_reports_its_error_exit_and_timeout(gpu_check, monkeypatch):
+    """What the parent says when the child exits 1 (FlashInfer's last error line) or runs past its time."""
+    seen = []
+
+    def exits_1(command, **kwargs):
+        seen.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "compiling...\nRuntimeError: Ninja build failed\n\n")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", exits_1)
+    assert gpu_check.warm_up_in_subprocess(dry=False) == "RuntimeError: Ninja build failed"
+    assert "--warm-up-only" in seen[0] and "--dry-run" not in seen[0]
+    assert seen[0][seen[0].index("--prefill-backend") + 1] == gpu_check.flashinfer_retrieval.PREFILL_BACKEND
+
+    def too_slow(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", too_slow)
+    assert (
+        gpu_check.warm_up_in_subprocess(dry=False, timeout=7) == "the warm-up subprocess ran past 7 s (FlashInfer's JIT compile?)"
+    )
