@@ -104,29 +104,6 @@ def resolve_pattern(pattern: HeadPattern | str | os.PathLike, config: Any) -> He
     return HeadPattern.load(pattern)
 
 
-def tie_structure(gates: torch.Tensor, sparsity: float) -> dict[str, Any]:
-    """How the cut at `sparsity` falls among equal gates [L, Hkv].
-
-    streaming: round(sparsity * heads) heads stream; cut_gate: the highest streaming gate; tied: how many heads share
-    it; tied_streaming: how many of those stream. A cut inside a tie (tied_streaming < tied, and the next gate up
-    equal) is decided by (layer, head) order: among equal gates, earlier layers (then lower KV heads) stream first.
-    """
-    flat = gates.flatten().float()
-    ordered = flat.sort().values
-    k = round(sparsity * flat.numel())
-    if k == 0 or k == flat.numel():
-        return {"streaming": k, "cut_gate": None, "tied": 0, "tied_streaming": 0, "inside_tie": False}
-    value = ordered[k - 1].item()
-    tied = int((flat == value).sum())
-    return {
-        "streaming": k,
-        "cut_gate": value,
-        "tied": tied,
-        "tied_streaming": k - int((flat < value).sum()),
-        "inside_tie": ordered[k].item() == value,
-    }
-
-
 def layout_kv_bytes(
     layout: torch.Tensor, head_dim: int, sink: int, window: int, tokens: int, itemsize: int, batch: int = 1, rollback: int = 0
 ) -> dict[str, int]:

@@ -74,7 +74,7 @@ def sparsity_lines(pattern: HeadPattern) -> list[str]:
 
 def tie_line(pattern: HeadPattern, sparsity: float) -> str:
     """How the cut at `sparsity` falls among equal scores of the pattern's order (ranking, else gates), in words."""
-    from duohead.catalogue import tie_structure
+    from duohead.pattern import tie_structure
 
     t = tie_structure(pattern.order_scores, sparsity)
     head = f"cut at {sparsity:g}: {t['streaming']} of {pattern.gates.numel()} KV heads stream"

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from duohead.architecture import check_sink_window
-from duohead.catalogue import resolve_pattern, tie_structure
-from duohead.pattern import HeadPattern, check_positions
+from duohead.catalogue import resolve_pattern
+from duohead.pattern import HeadPattern, check_positions, tie_structure
 
 logger = logging.getLogger("duohead")
 

@@ -31,10 +31,12 @@ def gate_report(gates: torch.Tensor, sparsity: float) -> dict[str, Any]:
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1] (fraction of KV heads that stream); got {sparsity}")
+    from duohead.pattern import stream_order, streaming_count
+
     flat = gates.detach().flatten().float().cpu()
-    ordered = flat.sort().values
+    ordered = flat[stream_order(flat)]
     n = flat.numel()
-    k = round(sparsity * n)
+    k = streaming_count(sparsity, n)
     report: dict[str, Any] = {
         "heads": n,
         "saturated_at_1": int((flat >= 1 - SATURATION).sum()),

@@ -96,15 +96,46 @@ def check_positions(sink: int, window: int, config: Any, where: str = "") -> Non
         )
 
 
+def stream_order(scores: torch.Tensor) -> torch.Tensor:
+    """Flat indices of scores [L, Hkv] (any shape) in the order heads stream: ascending score, ties by flat
+    (layer, head) index (earlier layers, then lower KV heads, stream first). With `streaming_count`, the one
+    definition of "the cut at a sparsity": the first streaming_count(s, N) heads of this order stream."""
+    return torch.sort(scores.detach().flatten().cpu(), stable=True).indices
+
+
+def streaming_count(sparsity: float, heads: int) -> int:
+    """How many of `heads` KV heads stream at `sparsity` (fraction of KV heads that stream): round(sparsity * heads)."""
+    return round(sparsity * heads)
+
+
 def cut(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The layout bool [L, Hkv] (True = retrieval) in which the round(sparsity * L * Hkv) lowest `scores` stream, ties
-    broken by (layer, head) order (earlier layers, then lower KV heads, stream first). The one definition of "the cut
-    at a sparsity"."""
-    flat = scores.flatten()
-    order = torch.sort(flat, stable=True).indices  # ascending score, ties by flat (layer, head) index
-    retrieval = torch.ones_like(flat, dtype=torch.bool)
-    retrieval[order[: round(sparsity * flat.numel())]] = False
-    return retrieval.view_as(scores)
+    """The layout bool [L, Hkv] (True = retrieval) at `sparsity`: the first `streaming_count` heads of
+    `stream_order(scores)` stream."""
+    retrieval = torch.ones(scores.numel(), dtype=torch.bool)
+    retrieval[stream_order(scores)[: streaming_count(sparsity, scores.numel())]] = False
+    return retrieval.view(scores.shape).to(scores.device)
+
+
+def tie_structure(scores: torch.Tensor, sparsity: float) -> dict[str, Any]:
+    """How the cut at `sparsity` falls among equal scores [L, Hkv] (gates, or a ranking).
+
+    streaming: how many heads stream; cut_gate: the highest streaming score; tied: how many heads share it;
+    tied_streaming: how many of those stream. A cut inside a tie (tied_streaming < tied, and the next score up
+    equal) is decided by (layer, head) order (`stream_order`), not by the scores.
+    """
+    flat = scores.detach().flatten().float().cpu()
+    ordered = flat[stream_order(flat)]
+    k = streaming_count(sparsity, flat.numel())
+    if k == 0 or k == flat.numel():
+        return {"streaming": k, "cut_gate": None, "tied": 0, "tied_streaming": 0, "inside_tie": False}
+    value = ordered[k - 1].item()
+    return {
+        "streaming": k,
+        "cut_gate": value,
+        "tied": int((flat == value).sum()),
+        "tied_streaming": k - int((flat < value).sum()),
+        "inside_tie": ordered[k].item() == value,
+    }
 
 
 def _rows(table: torch.Tensor) -> str:

@@ -16,10 +16,10 @@ from transformers import LlamaConfig, MistralConfig
 
 import duohead
 from duohead import HeadPattern
-from duohead.catalogue import auto_pattern, model_key, shipped_patterns, tie_structure
+from duohead.catalogue import auto_pattern, model_key, shipped_patterns
 from duohead.catalogue_cli import main as patterns_main
 from duohead.cli_support import load_pattern_for_cli
-from duohead.pattern import find_pattern, shipped_names
+from duohead.pattern import find_pattern, shipped_names, tie_structure
 
 SHIPPED = [
     "llama-2-7b-32k-instruct",

@@ -46,7 +46,7 @@ from duohead.calibrate.data import PasskeyDataset
 from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.settings import TrainConfig, checkpoint_metadata
 from duohead.files import atomic_write
-from duohead.pattern import cut
+from duohead.pattern import cut, stream_order, streaming_count
 
 SIGNED = ("relaxed", "evidence")  # rules that move the deployed gates by signed steps toward the evidence's top-k
 DUAL_LR = 2.0  # "lagrange": multiplier change per unit of (mean gate - (1 - target)) per step
@@ -81,8 +81,9 @@ def target_lambda(grad: torch.Tensor, num_streaming: int) -> float:
 
 
 def weakest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat indices of the `count` smallest of `values` (any shape), ties by flat index (as `binarize`)."""
-    return torch.sort(values.detach().flatten().cpu(), stable=True).indices[:count]
+    """Flat indices of the `count` smallest of `values` (any shape), ties by flat index: the first `count` of
+    `duohead.pattern.stream_order`, as every cut."""
+    return stream_order(values)[:count]
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Calibrator:
         self.dataset = dataset
         self.config = config
         gates = gated.gates
-        self.num_streaming = round(config.target_sparsity * gates.numel()) if config.target_sparsity is not None else 0
+        self.num_streaming = streaming_count(config.target_sparsity, gates.numel()) if config.target_sparsity is not None else 0
         self.evidence = torch.zeros(gates.numel(), dtype=torch.float64)
         self.multiplier = 0.0
         if config.mode in ("relaxed", "evidence", "lagrange"):
@@ -153,14 +154,14 @@ class Calibrator:
             record.update(self._adam_step(gates, lr))
         self.step_index += 1
         flat = self.gates.flatten().float().cpu()
-        cut = self.num_streaming if cfg.target_sparsity is not None else int((flat < 0.5).sum())
-        ordered = flat.sort().values
+        k = self.num_streaming if cfg.target_sparsity is not None else int((flat < 0.5).sum())
+        ordered = flat[stream_order(flat)]
         record.update(
             mean_gate=flat.mean().item(),
             retrieval_heads=int((flat >= 0.5).sum()),
-            margin=round((ordered[cut] - ordered[cut - 1]).item(), 4) if 0 < cut < flat.numel() else None,
+            margin=round((ordered[k] - ordered[k - 1]).item(), 4) if 0 < k < flat.numel() else None,
             decided=round(decided_fraction(flat), 4),
-            streaming=weakest(flat, cut).tolist(),
+            streaming=weakest(flat, k).tolist(),
             ctx=int(ids.shape[1]),
             seconds=round(time.perf_counter() - start, 3),
         )
