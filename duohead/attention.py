@@ -12,14 +12,12 @@ On a static `DuoCache` a decode step has fixed shapes and no host sync (compilab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from duohead import kernels
-from duohead.cache import DynamicDuoLayer, LayerStep, PendingKV, RetrievalRead, check_layout
+from duohead.cache import DynamicDuoLayer, LayerStep, Padding, PendingKV, RetrievalRead, check_layout
 from duohead.kernels.reference import (
     dense_lambda_attention,
     masked_attention,
@@ -31,15 +29,6 @@ from duohead.kernels.reference import (
 from duohead.kernels.streaming_view import StreamingView
 
 ATTENTION_NAME = "duohead"
-
-
-@dataclass
-class Padding:
-    """Which tokens are real. query_is_real [B, Q] bool: the new tokens; key_is_real [B, T] bool: every slot, cached
-    and new, or None for a static `DuoCache` (it keeps the earlier slots' flags itself)."""
-
-    query_is_real: torch.Tensor
-    key_is_real: torch.Tensor | None
 
 
 def duohead_mask(
@@ -78,7 +67,7 @@ def duohead_mask(
             raise ValueError(
                 "duohead supports left or right padding only: each row's real tokens must be contiguous in attention_mask"
             )
-    return Padding(query_is_real=real[:, -q_length:], key_is_real=key_is_real)
+    return Padding.of(real[:, -q_length:], key_is_real)
 
 
 def _retrieval_attention(read: RetrievalRead, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -166,11 +155,8 @@ def duohead_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
 
-    query_is_real = key_is_real = None
-    if attention_mask is not None:  # .to: with a device map the mask may sit on another device than this layer
-        query_is_real = attention_mask.query_is_real.to(query.device)
-        key_is_real = None if attention_mask.key_is_real is None else attention_mask.key_is_real.to(query.device)
-    step = layer.store(new_k, new_v, query_is_real, key_is_real)
+    padding = None if attention_mask is None else attention_mask.on(query.device)  # device maps: a layer elsewhere
+    step = layer.store(new_k, new_v, padding)
 
     if step.unsplit is not None:
         return _unsplit_attention(step, query, scaling).transpose(1, 2).contiguous(), None

@@ -126,6 +126,33 @@ class StreamingKV:
         return self.view().tensors()
 
 
+@dataclass(frozen=True)
+class Padding:
+    """Which tokens of one forward are real, computed once per forward (by the mask function) for every layer.
+
+    query_is_real [B, Q] bool: the new tokens; query_rank [B, Q] long: each new real token's index among the row's new
+    real tokens (-1 = padding), so a layer's real positions are its `real_seen` + query_rank; query_count [B]: real
+    new tokens per row; key_is_real [B, T] bool: every slot, cached and new, or None for a static `DuoCache` (it
+    keeps the earlier slots' flags itself)."""
+
+    query_is_real: torch.Tensor
+    query_rank: torch.Tensor
+    query_count: torch.Tensor
+    key_is_real: torch.Tensor | None
+
+    @classmethod
+    def of(cls, query_is_real: torch.Tensor, key_is_real: torch.Tensor | None) -> Padding:
+        rank = (query_is_real.long().cumsum(dim=1) - 1).masked_fill(~query_is_real, -1)
+        return cls(query_is_real, rank, query_is_real.sum(dim=1), key_is_real)
+
+    def on(self, device: torch.device) -> Padding:
+        """The same facts on `device` (itself when they are there already)."""
+        if self.query_is_real.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device)
+        return Padding(*(move(t) for t in (self.query_is_real, self.query_rank, self.query_count, self.key_is_real)))
+
+
 @dataclass
 class PendingKV:
     """New keys/values of one layer, handed by `DuoCacheLayer.update` to the duohead attention, which passes them
@@ -273,19 +300,18 @@ class DuoCacheLayer(CacheLayerMixin):
         pending = PendingKV(self, key_states, value_states)
         return pending, pending
 
-    def store(
-        self, keys: torch.Tensor, values: torch.Tensor, query_is_real: torch.Tensor | None, key_is_real: torch.Tensor | None
-    ) -> LayerStep:
+    def store(self, keys: torch.Tensor, values: torch.Tensor, padding: Padding | None) -> LayerStep:
         """Store the new tokens keys, values [B, Hkv, Q, D] of one forward and advance the counters; return what the
-        attention reads. query_is_real [B, Q] bool (None: no padding); key_is_real [B, T] bool over every slot, cached
-        and new (None: no padding, or a static layer, which keeps its slots' flags)."""
+        attention reads. padding: the forward's `Padding` on this layer's device, or None (every token is real)."""
         q_len = keys.shape[2]
-        if query_is_real is None:
+        if padding is None:
             q_pos = self.real_seen[:, None] + torch.arange(q_len, device=keys.device)
-        else:
-            q_pos = (self.real_seen[:, None] + query_is_real.long().cumsum(dim=1) - 1).masked_fill(~query_is_real, -1)
-        step = self._store(keys, values, q_pos, query_is_real, key_is_real)
-        self.real_seen.add_(q_len if query_is_real is None else query_is_real.sum(dim=1))
+            step = self._store(keys, values, q_pos, None, None)
+            self.real_seen.add_(q_len)
+            return step
+        q_pos = torch.where(padding.query_rank >= 0, self.real_seen[:, None] + padding.query_rank, -1)
+        step = self._store(keys, values, q_pos, padding.query_is_real, padding.key_is_real)
+        self.real_seen.add_(padding.query_count)
         return step
 
     def _store(
