@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibration_rules_compared  # noqa: E402, F401  (registers the "lagrange" and "instant" rules)
 from calibration_testbed import carrier_model, layout_mse, word_tokenizer  # noqa: E402
 
 from duohead.calibrate.convergence import convergence_report  # noqa: E402
