@@ -200,13 +200,7 @@ def split_margin(device: torch.device) -> int:
     return backend.margin(device.type)
 
 
-def retrieval_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_is_real: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
+def retrieval_attention(q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | None, scaling: float) -> Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D].

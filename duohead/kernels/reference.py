@@ -31,13 +31,7 @@ def real_positions(is_real: torch.Tensor) -> torch.Tensor:
     return (is_real.long().cumsum(dim=1) - 1).masked_fill(~is_real, -1)
 
 
-def retrieval_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_is_real: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
+def retrieval_attention(q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | None, scaling: float) -> Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (the last Q slots are the queries' own keys);
