@@ -58,9 +58,9 @@ FAMILIES = {
 
 # Families duohead refuses, and what their attention needs that duohead's does not have yet.
 UNSUPPORTED = {
-    "gemma2": "attention-logit soft-capping, alternating local sliding-window layers and query_pre_attn_scalar scaling",
-    "gemma3": "alternating local sliding-window layers and per-layer RoPE bases (a multimodal config)",
-    "gemma3_text": "alternating local sliding-window layers and per-layer RoPE bases",
+    "gemma2": "attention-logit soft-capping and alternating local sliding-window layers",
+    "gemma3": "alternating local sliding-window layers (under a multimodal wrapper)",
+    "gemma3_text": "alternating local sliding-window layers",
     "gpt_oss": "learned per-head attention sinks (a softmax logit per query head) and alternating sliding layers",
     "olmo3": "alternating local sliding-window layers",
 }
