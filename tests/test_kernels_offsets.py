@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from duohead import kernels
 
@@ -90,3 +91,14 @@ def test_offsets_past_int32_at_4m_tokens():
     for name in ("prefill", "decode"):
         max_error, cache_mismatches = result[name]
         assert max_error < 5e-3 and cache_mismatches == 0, (name, result)
+
+
+def test_only_launches_that_reach_2_31_elements_take_int64_offsets():
+    """int64 token offsets cost registers (ptxas spilled the bf16 kernels with them everywhere): the launcher asks
+    for them exactly when an element lies 2^31 or more elements past the first."""
+    from duohead.kernels.triton_common import needs_int64
+
+    just_fits = torch.empty(2**20, 2**11, device="meta")  # last element at 2^31 - 1
+    assert not needs_int64(just_fits, torch.empty(0, device="meta"))
+    assert needs_int64(just_fits, torch.empty(2**20, 2**11 + 1, device="meta"))
+    assert needs_int64(torch.empty(1, 4096, device="meta").as_strided((2**19 + 1, 32, 128), (4096, 128, 1)))

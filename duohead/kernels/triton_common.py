@@ -33,11 +33,15 @@ def attend_range(
     skip,
     BLOCK_N: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
-    Slot `skip` (-1: none) is neither loaded nor seen."""
+    Slot `skip` (-1: none) is neither loaded nor seen. WIDE: slot offsets in int64 (slot * stride may pass 2^31;
+    int64 costs registers, so only the launches that need it take it)."""
     for n0 in range(start, end, BLOCK_N):
-        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # slot * stride passes 2^31 past 512K tokens of 8B shapes
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if WIDE:
+            offs_n = offs_n.to(tl.int64)
         n_mask = (offs_n < end) & (offs_n != skip)
         k_pos = tl.load(pos_base + offs_n * stride_pt, mask=n_mask, other=-1)
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
@@ -72,6 +76,11 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element of these tensors lies 2^31 or more elements past its first one (then int32 offsets wrap)."""
+    return any(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size) >= 2**31 for t in tensors)
+
+
 def kernel_strides(*tensors: torch.Tensor) -> list[int]:
     """The kernels' stride arguments, in order: (b, h, t) of each [B, H, T, D] tensor (D is contiguous), (b, t)
     of each [B, T] position tensor."""
@@ -87,11 +96,14 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int, num_s
     """Build one of duohead's kernels ahead of time for sm_90 (no GPU needed; not under the interpreter).
 
     dtype: Triton's name of the data type ("bf16", "fp16", "fp32"); constexprs: the kernel's constexpr arguments.
-    Capitalised arguments are pointers, `qk_scale` fp32, the rest i32. Returns Triton's compiled kernel (`.asm`).
+    Capitalised arguments are pointers, `qk_scale` fp32, the rest i32; constexprs not given take their defaults.
+    Returns Triton's compiled kernel (`.asm`).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **constexprs}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

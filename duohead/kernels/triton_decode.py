@@ -132,6 +132,7 @@ def _streaming_decode_kernel(
         sink_slot,
         BLOCK_N,
         IEEE_DOT,
+        False,  # slots of the cache and the one new token: int32 offsets
     )
     ring_lo = tl.minimum(tl.maximum(lo - sink_slots, 0), ring_slots)
     ring_hi = tl.minimum(tl.maximum(hi - sink_slots, 0), ring_slots)
@@ -157,6 +158,7 @@ def _streaming_decode_kernel(
         ring_slot,
         BLOCK_N,
         IEEE_DOT,
+        False,  # slots of the cache and the one new token: int32 offsets
     )
     new_k = K + b * stride_kb + h * stride_kh
     new_v = V + b * stride_vb + h * stride_vh
@@ -184,6 +186,7 @@ def _streaming_decode_kernel(
         -1,
         BLOCK_N,
         IEEE_DOT,
+        False,  # slots of the cache and the one new token: int32 offsets
     )
 
     if SPLITS == 1:

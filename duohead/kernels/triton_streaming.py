@@ -24,8 +24,10 @@ with an online softmax and the Λ rule applied inside each tile:
 Ranges 3 and 4 are cut so they never overlap. Real tokens of a row are contiguous, so a new token's
 position is its slot minus one per-row offset; the ranges follow from that offset. New tokens outside
 sink ∪ window are never loaded: the work is O(Q * (S + W)).
-Offsets: batch, head and token indices are int64 before they meet a stride (a token slot times Hq * D passes
-2^31 past 512K tokens of Llama-3-8B's layout); tests/test_kernels_offsets.py checks past 4M.
+Offsets: batch and head indices are int64 before they meet a stride. A token slot times Hq * D passes 2^31 past
+512K tokens of Llama-3-8B's layout: a launch whose tensors reach that far (`needs_int64`) takes the WIDE variant,
+with token slots in int64 too; the others keep int32 slots, which cost fewer registers (ptxas: int64 slots
+everywhere spilled in the bf16 prefill and decode kernels). tests/test_kernels_offsets.py checks past 4M tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from duohead.kernels.streaming_view import StreamingView
-from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
+from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous, needs_int64
 from duohead.kernels.triton_decode import streaming_decode
 
 _FAR = tl.constexpr(1 << 40)  # larger than any slot or position
@@ -99,6 +101,7 @@ def _streaming_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -106,7 +109,9 @@ def _streaming_attention_kernel(
     h = (pid_bh % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, GROUP_PAD * BLOCK_Q)  # BLOCK_M rows: (query head g, token t)
     g = rows // BLOCK_Q
-    t = (pid_q * BLOCK_Q + rows % BLOCK_Q).to(tl.int64)  # token slot: int64 offsets (t * stride_qt) at any Q
+    t = pid_q * BLOCK_Q + rows % BLOCK_Q
+    if WIDE:  # token slot * stride passes 2^31 (see the header)
+        t = t.to(tl.int64)
     row_ok = (g < GROUP) & (t < q_len)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -157,6 +162,7 @@ def _streaming_attention_kernel(
         -1,
         BLOCK_N,
         IEEE_DOT,
+        False,  # cache slots: int32 offsets
     )
     acc, m_i, l_i = attend_range(
         acc,
@@ -180,6 +186,7 @@ def _streaming_attention_kernel(
         -1,
         BLOCK_N,
         IEEE_DOT,
+        False,
     )
     new_k = K + b * stride_kb + h * stride_kh
     new_v = V + b * stride_vb + h * stride_vh
@@ -206,6 +213,7 @@ def _streaming_attention_kernel(
         -1,
         BLOCK_N,
         IEEE_DOT,
+        WIDE,  # the new tokens' slots
     )
     acc, m_i, l_i = attend_range(
         acc,
@@ -229,6 +237,7 @@ def _streaming_attention_kernel(
         -1,
         BLOCK_N,
         IEEE_DOT,
+        WIDE,
     )
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a row that saw nothing has acc = 0
@@ -319,6 +328,7 @@ def _launch_attention(q, k, v, q_pos, cache: StreamingView, scaling: float, out)
         HEAD_DIM=head_dim,
         BLOCK_D=cfg["BLOCK_D"],
         IEEE_DOT=q.dtype == torch.float32,
+        WIDE=needs_int64(q, k, v, q_pos, out),
         num_warps=cfg["num_warps"],
         num_stages=1 if q.dtype == torch.float32 else 2,
     )
