@@ -140,6 +140,7 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and interpreter_problem() is None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decided once at trace time, never traced into
 def runs_on(backend: Backend, device: torch.device | str) -> bool:
     """Whether `backend` can run on `device`: a device type it declares, its modules installed, and Triton runnable
     there when it uses Triton."""
