@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from duohead import kernels
-from duohead.cache import DynamicDuoLayer, LayerStep, Padding, PendingKV, RetrievalRead, check_layout
+from duohead.cache import DynamicDuoLayer, LayerStep, Padding, PendingKV, check_layout
 from duohead.kernels.reference import (
     dense_lambda_attention,
     masked_attention,
@@ -70,11 +70,12 @@ def duohead_mask(
     return Padding.of(real[:, -q_length:], key_is_real)
 
 
-def _retrieval_attention(read: RetrievalRead, q: torch.Tensor, scaling: float) -> torch.Tensor:
+def _retrieval_attention(step: LayerStep, q: torch.Tensor, scaling: float) -> torch.Tensor:
     """Retrieval heads: q [B, Hq', Q, D] over what the layer returned (causal, or its explicit mask). -> [B, Hq', Q, D]."""
+    read = step.retrieval
     if read.visible is not None:
         return masked_attention(q, read.keys, read.values, read.visible, scaling)
-    return kernels.retrieval_attention(q, read.keys, read.values, read.key_is_real, scaling)
+    return kernels.retrieval_attention(q, read.keys, read.values, read.key_is_real, scaling, step.plans)
 
 
 def _unsplit_attention(step: LayerStep, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -90,13 +91,13 @@ def _unsplit_attention(step: LayerStep, q: torch.Tensor, scaling: float) -> torc
     keys, values, key_is_real = read.keys, read.values, read.key_is_real
     q_len = q.shape[2]
     if keys.shape[2] <= sink + window:
-        return kernels.retrieval_attention(q, keys, values, key_is_real, scaling)
+        return kernels.retrieval_attention(q, keys, values, key_is_real, scaling, step.plans)
     split = hr * (q.shape[1] // keys.shape[1])
     if q_len == 1:
         return mixed_attention(q, keys, values, key_is_real, split, sink, window, scaling)
     out = torch.empty_like(q)
     if hr > 0:
-        out[:, :split] = kernels.retrieval_attention(q[:, :split], keys[:, :hr], values[:, :hr], key_is_real, scaling)
+        out[:, :split] = kernels.retrieval_attention(q[:, :split], keys[:, :hr], values[:, :hr], key_is_real, scaling, step.plans)
     if key_is_real is None:
         unpadded_lambda_attention(q[:, split:], keys[:, hr:], values[:, hr:], sink, window, scaling, out=out[:, split:])
         return out
@@ -164,7 +165,7 @@ def duohead_attention(
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, Q, Hq, D], transformers'
     by_head = out.transpose(1, 2)  # [B, Hq, Q, D] view: the kernels' layout
     if step.retrieval is not None:
-        by_head[:, :split] = _retrieval_attention(step.retrieval, query[:, :split], scaling)
+        by_head[:, :split] = _retrieval_attention(step, query[:, :split], scaling)
     if step.streaming is not None:
         s = step.streaming  # attend, then store (one launch at decode with Triton)
         kernels.streaming_attention_and_append(

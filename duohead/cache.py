@@ -23,6 +23,7 @@ from duohead import kernels
 from duohead.accounting import kv_bytes
 from duohead.architecture import LayerLayout, attention_modules, layer_layouts
 from duohead.kernels import reference
+from duohead.kernels.flashinfer_retrieval import FlashInferPlans
 from duohead.kernels.streaming_view import StreamingView
 
 RECORDING_ROLLBACK = 64  # tokens a cache can take back once generate() starts assisted / prompt-lookup decoding
@@ -205,6 +206,7 @@ class LayerStep:
     unsplit: RetrievalRead | None = None
     retrieval: RetrievalRead | None = None
     streaming: StreamingWrite | None = None
+    plans: FlashInferPlans | None = None  # the owner of FlashInfer's plans for this step (the cache's)
 
 
 def check_layout(layer: DuoCacheLayer, layout: LayerLayout | None) -> None:
@@ -257,6 +259,7 @@ class DuoCacheLayer(CacheLayerMixin):
         self.head_dim = 0
         self.dtype = None
         self._module: weakref.ref | None = None  # the attention module this layer serves, when known (`watch`)
+        self.plans: FlashInferPlans | None = None  # set by `DuoCache`: one owner of FlashInfer plans for all its layers
 
     def watch(self, module: torch.nn.Module) -> None:
         """Serve only `module` as it is now: once it is disabled or re-enabled with another layout, `update` refuses."""
@@ -331,7 +334,7 @@ class DuoCacheLayer(CacheLayerMixin):
         return StreamingWrite(keys[:, hr:], values[:, hr:], q_pos, self.streaming.view())
 
     def _step(self, q_pos: torch.Tensor, **reads) -> LayerStep:
-        return LayerStep(self.num_retrieval_heads, self.sink, self.window, q_pos, **reads)
+        return LayerStep(self.num_retrieval_heads, self.sink, self.window, q_pos, plans=self.plans, **reads)
 
     def _stores(self) -> tuple[RetrievalKV | None, ...]:
         """The layer's growable KV stores (retrieval, and the unsplit buffer of a dynamic layer)."""
@@ -659,6 +662,9 @@ class DuoCache(Cache):
         else:
             layers = [DynamicDuoLayer(layout, max_length, rollback, split_margin) for layout in layouts]
         super().__init__(layers=layers)
+        self.plans = FlashInferPlans()  # the FlashInfer plans of this cache's steps, shared by its layers
+        for layer in self.layers:
+            layer.plans = self.plans
 
     @classmethod
     def from_model(

@@ -133,3 +133,21 @@ def test_split_margin_is_set_per_cache():
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="split_margin"):
         DuoCache.from_model(model, split_margin=-1)
+
+
+@torch.no_grad()
+def test_each_cache_owns_the_flashinfer_plans_of_its_layers(monkeypatch):
+    """FlashInfer's plans belong to the cache whose steps they serve (no module-global owner between two caches)."""
+    from duohead import kernels
+
+    model = enabled_model(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]]))
+    first, second = DuoCache.from_model(model), DuoCache.from_model(model)
+    assert first.plans is not second.plans and all(layer.plans is first.plans for layer in first.layers)
+    seen = []
+    retrieval = kernels.retrieval_attention
+    monkeypatch.setattr(kernels, "retrieval_attention", lambda *args: (seen.append(args[5]), retrieval(*args))[1])
+    ids = torch.randint(1, 97, (1, SINK + WINDOW + 3))
+    model(ids, cache=first)
+    model(ids, cache=second)
+    model(ids)  # no cache: None, the module's default owner (flashinfer_retrieval.DEFAULT_PLANS)
+    assert {id(p) for p in seen} == {id(first.plans), id(second.plans), id(None)}

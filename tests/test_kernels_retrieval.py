@@ -67,11 +67,12 @@ def test_sdpa_retrieval_matches_an_explicit_mask(group, q_len, padded):
 
 
 def test_flashinfer_refuses_what_it_cannot_take():
+    plans = flashinfer_retrieval.FlashInferPlans()
     k, v = retrieval_cache(1, 2, 64, [8])
     q = torch.randn(1, 4, 1, 64)
     assert not flashinfer_retrieval.supports(q, k, v, None)  # CPU, fp32
     with pytest.raises(ValueError, match="unsupported input"):
-        flashinfer_retrieval.retrieval_attention(q, k, v, None, 0.125)
+        flashinfer_retrieval.retrieval_attention(q, k, v, None, 0.125, plans=plans)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="FlashInfer runs only on CUDA; this machine has none")
@@ -79,11 +80,12 @@ def test_flashinfer_refuses_what_it_cannot_take():
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (2, 128), (4, 128), (8, 64)])
 @pytest.mark.parametrize("chunks", [[77], [300, 1], [200, 9], [130, 1, 1]])
 def test_flashinfer_matches_reference(group, head_dim, chunks):
+    plans = flashinfer_retrieval.FlashInferPlans()
     dtype = torch.bfloat16
     k, v = retrieval_cache(2, 2, head_dim, chunks, dtype, "cuda")
     q = torch.randn(2, 2 * group, chunks[-1], head_dim, device="cuda", dtype=dtype)
     assert flashinfer_retrieval.supports(q, k, v, None)
-    got = flashinfer_retrieval.retrieval_attention(q, k, v, None, head_dim**-0.5)
+    got = flashinfer_retrieval.retrieval_attention(q, k, v, None, head_dim**-0.5, plans=plans)
     expected = reference.retrieval_attention(q, k, v, None, head_dim**-0.5)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
@@ -147,11 +149,11 @@ def fake_flashinfer(monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "flashinfer", fake)
     monkeypatch.setattr(flashinfer_retrieval, "supports", lambda *a: True)
-    monkeypatch.setattr(flashinfer_retrieval, "_wrappers", flashinfer_retrieval.OrderedDict())
     FakePagedWrapper.plans, FakePagedWrapper.created = [], 0
 
 
 def test_flashinfer_glue_with_a_fake_flashinfer(fake_flashinfer):
+    plans = flashinfer_retrieval.FlashInferPlans()
     gen = torch.Generator().manual_seed(5)
     layers = [RetrievalKV.empty(torch.empty(2, 2, 1, 16), capacity=320) for _ in range(3)]
     for q_len in [300, 7, 1, 1]:  # prefill, chunked prefill, two decode steps
@@ -159,7 +161,7 @@ def test_flashinfer_glue_with_a_fake_flashinfer(fake_flashinfer):
             k, v = (torch.randn(2, 2, q_len, 16, generator=gen) for _ in range(2))
             keys, values = cache.append(k, v)
             q = torch.randn(2, 8, q_len, 16, generator=gen)
-            got = flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)
+            got = flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25, plans=plans)
             torch.testing.assert_close(got, reference.retrieval_attention(q, keys, values, None, 0.25), atol=1e-5, rtol=1e-5)
     # one plan per step, shared by the three layers; capacity 320 -> pages of 64 tokens
     assert FakePagedWrapper.plans == [(False, 44, 10), (False, 51, 10), (True, 52, 10), (True, 53, 10)]
@@ -167,31 +169,32 @@ def test_flashinfer_glue_with_a_fake_flashinfer(fake_flashinfer):
 
 
 def test_flashinfer_wrappers_do_not_grow_with_query_lengths(fake_flashinfer, monkeypatch):
-    """Chunks of ever new lengths re-plan one prefill wrapper; many head shapes keep at most MAX_WRAPPERS."""
-    monkeypatch.setattr(flashinfer_retrieval, "MAX_WRAPPERS", 3)
+    """Chunks of ever new lengths re-plan one prefill wrapper; many head shapes keep at most max_wrappers."""
+    plans = flashinfer_retrieval.FlashInferPlans(max_wrappers=3)
     cache = RetrievalKV.empty(torch.empty(1, 2, 1, 16), capacity=512)
     for q_len in range(2, 12):
         keys, values = cache.append(torch.randn(1, 2, q_len, 16), torch.randn(1, 2, q_len, 16))
-        flashinfer_retrieval.retrieval_attention(torch.randn(1, 4, q_len, 16), keys, values, None, 0.25)
-    assert len(flashinfer_retrieval._wrappers) == 1 and FakePagedWrapper.created == 1
+        flashinfer_retrieval.retrieval_attention(torch.randn(1, 4, q_len, 16), keys, values, None, 0.25, plans=plans)
+    assert len(plans.wrappers) == 1 and FakePagedWrapper.created == 1
     for heads in (2, 4, 6, 8, 10):
-        flashinfer_retrieval.retrieval_attention(torch.randn(1, heads, 3, 16), keys, values, None, 0.25)
-    assert len(flashinfer_retrieval._wrappers) == 3
+        flashinfer_retrieval.retrieval_attention(torch.randn(1, heads, 3, 16), keys, values, None, 0.25, plans=plans)
+    assert len(plans.wrappers) == 3
 
 
 def test_flashinfer_never_plans_inside_a_graph_capture(fake_flashinfer, monkeypatch):
     """A step planned before the capture runs inside it (the replayed graph reads the fixed buffers); a step that
     needs a new plan raises with the fix instead of planning on the host mid-capture."""
+    plans = flashinfer_retrieval.FlashInferPlans()
     cache = RetrievalKV.empty(torch.empty(1, 2, 1, 16), capacity=256)
     keys, values = cache.append(torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16))
     q = torch.randn(1, 4, 1, 16)
-    flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)  # the eager step plans
+    flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25, plans=plans)  # the eager step plans
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     expected = reference.retrieval_attention(q, keys, values, None, 0.25)
     torch.testing.assert_close(
-        flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25), expected, atol=1e-5, rtol=1e-5
+        flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25, plans=plans), expected, atol=1e-5, rtol=1e-5
     )
     keys, values = cache.append(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     with pytest.raises(flashinfer_retrieval.PlanInCaptureError, match="cannot plan inside a CUDA-graph capture"):
-        flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25)
+        flashinfer_retrieval.retrieval_attention(q, keys, values, None, 0.25, plans=plans)

@@ -41,6 +41,7 @@ import logging
 import os
 from collections.abc import Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -51,6 +52,9 @@ from duohead.kernels.oracle import lambda_visible
 from duohead.kernels.streaming_view import StreamingView
 
 ENV_VAR = "DUOHEAD_BACKEND"
+
+if TYPE_CHECKING:
+    from duohead.kernels.flashinfer_retrieval import FlashInferPlans
 
 logger = logging.getLogger("duohead")
 _chosen: str | None = None
@@ -201,11 +205,13 @@ def split_margin(device: torch.device) -> int:
     return backend.margin(device.type)
 
 
-def retrieval_attention(q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | None, scaling: float) -> Tensor:
+def retrieval_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | None, scaling: float, plans: FlashInferPlans | None = None
+) -> Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
 
-    q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D].
-    See `duohead.kernels.reference.retrieval_attention`.
+    q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D]. plans: the owner of
+    FlashInfer's plans (a `DuoCache`'s; None: the module's default owner). See `duohead.kernels.reference.retrieval_attention`.
     """
     backend, forced = resolve(q.device)
     if backend.retrieval == "flashinfer" and q.is_cuda:
@@ -213,9 +219,9 @@ def retrieval_attention(q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | N
 
         if flashinfer_retrieval.supports(q, k, v, key_is_real):
             if forced:
-                return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+                return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling, plans)
             try:
-                return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling)
+                return flashinfer_retrieval.retrieval_attention(q, k, v, key_is_real, scaling, plans)
             except flashinfer_retrieval.PlanInCaptureError:
                 raise  # the caller's capture is wrong, not FlashInfer: keep it
             except Exception as e:  # e.g. its kernels fail to compile (no nvcc): "auto" falls back to SDPA for good

@@ -11,16 +11,16 @@ b*(Hkv*C/P) + [0, ceil(T/P)), the last one holding T - (ceil(T/P) - 1) * P token
 64, 32, ..., 1 that divides C, so long rows split into many pages and FlashInfer's split-KV scheduler
 keeps the whole GPU busy in decode.
 
-One plan serves every layer of a step: wrappers are cached by the static problem (kind, B, Hq, Hkv, D, dtype,
-scale; at most `MAX_WRAPPERS`, least recently used first out) and re-planned only when Q, T or the page geometry
-changes. Decode wrappers are FlashInfer's CUDA-graph variant (`use_cuda_graph=True` with fixed index buffers): a
-captured step replays as long as it was planned before the capture (`plan` raises inside a capture instead of
-planning there). A wrapper used inside a capture is pinned: never re-planned, evicted or replaced (a new geometry
-gets a new wrapper), so the buffers the graph reads stay alive and unchanged; `pin_to(graph)` ties the pins taken
-since the last call to that graph's lifetime (without it they last as long as the process).
-Written against the keyword APIs that flashinfer 0.6.x and 0.7.x share (`plan(indptr, indices, last_page_len,
-...)`, `run(q, (k, v), out=)`). Inputs FlashInfer cannot take (padding,
-fp32, other head dims, CPU) are the caller's to route elsewhere: see `supports`.
+One plan serves every layer of a step: wrappers are kept by their owner (`FlashInferPlans`: one per `DuoCache`,
+`DEFAULT_PLANS` without one) under the static problem (kind, B, Hq, Hkv, D, dtype, scale; at most `MAX_WRAPPERS`,
+least recently used first out) and re-planned only when Q, T or the page geometry changes. Decode wrappers are
+FlashInfer's CUDA-graph variant (`use_cuda_graph=True` with fixed index buffers): a captured step replays as long
+as it was planned before the capture (`plan` raises inside a capture instead of planning there). A wrapper used
+inside a capture is pinned: never re-planned, evicted or replaced (a new geometry gets a new wrapper), so the
+buffers the graph reads stay alive and unchanged; `pin_to(graph)` ties the pins taken since the last call to that
+graph's lifetime (without it they last as long as their owner). Written against the keyword APIs that flashinfer
+0.6.x and 0.7.x share (`plan(indptr, indices, last_page_len, ...)`, `run(q, (k, v), out=)`). Inputs FlashInfer
+cannot take (padding, fp32, other head dims, CPU) are the caller's to route elsewhere: see `supports`.
 """
 
 from __future__ import annotations
@@ -129,28 +129,11 @@ class _Planned:
     pinned: bool = False  # used inside a CUDA-graph capture: frozen (see the module docstring)
 
 
-_workspaces: dict[torch.device, torch.Tensor] = {}
-_wrappers: OrderedDict[tuple, _Planned] = OrderedDict()
-_pinned: list[_Planned] = []  # wrappers a captured graph may replay: alive while they are here
-_unowned: list[_Planned] = []  # pinned since the last `pin_to`
+_workspaces: dict[torch.device, torch.Tensor] = {}  # FlashInfer's scratch space: used within one call, shared by all
 
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _unpin(entries: list[_Planned]) -> None:
-    for entry in entries:
-        entry.pinned = False
-        _pinned.remove(entry)
-
-
-def pin_to(graph: Any) -> None:
-    """Keep the wrappers pinned by the captures since the last call pinned while `graph` (a torch.cuda.CUDAGraph,
-    or any object that owns the capture) lives; then they are evicted or re-planned as usual."""
-    owned = list(_unowned)
-    _unowned.clear()
-    weakref.finalize(graph, _unpin, owned)
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -179,57 +162,94 @@ def _new_wrapper(decode: bool, device: torch.device, batch: int, pages: int, ten
     return _Planned(wrapper, index_capacity=pages)
 
 
-def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> Any:
-    """The wrapper for this problem, planned for it: q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (see `supports`).
-    Layers with the same heads share one plan per step. Call it before capturing a CUDA graph of a step (a first
-    eager step does); inside a capture a problem that needs a new plan raises `PlanInCaptureError`."""
-    batch, num_q_heads, q_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    pages = paged_view(k, v)
-    decode = q_len == 1
-    key = (decode, q.device, batch, num_q_heads, num_kv_heads, head_dim, q.dtype, float(scaling))
-    geometry = (q_len, *pages.geometry)
-    entry = _wrappers.get(key)
-    capturing = _capturing()
-    if entry is not None and entry.geometry == geometry:
-        _wrappers.move_to_end(key)
-        if capturing and not entry.pinned:
-            entry.pinned = True
-            _pinned.append(entry)
-            _unowned.append(entry)
+class FlashInferPlans:
+    """Planned FlashInfer wrappers and their owner: each `DuoCache` holds one for its layers (`DuoCache.plans`), so
+    a cache's plans live and die with it and two caches never evict each other's; forwards without a cache use
+    `DEFAULT_PLANS`. At most `max_wrappers` are kept, least recently used first out; a wrapper used inside a CUDA-graph
+    capture is pinned (see the module docstring)."""
+
+    def __init__(self, max_wrappers: int = MAX_WRAPPERS) -> None:
+        self.max_wrappers = max_wrappers
+        self.wrappers: OrderedDict[tuple, _Planned] = OrderedDict()
+        self.pinned: list[_Planned] = []  # wrappers a captured graph may replay: alive while they are here
+        self.unowned: list[_Planned] = []  # pinned since the last `pin_to`
+
+    def _unpin(self, entries: list[_Planned]) -> None:
+        for entry in entries:
+            entry.pinned = False
+            self.pinned.remove(entry)
+
+    def pin_to(self, graph: Any) -> None:
+        """Keep the wrappers pinned by the captures since the last call pinned while `graph` (a torch.cuda.CUDAGraph,
+        or any object that owns the capture) lives; then they are evicted or re-planned as usual."""
+        owned = list(self.unowned)
+        self.unowned.clear()
+        weakref.finalize(graph, self._unpin, owned)
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> Any:
+        """The wrapper for this problem, planned for it: q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (see `supports`).
+        Layers with the same heads share one plan per step. Call it before capturing a CUDA graph of a step (a first
+        eager step does); inside a capture a problem that needs a new plan raises `PlanInCaptureError`."""
+        batch, num_q_heads, q_len, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        pages = paged_view(k, v)
+        decode = q_len == 1
+        key = (decode, q.device, batch, num_q_heads, num_kv_heads, head_dim, q.dtype, float(scaling))
+        geometry = (q_len, *pages.geometry)
+        entry = self.wrappers.get(key)
+        capturing = _capturing()
+        if entry is not None and entry.geometry == geometry:
+            self.wrappers.move_to_end(key)
+            if capturing and not entry.pinned:
+                entry.pinned = True
+                self.pinned.append(entry)
+                self.unowned.append(entry)
+            return entry.wrapper
+        if capturing:
+            raise PlanInCaptureError(
+                "FlashInfer cannot plan inside a CUDA-graph capture: run the step once eagerly (or call "
+                "duohead.kernels.flashinfer_retrieval.plan(q, k, v, scaling)) before capturing it"
+            )
+        needed = batch * pages.row_pages
+        if entry is None or entry.pinned or (decode and entry.index_capacity < needed):
+            entry = _new_wrapper(decode, q.device, batch, needed, num_q_heads // num_kv_heads >= 4)
+            self.wrappers[key] = entry  # a pinned one it replaces lives on in self.pinned
+            while len(self.wrappers) > self.max_wrappers:
+                self.wrappers.popitem(last=False)
+        self.wrappers.move_to_end(key)
+        indptr, indices, last_page_len = pages.plan_tensors(batch)
+        common = dict(sm_scale=float(scaling), q_data_type=q.dtype, kv_data_type=k.dtype)
+        if decode:
+            entry.wrapper.plan(indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, pages.page_size, **common)
+        else:
+            qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len
+            entry.wrapper.plan(
+                qo_indptr,
+                indptr,
+                indices,
+                last_page_len,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                pages.page_size,
+                causal=True,
+                **common,
+            )
+        entry.geometry = geometry
         return entry.wrapper
-    if capturing:
-        raise PlanInCaptureError(
-            "FlashInfer cannot plan inside a CUDA-graph capture: run the step once eagerly (or call "
-            "duohead.kernels.flashinfer_retrieval.plan(q, k, v, scaling)) before capturing it"
-        )
-    needed = batch * pages.row_pages
-    if entry is None or entry.pinned or (decode and entry.index_capacity < needed):
-        entry = _new_wrapper(decode, q.device, batch, needed, num_q_heads // num_kv_heads >= 4)
-        _wrappers[key] = entry  # a pinned one it replaces lives on in _pinned
-        while len(_wrappers) > MAX_WRAPPERS:
-            _wrappers.popitem(last=False)
-    _wrappers.move_to_end(key)
-    indptr, indices, last_page_len = pages.plan_tensors(batch)
-    common = dict(sm_scale=float(scaling), q_data_type=q.dtype, kv_data_type=k.dtype)
-    if decode:
-        entry.wrapper.plan(indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, pages.page_size, **common)
-    else:
-        qo_indptr = torch.arange(batch + 1, dtype=torch.int32) * q_len
-        entry.wrapper.plan(
-            qo_indptr,
-            indptr,
-            indices,
-            last_page_len,
-            num_q_heads,
-            num_kv_heads,
-            head_dim,
-            pages.page_size,
-            causal=True,
-            **common,
-        )
-    entry.geometry = geometry
-    return entry.wrapper
+
+
+DEFAULT_PLANS = FlashInferPlans()  # the owner of forwards without a DuoCache (and of direct kernel calls)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, plans: FlashInferPlans | None = None) -> Any:
+    """`FlashInferPlans.plan` of `plans` (default `DEFAULT_PLANS`)."""
+    return (plans or DEFAULT_PLANS).plan(q, k, v, scaling)
+
+
+def pin_to(graph: Any, plans: FlashInferPlans | None = None) -> None:
+    """`FlashInferPlans.pin_to` of `plans` (default `DEFAULT_PLANS`)."""
+    (plans or DEFAULT_PLANS).pin_to(graph)
 
 
 def retrieval_attention(
@@ -238,6 +258,7 @@ def retrieval_attention(
     v: torch.Tensor,
     key_is_real: torch.Tensor | None,
     scaling: float,
+    plans: FlashInferPlans | None = None,
 ) -> torch.Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens, with FlashInfer.
 
@@ -248,7 +269,7 @@ def retrieval_attention(
     if not supports(q, k, v, key_is_real):
         raise ValueError("flashinfer retrieval_attention: unsupported input (needs CUDA, fp16/bf16, D in 64/128/256, no padding)")
     batch, num_q_heads, q_len, head_dim = q.shape
-    wrapper = plan(q, k, v, scaling)
+    wrapper = plan(q, k, v, scaling, plans)
     pages = paged_view(k, v)
     q_flat = q.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim).contiguous()  # [B*Q, Hq, D]
     out = torch.empty_like(q_flat)
