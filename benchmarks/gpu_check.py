@@ -454,11 +454,11 @@ def streaming_state(num_heads: int, seen: int, shapes: Shapes, device) -> Stream
     return cache.view()
 
 
-def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
+def graph_ms(step, clock: Clock, before_capture=None, plans=None) -> float | str:
     """Median time of a CUDA-graph replay of `step` (kernels only, no Python), or why it could not be captured.
     As PyTorch documents capture: one eager step on a side stream first (FlashInfer plans, Triton compiles, the
     allocator settles), then `before_capture` (e.g. take that token back), then the capture; FlashInfer's wrappers
-    that the graph replays are pinned to it."""
+    that the graph replays are pinned to it (`plans`: their owner, a DuoCache's; None: the default owner)."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -470,7 +470,7 @@ def graph_ms(step, clock: Clock, before_capture=None) -> float | str:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        flashinfer_retrieval.pin_to(graph)  # the wrappers it replays live as long as it does
+        flashinfer_retrieval.pin_to(graph, plans)  # the wrappers it replays live as long as it does
         return clock(graph.replay)
     except Exception as e:
         return short(e)
@@ -672,9 +672,9 @@ def model_decode_bench(
             end = min(start + chunk, context)
             model(ids[:, start:end], **{name: cache}, use_cache=True, cache_position=torch.arange(start, end, device=device))
 
-    def row(label: str, step, kv_bytes: int, before_capture=None) -> dict:
+    def row(label: str, step, kv_bytes: int, before_capture=None, plans=None) -> dict:
         eager = clock(step)
-        graph = graph_ms(step, clock, before_capture) if device.type == "cuda" else None
+        graph = graph_ms(step, clock, before_capture, plans) if device.type == "cuda" else None
         total = weights + kv_bytes
         return {
             "model": label,
@@ -714,7 +714,7 @@ def model_decode_bench(
                 duo = lambda: model(next_id, **{name: cache}, use_cache=True)  # noqa: E731
                 hs = shapes.num_kv_heads // 2
                 kv_bytes = ((shapes.num_kv_heads - hs) * (context + 1) + hs * (shapes.sink + shapes.window)) * kv_token
-                duo_row = row(label, duo, kv_bytes, before_capture=lambda: cache.crop(-1))
+                duo_row = row(label, duo, kv_bytes, before_capture=lambda: cache.crop(-1), plans=cache.plans)
         except Exception as e:
             report({"model": label, "context": context, "layers": layers, "error": short(e)})
             after_failure(device)
