@@ -50,7 +50,7 @@ from duohead.cli_support import (
     use_cpu_threads,
 )
 from duohead.eval_report import format_table, summarize, write_heatmaps
-from duohead.files import atomic_write_text
+from duohead.files import atomic_write_text, check_regular_file, read_regular_text
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
     import torch
@@ -64,9 +64,9 @@ RESULTS_VERSION = 1
 RESULTS = "results.json"
 HEATMAPS = "heatmap_*.png"
 # the options that decide a grid's results: recorded in results.json, taken from it by --resume
-SETTINGS = ("model", "gguf_file", "pattern", "methods", "sparsities", "sink", "window", "suite", "tasks", "lengths", "depths",
-            "samples", "limit", "seed", "max_new_tokens", "prefill_chunk", "dtype")  # fmt: skip
-PATH_SETTINGS = ("model", "pattern")  # recorded as absolute paths where they are local files
+SETTINGS = ("model", "gguf_file", "pattern", "methods", "sparsities", "sink", "window", "suite", "tasks", "haystack",
+            "lengths", "depths", "samples", "limit", "seed", "max_new_tokens", "prefill_chunk", "dtype")  # fmt: skip
+PATH_SETTINGS = ("model", "pattern", "haystack")  # recorded as absolute paths where they are local files
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ TASKS = {**prompts.SAMPLERS, **ruler.TASKS}
 SUITES = {"needle": tuple(prompts.SAMPLERS), "ruler": ruler.SUITE}
 MIN_LENGTH = {"passkey": 96, "needle": 96} | ruler.MIN_LENGTH  # checked before the model loads
 NEW_TOKENS = {"passkey": 8, "needle": 8} | ruler.NEW_TOKENS  # greedy tokens per prompt without --max-new-tokens
+HAYSTACK_LIMIT = 64 << 20  # bytes read at most from --haystack (an 8K-token haystack needs ~40 KB)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help=f"recent tokens per streaming head (default: the pattern's, else {DEFAULT_WINDOW})")
     p.add_argument("--suite", choices=sorted(SUITES), help="needle: passkey,needle (the default); ruler: RULER's tasks")
     p.add_argument("--tasks", type=_name_list, help=f"comma-separated, from: {','.join(TASKS)} (default: the suite's)")
+    p.add_argument(
+        "--haystack",
+        metavar="FILE",
+        help=f"UTF-8 text for the essay haystack of {', '.join(ruler.ESSAY_TASKS)} (default: built-in essays)",
+    )
     p.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096], help="prompt tokens (default 1024,2048,4096)")
     p.add_argument("--depths", type=_float_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="fact depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="prompts per (task, length, depth) cell (default 1)")
@@ -194,6 +200,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for task in args.tasks:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r} in --tasks; choose from {', '.join(TASKS)}")
+    if args.haystack is not None:
+        if not set(args.tasks) & set(ruler.ESSAY_TASKS):
+            raise ValueError(f"--haystack feeds the essay haystack of {', '.join(ruler.ESSAY_TASKS)}; --tasks has none of them")
+        check_regular_file(args.haystack, "--haystack file", HAYSTACK_LIMIT)
     for task in args.tasks:
         if min(args.lengths) < MIN_LENGTH[task]:
             raise ValueError(
@@ -265,8 +275,9 @@ def check_lengths(lengths: list[int], max_new_tokens: int, config) -> None:
         )
 
 
-def build_prompts(args: argparse.Namespace, tokenizer) -> list[Prompt]:
-    """Every prompt of the run, tokenized once. Each sample's seed derives from --seed and its cell."""
+def build_prompts(args: argparse.Namespace, tokenizer, text: str | None = None) -> list[Prompt]:
+    """Every prompt of the run, tokenized once. Each sample's seed derives from --seed and its cell. `text`: the
+    essay haystack of `ruler.ESSAY_TASKS` (None: the built-in essays)."""
     out: list[Prompt] = []
     for task in args.tasks:
         depths = args.depths if task in prompts.SAMPLERS else [None]  # RULER tasks draw their depths from the seed
@@ -275,6 +286,8 @@ def build_prompts(args: argparse.Namespace, tokenizer) -> list[Prompt]:
             seed = random.Random(f"{args.seed}/{task}/{length}/{depth}/{k}").randrange(2**31)
             if task in prompts.SAMPLERS:
                 sample = prompts.SAMPLERS[task](tokenizer, length, depth, seed)
+            elif task in ruler.ESSAY_TASKS and text is not None:
+                sample = ruler.TASKS[task](tokenizer, length, seed, text=text)
             else:
                 sample = ruler.TASKS[task](tokenizer, length, seed)
             ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
@@ -398,7 +411,8 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_for_cli(args.model, args.gguf_file, args.dtype, device, pattern, tp=args.tp)
     methods = build_methods(args, pattern, model.config)
     check_lengths(args.lengths, max(new_tokens(args, t) for t in args.tasks), model.config)
-    items = build_prompts(args, tokenizer)
+    text = read_regular_text(args.haystack, "--haystack file", HAYSTACK_LIMIT) if args.haystack else None
+    items = build_prompts(args, tokenizer, text)
     if ranks.is_main():
         print(f"eval: {len(items)} prompts x {len(methods)} methods" + (f"; {threads}" if threads else ""), file=sys.stderr)
 

@@ -24,6 +24,7 @@ import random
 import re
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 from duohead.prompts import ESSAYS, PASSKEY_FILLER, Sample
 
@@ -111,9 +112,16 @@ def _keys(rng: random.Random, kind: str, count: int) -> list[str]:
     return picked + [rng.choice(pairs) for _ in range(count - len(picked))]
 
 
-def essay_words(seed: int, count: int) -> list[str]:
-    """The first `count` words of the built-in essays (`duohead.prompts.ESSAYS`) in a seeded order of essays."""
+def essay_words(seed: int, count: int, text: str | None = None) -> list[str]:
+    """`count` words of essay prose: the built-in essays (`duohead.prompts.ESSAYS`) in a seeded order, or `text` (a
+    user's haystack) from a seeded word on, repeated as often as needed."""
     rng = random.Random(seed)
+    if text is not None:
+        source = text.split()
+        if not source:
+            raise ValueError("the haystack text holds no words")
+        start = rng.randrange(len(source))
+        return [source[(start + i) % len(source)] for i in range(count)]
     words: list[str] = []
     while len(words) < count:
         order = list(ESSAYS)
@@ -138,11 +146,12 @@ def insert_needles(units: list[str], needles: list[str], depths: list[float], se
     return out
 
 
-def niah(tokenizer, length: int, seed: int, task: str, haystack: str, key_kind: str, value_kind: str,
-         keys: int = 1, values: int = 1, queries: int = 1) -> Sample:  # fmt: skip
+def niah(tokenizer, length: int, seed: int, *, task: str, haystack: str, key_kind: str, value_kind: str,
+         keys: int = 1, values: int = 1, queries: int = 1, text: str | None = None) -> Sample:  # fmt: skip
     """A needle-in-a-haystack prompt of RULER's NIAH family. haystack: "noise" (repeated filler sentences), "essay"
     (the built-in essays) or "needle" (every line a needle with another key). `keys` needles with distinct keys,
-    of which the first `queries` are asked for; the asked keys hold `values` values each."""
+    of which the first `queries` are asked for; the asked keys hold `values` values each. `text`: the essay
+    haystack's prose instead of the built-in essays."""
     rng = random.Random(f"{task}/{seed}")
     kind = KINDS[value_kind]
     all_keys = _keys(rng, key_kind, keys)
@@ -156,7 +165,7 @@ def niah(tokenizer, length: int, seed: int, task: str, haystack: str, key_kind: 
     if haystack == "noise":
         units, ends = [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(length)], False
     elif haystack == "essay":
-        units, ends = essay_words(rng.randrange(2**31), length), True
+        units, ends = essay_words(rng.randrange(2**31), length, text), True
     else:  # every line a needle under a key not asked for
         fillers = [k for k in _keys(rng, key_kind, length + keys) if k not in all_keys][:length]
         units, ends = [NIAH_NEEDLE.format(kind=kind, key=k, value=_value(rng, value_kind)) for k in fillers], False
@@ -250,20 +259,26 @@ def fwe(tokenizer, length: int, seed: int, task: str = "fwe", alpha: float = 2.0
     return Sample(task, length, None, prompt, tuple(words[1:4]))
 
 
+def _niah(task: str, haystack: str, key_kind: str, value_kind: str, **counts: int) -> Callable[..., Sample]:
+    return partial(niah, task=task, haystack=haystack, key_kind=key_kind, value_kind=value_kind, **counts)
+
+
+# task -> generator(tokenizer, length, seed) -> Sample; those in ESSAY_TASKS also take text= (a user's haystack)
 TASKS: dict[str, Callable[..., Sample]] = {
-    "niah_single_1": lambda tok, n, seed: niah(tok, n, seed, "niah_single_1", "noise", "words", "numbers"),
-    "niah_single_2": lambda tok, n, seed: niah(tok, n, seed, "niah_single_2", "essay", "words", "numbers"),
-    "niah_single_3": lambda tok, n, seed: niah(tok, n, seed, "niah_single_3", "essay", "words", "uuids"),
-    "niah_single_words": lambda tok, n, seed: niah(tok, n, seed, "niah_single_words", "essay", "words", "words"),
-    "niah_multikey_1": lambda tok, n, seed: niah(tok, n, seed, "niah_multikey_1", "essay", "words", "numbers", keys=4),
-    "niah_multikey_2": lambda tok, n, seed: niah(tok, n, seed, "niah_multikey_2", "needle", "words", "numbers"),
-    "niah_multikey_3": lambda tok, n, seed: niah(tok, n, seed, "niah_multikey_3", "needle", "uuids", "uuids"),
-    "niah_multivalue": lambda tok, n, seed: niah(tok, n, seed, "niah_multivalue", "essay", "words", "numbers", values=4),
-    "niah_multiquery": lambda tok, n, seed: niah(tok, n, seed, "niah_multiquery", "essay", "words", "numbers", keys=4, queries=4),
+    "niah_single_1": _niah("niah_single_1", "noise", "words", "numbers"),
+    "niah_single_2": _niah("niah_single_2", "essay", "words", "numbers"),
+    "niah_single_3": _niah("niah_single_3", "essay", "words", "uuids"),
+    "niah_single_words": _niah("niah_single_words", "essay", "words", "words"),
+    "niah_multikey_1": _niah("niah_multikey_1", "essay", "words", "numbers", keys=4),
+    "niah_multikey_2": _niah("niah_multikey_2", "needle", "words", "numbers"),
+    "niah_multikey_3": _niah("niah_multikey_3", "needle", "uuids", "uuids"),
+    "niah_multivalue": _niah("niah_multivalue", "essay", "words", "numbers", values=4),
+    "niah_multiquery": _niah("niah_multiquery", "essay", "words", "numbers", keys=4, queries=4),
     "vt": vt,
     "cwe": cwe,
     "fwe": fwe,
 }
+ESSAY_TASKS = tuple(t for t, f in TASKS.items() if isinstance(f, partial) and f.keywords["haystack"] == "essay")
 SUITE = tuple(t for t in TASKS if t != "niah_single_words")  # RULER's 13 tasks less its two QA tasks
 # the fewest prompt tokens each family needs (its frame without haystack, rounded up over the tokenizers tried);
 # `duohead eval` refuses shorter --lengths before loading a model

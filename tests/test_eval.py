@@ -247,6 +247,9 @@ BAD_INPUTS = {
     "resume nothing": (["--resume"], "--resume: no results.json in"),
     "out under a file": (["--out", "{tmp}/file/out"], "cannot write there"),
     "missing pattern": (["--pattern", "/nonexistent/p.json"], "neither a file"),
+    "haystack without an essay task": (["--tasks", "vt", "--haystack", "{tmp}/file"], "--tasks has none of them"),
+    "missing haystack": (["--tasks", "niah_single_2", "--haystack", "{tmp}/nope.txt"], "does not exist"),
+    "haystack folder": (["--tasks", "niah_single_2", "--haystack", "{tmp}"], "is a folder"),
 }
 
 
@@ -358,3 +361,19 @@ def test_a_used_out_folder_is_refused_without_force_and_force_clears_stale_heatm
     assert evaluate.main(["--out", str(tmp_path), "--resume", "--seed", "3", "--lengths", "128,200"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("--seed 3 (the run has 0): drop that option (or start a new run with another --out or --force)")
+
+
+def test_a_haystack_file_feeds_the_essay_tasks_and_is_recorded(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "hay.txt").write_text("Otters hold hands while they sleep so that the current does not part them. ")
+    seen = []
+    run_prompt = runner.run_prompt
+    monkeypatch.setattr(runner, "run_prompt", lambda model, ids, *a, **k: (seen.append(ids), run_prompt(model, ids, *a, **k))[1])
+    argv = ["--model", str(tiny_model_dir), "--methods", "full", "--tasks", "niah_single_2,vt", "--lengths", "300",
+            "--max-new-tokens", "1", "--haystack", str(tmp_path / "hay.txt"), "--out", str(tmp_path / "out")]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(argv) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    essay, vt = (tokenizer.decode(ids[0]) for ids in seen)
+    assert "Otters hold hands" in essay and "Otters" not in vt  # variable tracking keeps its noise haystack
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["settings"]["haystack"] == str(tmp_path / "hay.txt")

@@ -127,3 +127,17 @@ def test_a_length_past_the_word_list_is_refused(tokenizer):
     """cwe's rare words come from the essays' vocabulary; a prompt longer than it can fill is refused, not shortened."""
     with pytest.raises(ValueError, match=r"a cwe prompt holds at most \d+ tokens with this tokenizer"):
         ruler.cwe(tokenizer, 30000, 0)
+
+
+def test_a_users_text_is_the_essay_haystack(smollm2_tokenizer):
+    text = "Otters hold hands while they sleep so that the current does not part them. " * 3
+    sample = ruler.TASKS["niah_multivalue"](smollm2_tokenizer, 700, 4, text=text)
+    assert sample == ruler.TASKS["niah_multivalue"](smollm2_tokenizer, 700, 4, text=text)
+    assert "Otters hold hands" in sample.prompt and not any(essay[:40] in sample.prompt for essay in ruler.ESSAYS)
+    assert sorted(solve("niah_multivalue", sample.prompt)) == sorted(sample.answers)
+    assert 680 <= len(smollm2_tokenizer(sample.prompt).input_ids) <= 700
+    with pytest.raises(ValueError, match="the haystack text holds no words"):
+        ruler.TASKS["niah_single_2"](smollm2_tokenizer, 700, 4, text=" \n")
+    assert set(ruler.ESSAY_TASKS) == {t for t in ruler.TASKS if t.startswith("niah") and t[-1] not in "123"} | {
+        "niah_single_2", "niah_single_3", "niah_multikey_1"
+    }  # fmt: skip
