@@ -3,6 +3,7 @@ as long as asked for, on two tokenizers (SmolLM2's byte-level BPE and a whitespa
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
@@ -141,3 +142,18 @@ def test_a_users_text_is_the_essay_haystack(smollm2_tokenizer):
     assert set(ruler.ESSAY_TASKS) == {t for t in ruler.TASKS if t.startswith("niah") and t[-1] not in "123"} | {
         "niah_single_2", "niah_single_3", "niah_multikey_1"
     }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_smollm2_solves_single_needles_under_full_attention_and_the_pattern(tmp_path):
+    """The generated tasks are solvable by the real model: the 1K single-needle prompts of the recorded grid
+    (benchmarks/eval-ruler/1k, seed 0, sample 0), which full attention and the shipped pattern at 50% both answer."""
+    from duohead import evaluate
+
+    argv = ["--methods", "full,pattern", "--sparsities", "0.5", "--tasks", "niah_single_1,niah_single_3",
+            "--lengths", "1024", "--out", str(tmp_path)]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    for method in report["methods"]:
+        assert [r["score"] for r in method["results"]] == [1.0, 1.0], method["results"]
+        assert method["summary"]["families"]["niah_single"]["mean"] == 1.0
