@@ -50,7 +50,7 @@ from duohead.cli_support import (
     use_cpu_threads,
 )
 from duohead.eval_report import format_table, summarize, write_heatmaps
-from duohead.files import atomic_write_text, check_regular_file, read_regular_text
+from duohead.files import atomic_write_text, check_output_folder, check_regular_file, read_regular_text
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)
     import torch
@@ -368,6 +368,7 @@ def _keep(rows: list[dict], save: Callable[[], None], row: dict) -> None:
 def check_writable(folder: Path) -> None:
     """Raise ValueError unless `folder` can be made and 64 KiB written in it (a full disk fails here, before any
     model work, not after the last prompt)."""
+    check_output_folder(folder, "--out")  # a file in the way, a read-only parent: said in their own words
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:

@@ -245,7 +245,8 @@ BAD_INPUTS = {
     "no threads": (["--threads", "0"], "--threads must be >= 1"),
     "resume and force": (["--resume", "--force"], "--resume and --force contradict each other"),
     "resume nothing": (["--resume"], "--resume: no results.json in"),
-    "out under a file": (["--out", "{tmp}/file/out"], "cannot write there"),
+    "out under a file": (["--out", "{tmp}/file/out"], "is a file, not a folder"),
+    "out is a file": (["--out", "{tmp}/file"], "--out {tmp}/file is a file; name a folder"),
     "missing pattern": (["--pattern", "/nonexistent/p.json"], "neither a file"),
     "haystack without an essay task": (["--tasks", "vt", "--haystack", "{tmp}/file"], "--tasks has none of them"),
     "missing haystack": (["--tasks", "niah_single_2", "--haystack", "{tmp}/nope.txt"], "does not exist"),
@@ -277,7 +278,7 @@ def test_bad_input_is_one_line_error_before_the_model_loads(
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("duohead eval: error:") and needle in err[0], err[0]
+    assert err[0].startswith("duohead eval: error:") and needle.format(tmp=tmp_path) in err[0], err[0]
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -377,3 +378,14 @@ def test_a_haystack_file_feeds_the_essay_tasks_and_is_recorded(tiny_model_dir, t
     assert "Otters hold hands" in essay and "Otters" not in vt  # variable tracking keeps its noise haystack
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["settings"]["haystack"] == str(tmp_path / "hay.txt")
+
+
+def test_a_full_disk_is_found_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The 64 KiB probe in --out fails as a full disk would; the model is never loaded."""
+    monkeypatch.setattr(evaluate, "load_model_for_cli", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluate.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    argv = ["--model", str(tiny_model_dir), "--methods", "full", "--lengths", "300", "--out", str(tmp_path / "out")]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"duohead eval: error: --out {tmp_path / 'out'}: cannot write there (No space left on device); pass a writable folder"
+    )
