@@ -1,4 +1,4 @@
-"""`duohead eval`: passkey and needle-in-a-haystack accuracy over a grid of context lengths x depths.
+"""`duohead eval`: accuracy of full attention, head patterns and baselines on passkeys, needles and RULER's tasks.
 
     duohead eval --pattern smollm2-135m-instruct --lengths 1024,2048,4096 --sparsities 0.5,0.75
     duohead eval --model ./tiny --methods full,streaming,random --limit 4 --out /tmp/eval
