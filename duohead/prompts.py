@@ -150,6 +150,12 @@ def essay_stream(seed: int):
         yield from order
 
 
+def check_frame(task: str, frame: int, length: int) -> None:
+    """Raise ValueError when a prompt's fixed text (`frame` tokens) alone exceeds the requested `length`."""
+    if frame > length:
+        raise ValueError(f"a {task} prompt needs at least {frame} tokens with this tokenizer; got --lengths {length}")
+
+
 def fill(tokenizer, units, budget: int) -> list[str]:
     """Take text units from the iterable `units` while their token count stays within `budget`."""
     taken: list[str] = []
@@ -176,6 +182,7 @@ def passkey_sample(tokenizer, length: int, depth: float, seed: int) -> Sample:
     key = str(random.Random(seed).randint(10000, 99999))
     needle = PASSKEY_NEEDLE.format(key=key)
     frame = _count(tokenizer, f"{PASSKEY_INTRO} {needle} {PASSKEY_QUESTION}")
+    check_frame("passkey", frame, length)
     filler = fill(tokenizer, iter(lambda: PASSKEY_FILLER, None), length - frame)
     body = " ".join(insert_at_depth(filler, needle, depth))
     return Sample("passkey", length, depth, f"{PASSKEY_INTRO} {body} {PASSKEY_QUESTION}", (key,))
@@ -189,6 +196,7 @@ def needle_sample(tokenizer, length: int, depth: float, seed: int) -> Sample:
     needle = fact.format(word=word)
     tail = f"Question: {question}\nAnswer: {answer_prefix}"
     frame = _count(tokenizer, f"{NEEDLE_INTRO}\n\n {needle}\n\n{tail}")
+    check_frame("needle", frame, length)
     essays = fill(tokenizer, essay_stream(seed), length - frame)
     body = " ".join(insert_at_depth(essays, needle, depth))
     return Sample("needle", length, depth, f"{NEEDLE_INTRO}\n\n{body}\n\n{tail}", (word,))

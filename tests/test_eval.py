@@ -204,6 +204,13 @@ def test_samples_hide_the_answer_once_at_its_depth(tokenizer, task, depth):
     assert 900 <= len(tokenizer(sample.prompt).input_ids) <= 1000
 
 
+@pytest.mark.parametrize("task", sorted(prompts.SAMPLERS))
+def test_a_length_shorter_than_the_prompts_frame_is_refused(tokenizer, task):
+    assert len(tokenizer(prompts.SAMPLERS[task](tokenizer, evaluate.MIN_LENGTH[task], 0.5, 1).prompt).input_ids) <= 96
+    with pytest.raises(ValueError, match=rf"a {task} prompt needs at least \d+ tokens with this tokenizer; got --lengths 20"):
+        prompts.SAMPLERS[task](tokenizer, 20, 0.5, 1)
+
+
 def test_passkeys_differ_by_seed(tokenizer):
     keys = {prompts.passkey_sample(tokenizer, 300, 0.5, seed).answer for seed in range(20)}
     assert len(keys) > 15 and all(re.fullmatch(r"\d{5}", k) for k in keys)
