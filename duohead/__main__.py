@@ -1,7 +1,7 @@
-"""`python -m duohead ...` runs the `duohead` command (duohead.cli)."""
+"""`python -m duohead ...` runs the `duohead` command (duohead.commands.main)."""
 
 import sys
 
-from duohead.cli import main
+from duohead.commands.main import main
 
 sys.exit(main())

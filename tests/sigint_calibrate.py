@@ -11,8 +11,8 @@ import os
 import signal
 import sys
 
-from duohead.calibrate.cli import main
 from duohead.calibrate.gates import GatedModel
+from duohead.commands.calibrate import main
 
 target = int(sys.argv[1])
 student_pass = GatedModel.distill_backward

@@ -24,14 +24,14 @@ from transformers import (
 )
 
 from duohead.calibrate import gates as gates_module
-from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.convergence import convergence_report, late_side_changes
 from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel, blocked_streaming_attention, streaming_attention
 from duohead.calibrate.settings import CHECKPOINT, TrainConfig, checkpoint_settings
 from duohead.calibrate.train import Calibrator, lr_factor
-from duohead.inspect import gate_report
-from duohead.inspect import main as inspect_main
+from duohead.commands.calibrate import main as calibrate_main
+from duohead.commands.inspect_pattern import main as inspect_main
+from duohead.gate_summary import gate_report
 from duohead.kernels.reference import lambda_visible
 from duohead.pattern import HeadPattern
 

@@ -17,8 +17,8 @@ from transformers import LlamaConfig, MistralConfig
 import duohead
 from duohead import HeadPattern
 from duohead.catalogue import auto_pattern, model_key, shipped_patterns
-from duohead.catalogue_cli import main as patterns_main
-from duohead.cli_support import load_pattern_for_cli
+from duohead.commands.patterns import main as patterns_main
+from duohead.commands.support import load_pattern_for_cli
 from duohead.pattern import find_pattern, shipped_names, tie_structure
 
 SHIPPED = [
@@ -235,7 +235,7 @@ def test_wheel_contains_the_shipped_patterns(tmp_path):
 
 
 def test_plan_uses_the_pattern_cut_and_shipped_names(capsys):
-    from duohead.planner import main as plan_main
+    from duohead.commands.plan import main as plan_main
 
     config = str(Path(__file__).parent / "data" / "llama-3.1-8b-instruct-config.json")
     assert plan_main(["--model", config, "--pattern", "llama-3.1-8b-instruct", "--context", "131072"]) == 0

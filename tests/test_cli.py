@@ -14,7 +14,7 @@ HEAVY = ("torch", "transformers")
 # Runs one `duohead` command line in a fresh interpreter; prints its exit code and the heavy modules it loaded.
 PROBE = f"""
 import json, sys
-from duohead.cli import main
+from duohead.commands.main import main
 try:
     rc = main(sys.argv[1:])
 except SystemExit as e:  # argparse's own usage errors
@@ -76,7 +76,7 @@ def test_version_is_the_installed_distribution_s():
 
 
 def test_cpu_threads_are_chosen_deliberately(monkeypatch):
-    from duohead.cli_support import cpu_threads
+    from duohead.commands.support import cpu_threads
 
     assert cpu_threads(3) == (3, "--threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")

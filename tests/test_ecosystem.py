@@ -184,7 +184,7 @@ def test_quantized_model_is_refused_with_the_reason(tiny_model_dir, tiny_pattern
 
 OFFLINE_SCRIPT = """
 import sys, duohead
-from duohead import cli
+from duohead.commands import main as cli
 model = duohead.from_pretrained("tiny-org/tiny-llama", sys.argv[1])
 print("enabled", duohead.is_enabled(model), model.config._name_or_path)
 rc = cli.main(["generate", "--model", "tiny-org/tiny-llama", "--pattern", sys.argv[1], "--prompt-file", sys.argv[2],
@@ -222,8 +222,8 @@ def test_hugging_face_id_resolves_offline_from_the_cache(tmp_path, tiny_model_di
 def test_cli_pattern_auto(tiny_model_dir, capsys):
     """--pattern auto: the default model gets its shipped pattern; a model nothing is shipped for gets the list and
     the calibrate command, as one line and exit code 2, before any weights load."""
-    from duohead import generate
-    from duohead.cli_support import load_pattern_for_cli
+    from duohead.commands import generate
+    from duohead.commands.support import load_pattern_for_cli
 
     assert load_pattern_for_cli("auto", None).to_dict() == HeadPattern.load("smollm2-135m-instruct").to_dict()
     assert capsys.readouterr().err.startswith("pattern auto: smollm2-135m-instruct")  # it says what it picked

@@ -13,8 +13,9 @@ import torch
 from cli_model import KV_HEADS, LAYERS
 from transformers import AutoTokenizer
 
-from duohead import eval_report, evaluate, prompts, runner
+from duohead import prompts, runner
 from duohead.calibrate import haystack as calibration_haystack
+from duohead.commands import eval_report, evaluate
 from duohead.plots import have_matplotlib
 
 ROW_KEYS = {"task", "length", "depth", "sample", "prompt_tokens", "answer", "answers", "output", "score", "prefill_seconds",

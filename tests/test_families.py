@@ -17,10 +17,10 @@ from duohead import DuoCache, HeadPattern
 from duohead.architecture import FAMILIES as SUPPORTED
 from duohead.architecture import UNSUPPORTED, check_architecture
 from duohead.cache import cache_argument
-from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.data import PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
-from duohead.planner import main as plan_main
+from duohead.commands.calibrate import main as calibrate_main
+from duohead.commands.plan import main as plan_main
 from duohead.planner import plan_deployment
 from duohead.vllm.settings import deployment_for
 

@@ -24,11 +24,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from duohead.calibrate import gates as gates_module
 from duohead.calibrate import train as train_module
-from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.rules import RULE_CLASSES, EvidenceRule, RelaxedRule
 from duohead.calibrate.settings import CHECKPOINT, LOG
 from duohead.calibrate.train import Calibrator
-from duohead.cli import main as cli_main
+from duohead.commands.calibrate import main as calibrate_main
+from duohead.commands.main import main as cli_main
 from duohead.files import LOCK_FILE, folder_lock
 from duohead.pattern import HeadPattern
 
@@ -419,7 +419,7 @@ def test_an_unwritable_checkpoint_stops_the_run_saying_nothing_was_saved(model_d
 def test_generate_prints_its_report_when_the_report_file_cannot_be_written(
     tiny_model_dir, tiny_pattern_file, tmp_path, monkeypatch, capsys
 ):
-    from duohead import generate
+    from duohead.commands import generate
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The lighthouse stands on the northern cape. " * 4)

@@ -13,8 +13,8 @@ from cli_model import KV_HEADS, LAYERS, MAX_POSITIONS, SINK, WINDOW
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import duohead
-from duohead import generate
 from duohead.cache import cache_argument
+from duohead.commands import generate
 
 PROMPT = "The lighthouse stood on the cliff for a long time, and every night its lamp turned over the dark water. " * 4
 HEAD_DIM, FP32_BYTES = 16, 4
@@ -223,7 +223,7 @@ def test_prompt_longer_than_positions_is_refused_not_truncated(tmp_path, tiny_mo
 def test_unsupported_gguf_from_the_command_line(gpt2_gguf, tiny_pattern_file):
     """The installed `duohead` command: one line on stderr, exit code 2, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "duohead.cli", "generate", "--model", str(gpt2_gguf), "--pattern", str(tiny_pattern_file)],
+        [sys.executable, "-m", "duohead", "generate", "--model", str(gpt2_gguf), "--pattern", str(tiny_pattern_file)],
         capture_output=True,
         text=True,
         timeout=120,

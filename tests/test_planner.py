@@ -14,7 +14,8 @@ import duohead
 from duohead import DuoCache, HeadPattern
 from duohead.architecture import LayerLayout
 from duohead.cache import cache_argument
-from duohead.planner import format_tokens, load_config, main, parse_bytes, parse_tokens, plan_deployment, spread_layout
+from duohead.commands.plan import main
+from duohead.planner import format_tokens, load_config, parse_bytes, parse_tokens, plan_deployment, spread_layout
 from duohead.sharding import HeadShard, rank_layouts
 
 DATA = Path(__file__).parent / "data"

@@ -12,11 +12,11 @@ from calibration_testbed import carrier_model, word_tokenizer
 from tiny_models import tiny_model
 
 import duohead
-from duohead.calibrate.cli import main as calibrate_main
 from duohead.calibrate.data import PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
 from duohead.calibrate.settings import TrainConfig
 from duohead.calibrate.train import Calibrator
+from duohead.commands.calibrate import main as calibrate_main
 from duohead.pattern import HeadPattern, cut, find_pattern, shipped_names
 
 SPARSITIES = [i / 16 for i in range(17)]

@@ -148,7 +148,7 @@ def test_a_users_text_is_the_essay_haystack(smollm2_tokenizer):
 def test_smollm2_solves_single_needles_under_full_attention_and_the_pattern(tmp_path):
     """The generated tasks are solvable by the real model: the 1K single-needle prompts of the recorded grid
     (benchmarks/eval-ruler/1k, seed 0, sample 0), which full attention and the shipped pattern at 50% both answer."""
-    from duohead import evaluate
+    from duohead.commands import evaluate
 
     argv = ["--methods", "full,pattern", "--sparsities", "0.5", "--tasks", "niah_single_1,niah_single_3",
             "--lengths", "1024", "--out", str(tmp_path)]  # fmt: skip

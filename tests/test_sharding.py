@@ -24,8 +24,8 @@ import duohead
 from duohead import HeadPattern
 from duohead.architecture import FAMILIES as SUPPORTED
 from duohead.architecture import LayerLayout
-from duohead.evaluate import main as eval_main
-from duohead.generate import main as generate_main
+from duohead.commands.evaluate import main as eval_main
+from duohead.commands.generate import main as generate_main
 from duohead.loading import resolve_model_path
 from duohead.planner import weight_bytes_per_rank
 from duohead.sharding import HeadShard, rank_layouts

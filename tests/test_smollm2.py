@@ -94,7 +94,7 @@ def test_readme_python_example_runs():
 def test_eval_scores_one_where_smollm2_finds_the_passkey(tmp_path):
     """`duohead eval` on the real model: a 1K-token passkey prompt that SmolLM2 answers (measured: full attention
     and the shipped pattern at 50% both output the key), so both methods score 1 through the whole CLI path."""
-    from duohead import evaluate
+    from duohead.commands import evaluate
 
     argv = [
         "--methods",

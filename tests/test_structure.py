@@ -63,7 +63,13 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_leaf_modules_import_no_other_duohead_module():
     graph = import_graph()
-    for leaf in ("duohead.architecture", "duohead.files", "duohead.accounting", "duohead.kernels.streaming_view"):
+    for leaf in (
+        "duohead.architecture",
+        "duohead.files",
+        "duohead.accounting",
+        "duohead.kernels.streaming_view",
+        "duohead.kernels.backends",
+    ):
         assert graph[leaf] == set(), f"{leaf} imports {graph[leaf]}"
 
 
@@ -74,3 +80,18 @@ def test_the_vllm_plugin_is_an_outer_layer():
     for module, imports in graph.items():
         if not module.startswith("duohead.vllm"):
             assert not {name for name in imports if name.startswith("duohead.vllm")}, f"{module} imports the vLLM plugin"
+
+
+def test_the_commands_are_an_outer_layer():
+    """duohead.commands (the `duohead` command line) uses the library; no module of the library imports a command."""
+    graph = import_graph()
+    for module, imports in graph.items():
+        if not module.startswith("duohead.commands") and module != "duohead.__main__":
+            assert not {name for name in imports if name.startswith("duohead.commands")}, f"{module} imports a command module"
+
+
+def test_no_module_is_named_after_the_standard_library():
+    import sys
+
+    names = {module.rsplit(".", 1)[-1] for module in import_graph()}
+    assert not names & set(sys.stdlib_module_names) - {"__main__"}, names & set(sys.stdlib_module_names)

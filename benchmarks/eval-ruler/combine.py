@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from duohead.eval_report import format_table, summarize, write_heatmaps
+from duohead.commands.eval_report import format_table, summarize, write_heatmaps
 from duohead.plots import have_matplotlib
 
 HERE = Path(__file__).parent

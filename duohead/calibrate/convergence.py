@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from duohead.inspect import gate_report
+from duohead.gate_summary import gate_report
 
 DECIDED = 0.05
 MIN_DECIDED = 0.8

@@ -1,11 +1,11 @@
 """The `duohead` command: each subcommand lives in its own module and parses its own arguments.
 
-duohead calibrate ...   learn gates for a model        (duohead.calibrate.cli)
-duohead generate ...    long-context generation        (duohead.generate)
-duohead eval ...        passkey / needle evaluation    (duohead.evaluate)
-duohead inspect ...     summarise a pattern file       (duohead.inspect)
-duohead plan ...        memory per GPU of a deployment (duohead.planner)
-duohead patterns [NAME] the shipped patterns           (duohead.catalogue_cli)
+duohead calibrate ...   learn gates for a model        (duohead.commands.calibrate)
+duohead generate ...    long-context generation        (duohead.commands.generate)
+duohead eval ...        passkey / needle evaluation    (duohead.commands.evaluate)
+duohead inspect ...     summarise a pattern file       (duohead.commands.inspect_pattern)
+duohead plan ...        memory per GPU of a deployment (duohead.commands.plan)
+duohead patterns [NAME] the shipped patterns           (duohead.commands.patterns)
 duohead --version       the installed version
 """
 
@@ -15,12 +15,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "calibrate": ("duohead.calibrate.cli", "learn one gate per (layer, KV head) and write a pattern"),
-    "generate": ("duohead.generate", "generate from a long prompt with a head pattern"),
-    "eval": ("duohead.evaluate", "passkey / needle-in-a-haystack accuracy grid"),
-    "inspect": ("duohead.inspect", "summarise a pattern file (gate histogram, layout, heat map)"),
-    "plan": ("duohead.planner", "weights and KV bytes per GPU for a deployment, from the model config alone"),
-    "patterns": ("duohead.catalogue_cli", "list the shipped head patterns, or show one (ties, KV bytes)"),
+    "calibrate": ("duohead.commands.calibrate", "learn one gate per (layer, KV head) and write a pattern"),
+    "generate": ("duohead.commands.generate", "generate from a long prompt with a head pattern"),
+    "eval": ("duohead.commands.evaluate", "passkey / needle-in-a-haystack accuracy grid"),
+    "inspect": ("duohead.commands.inspect_pattern", "summarise a pattern file (gate histogram, layout, heat map)"),
+    "plan": ("duohead.commands.plan", "weights and KV bytes per GPU for a deployment, from the model config alone"),
+    "patterns": ("duohead.commands.patterns", "list the shipped head patterns, or show one (ties, KV bytes)"),
 }
 
 

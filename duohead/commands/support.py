@@ -198,7 +198,7 @@ def load_model_for_cli(
 ):
     """(model, tokenizer) for a CLI: the default SmolLM2 when `model` is None. Checks the source and validates
     `pattern` (with `sink` / `window` in place of its own where given) against the model's config before the weights
-    are loaded; no progress bars from transformers. `tp`: tensor parallel under torchrun (see `duohead.ranks`)."""
+    are loaded; no progress bars from transformers. `tp`: tensor parallel under torchrun (see `duohead.commands.ranks`)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from duohead.cli_support import DTYPES, Parser, run_cli
+from duohead.commands.support import DTYPES, Parser, run_cli
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked (a bad one is answered at once)
     from duohead.pattern import HeadPattern
@@ -92,7 +92,7 @@ def tie_line(pattern: HeadPattern, sparsity: float) -> str:
 def detail_lines(name: str, pattern: HeadPattern, tokens: int, itemsize: int) -> list[str]:
     """What `duohead patterns NAME` prints."""
     from duohead.catalogue import describe, layout_kv_bytes
-    from duohead.inspect import histogram_lines
+    from duohead.gate_summary import histogram_lines
 
     prov = pattern.provenance
     architecture = pattern.model.get("architecture", "?")

@@ -28,7 +28,7 @@ from duohead.calibrate.settings import (
     check_options,
     checkpoint_settings,
 )
-from duohead.cli_support import (
+from duohead.commands.support import (
     DTYPES,
     Parser,
     adopt_recorded,
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from duohead.calibrate.data import FileHaystack, PasskeyDataset, PasskeySpec
     from duohead.calibrate.gates import GatedModel
     from duohead.calibrate.train import Calibrator, read_log
-    from duohead.inspect import histogram_lines
+    from duohead.gate_summary import histogram_lines
     from duohead.loading import load_model, resolve_model_path
     from duohead.pattern import HeadPattern
     from duohead.plots import plot_gates

@@ -10,7 +10,7 @@ Methods: `full` (the unmodified model), `pattern` (the head pattern at each --sp
 baseline a calibrated pattern must beat). Every method sees the same prompts (`duohead.prompts`, a haystack
 unlike the calibration one, or RULER's task families from `duohead.ruler`); each prompt is prefilled once and
 decoded greedily; the score is the fraction of the answers found in the output. Writes `results.json` and heat
-maps to --out; the tables and summaries are `duohead.eval_report`'s. docs/evaluation.md has the details.
+maps to --out; the tables and summaries are `duohead.commands.eval_report`'s. docs/evaluation.md has the details.
 
 `results.json` is rewritten (atomically) after every prompt, so an interrupted grid keeps what it ran:
 `duohead eval --out DIR --resume` continues it with the settings it records and runs only the prompts still
@@ -31,9 +31,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from duohead import prompts, ranks, ruler
+from duohead import prompts, ruler
 from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
-from duohead.cli_support import (
+from duohead.commands import ranks
+from duohead.commands.eval_report import format_table, summarize, write_heatmaps
+from duohead.commands.support import (
     DEFAULT_PATTERN,
     DTYPES,
     Parser,
@@ -49,7 +51,6 @@ from duohead.cli_support import (
     run_cli,
     use_cpu_threads,
 )
-from duohead.eval_report import format_table, summarize, write_heatmaps
 from duohead.files import atomic_write_text, check_output_folder, check_regular_file, read_regular_text
 
 if TYPE_CHECKING:  # torch and transformers load only once the arguments are checked (a bad one is answered at once)

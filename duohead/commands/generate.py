@@ -21,8 +21,9 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from duohead import prompts, ranks
-from duohead.cli_support import (
+from duohead import prompts
+from duohead.commands import ranks
+from duohead.commands.support import (
     DEFAULT_PATTERN,
     DTYPES,
     Parser,

@@ -2,7 +2,7 @@
 
 Prints the shape, sink/window, model and provenance, a text histogram of the gates, how many gates are
 saturated, and the margin at the cut for a sparsity; optionally draws the gate heat map (layers x KV heads).
-`gate_report` and `histogram_lines` are also used by `duohead calibrate` for its summary.
+The gate report and histogram come from `duohead.gate_summary` (also used by `duohead calibrate` and `duohead patterns`).
 """
 
 from __future__ import annotations
@@ -10,63 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from duohead.cli_support import Parser, check_fraction, run_cli
+from duohead.commands.support import Parser, check_fraction, run_cli
 from duohead.files import check_output_file
+from duohead.gate_summary import SATURATION, gate_report, histogram_lines
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked (a bad one is answered at once)
-    import torch
-
     from duohead.pattern import HeadPattern
-
-SATURATION = 0.01  # a gate within this of 0 or 1 counts as saturated
-
-
-def gate_report(gates: torch.Tensor, sparsity: float) -> dict[str, Any]:
-    """Gate distribution of gates [L, Hkv] and the cut at `sparsity` (fraction of KV heads that stream).
-
-    margin = (lowest retrieval gate) - (highest streaming gate) at that cut; ties = how many gates share the
-    value on either side of the cut (> 1 means the cut falls inside a tie, decided by (layer, head) order).
-    """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1] (fraction of KV heads that stream); got {sparsity}")
-    from duohead.pattern import stream_order, streaming_count
-
-    flat = gates.detach().flatten().float().cpu()
-    ordered = flat[stream_order(flat)]
-    n = flat.numel()
-    k = streaming_count(sparsity, n)
-    report: dict[str, Any] = {
-        "heads": n,
-        "saturated_at_1": int((flat >= 1 - SATURATION).sum()),
-        "saturated_at_0": int((flat <= SATURATION).sum()),
-        "mean": round(flat.mean().item(), 4),
-        "sparsity": sparsity,
-        "streaming_heads": k,
-    }
-    if 0 < k < n:
-        low, high = ordered[k - 1].item(), ordered[k].item()
-        report.update(
-            highest_streaming_gate=round(low, 4),
-            lowest_retrieval_gate=round(high, 4),
-            margin=round(high - low, 4),
-            ties_at_cut=int((flat == low).sum()) if low == high else 1,
-        )
-    return report
-
-
-def histogram_lines(gates: torch.Tensor, bins: int = 10, width: int = 40) -> list[str]:
-    """A text histogram of gates [L, Hkv] over [0, 1]."""
-    import torch
-
-    flat = gates.detach().flatten().float().cpu()
-    counts = torch.histc(flat, bins=bins, min=0.0, max=1.0).long().tolist()
-    top = max(counts) or 1
-    return [
-        f"  [{i / bins:.1f}, {(i + 1) / bins:.1f}{']' if i == bins - 1 else ')'} {c:5d} {'#' * round(width * c / top)}"
-        for i, c in enumerate(counts)
-    ]
 
 
 def _field_lines(title: str, fields: dict) -> list[str]:
