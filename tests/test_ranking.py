@@ -76,12 +76,15 @@ def test_the_cli_writes_the_ranking_in_a_version_2_file(tiny_model_dir, tmp_path
 
 
 def test_files_without_a_ranking_are_read_and_written_unchanged_as_version_1(tmp_path):
+    """The shipped files read and write back byte for byte: the published ones (graded gates, no ranking) as version
+    1, SmolLM2's (a ranking) as version 2."""
     for name in shipped_names():
         original = find_pattern(name)
         pattern = HeadPattern.load(original)
-        assert pattern.ranking is None
         saved = pattern.save(tmp_path / f"{name}.json")
-        assert saved.read_text() == original.read_text()  # byte for byte, still version 1
+        assert saved.read_text() == original.read_text()  # byte for byte
+        version = json.loads(original.read_text())["version"]
+        assert (pattern.ranking is None) == (version == 1) and (name == "smollm2-135m-instruct") == (version == 2)
     ranked = binary_pattern_with_ranking()
     again = HeadPattern.load(ranked.save(tmp_path / "ranked.json"))
     assert torch.equal(again.ranking, ranked.ranking) and torch.equal(again.gates, ranked.gates)
