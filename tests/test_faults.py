@@ -37,6 +37,12 @@ RUN = ["--ctx-min", "120", "--ctx-max", "200", "--num-passkeys", "3", "--passkey
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    """A child process gets SIGINT's default disposition, so Python turns it into KeyboardInterrupt as for a user's
+    Ctrl-C (a job started in the background by a non-interactive shell inherits SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     tokenizer = word_tokenizer()
@@ -166,7 +172,7 @@ def test_ctrl_c_after_the_update_of_every_rule_resumes_to_the_uninterrupted_resu
 def test_sigint_in_a_real_process_inside_the_student_pass_resumes_bit_for_bit(model_dir, straight, tmp_path):
     out = tmp_path / "out"
     helper = [sys.executable, str(ROOT / "tests" / "sigint_calibrate.py"), "2", *_args(model_dir, out, 8)]
-    done = subprocess.run(helper, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(helper, env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=_sigint_as_a_terminal_gives_it)
     assert done.returncode == 130, done.stderr
     assert f"interrupted: checkpoint at step 2 in {out / CHECKPOINT}" in done.stderr  # two steps done, the third cut
     assert calibrate_main(["--out", str(out), "--resume"]) == 0
@@ -191,6 +197,7 @@ def test_a_signal_from_outside_at_any_moment_then_resume_matches_and_the_folder_
     process = subprocess.Popen(
         [sys.executable, "-m", "duohead", "calibrate", *_args(model_dir, out, steps)],
         env=ENV,
+        preexec_fn=_sigint_as_a_terminal_gives_it,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
