@@ -121,3 +121,11 @@ def test_ties_in_a_ranking_are_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="duohead"):
         duohead.enable(model, HeadPattern(gates, sink=4, window=8, default_sparsity=0.5, ranking=ranking), sparsity=0.75)
     assert any("share ranking score" in r.message for r in caplog.records)
+
+
+def test_off_target_cuts_follow_the_ranking_not_the_gates():
+    """At 75% the extra streaming heads are the retrieval heads lowest in the ranking, not the first by head order."""
+    pattern = binary_pattern_with_ranking(seed=3)
+    expected = cut(pattern.ranking, 0.75)
+    assert torch.equal(pattern.binarize(sparsity=0.75), expected)
+    assert not torch.equal(expected, cut(pattern.gates, 0.75))  # the gates alone would pick other heads
