@@ -27,6 +27,12 @@ class Family:
     wide_qk_norm: q_norm / k_norm weights span every head ([Hq*D] / [Hkv*D], OLMo 2), so they follow the reorder.
     tensor_parallel: None where duohead follows transformers' tp_plan, else why it cannot.
     vllm: whether duohead's vLLM plugin (duohead.vllm) runs the family.
+    local_layers: layers that `config.layer_types` marks "sliding_attention" already keep a sliding window of
+        `config.sliding_window` tokens: duohead runs them as that window (every KV head streaming with sink 0, the
+        same attention and a constant cache) and a head pattern covers only the other, global layers (`pattern_layers`).
+    learned_sinks: name of an attention parameter [Hq] holding a softmax logit per query head (GPT-OSS's `sinks`),
+        reordered with the heads; the stock module hands it to the attention function as `s_aux`.
+    Attention-logit soft-capping needs no entry: a module that caps (Gemma 2) passes `softcap` to the attention.
     """
 
     model_type: str
@@ -35,6 +41,8 @@ class Family:
     wide_qk_norm: bool = False
     tensor_parallel: str | None = None
     vllm: bool = False
+    local_layers: bool = False
+    learned_sinks: str | None = None
 
 
 _GATHERED = "transformers' tp_plan gathers the q/k/v outputs on every rank (colwise_gather_output), so heads are not rank-local"
@@ -53,16 +61,19 @@ FAMILIES = {
         Family("olmo2", wide_qk_norm=True, tensor_parallel=_GATHERED),
         Family("granite"),  # attention_multiplier: the module's `scaling`, passed to the attention function
         Family("glm4"),  # partial RoPE and q/k/v biases
+        Family("gemma2", local_layers=True),  # logit soft-capping; query_pre_attn_scalar is the module's `scaling`
+        Family("gemma3_text", local_layers=True),  # per-head q/k RMSNorm; local layers have their own RoPE base
+        Family("gemma3", layers="model.language_model.layers", local_layers=True),  # the text decoder of Gemma 3 (image input not run)
+        Family("gpt_oss", local_layers=True, learned_sinks="sinks"),  # experts and router untouched, as Mixtral's
+        Family("olmo3", wide_qk_norm=True, tensor_parallel=_GATHERED, local_layers=True),  # OLMo 2's attention
     )
 }
 
 # Families duohead refuses, and what their attention needs that duohead's does not have yet.
 UNSUPPORTED = {
-    "gemma2": "attention-logit soft-capping and alternating local sliding-window layers",
-    "gemma3": "alternating local sliding-window layers (under a multimodal wrapper)",
-    "gemma3_text": "alternating local sliding-window layers",
-    "gpt_oss": "learned per-head attention sinks (a softmax logit per query head) and alternating sliding layers",
-    "olmo3": "alternating local sliding-window layers",
+    "llama4": "chunked local attention layers and no-RoPE global layers with attention temperature tuning",
+    "llama4_text": "chunked local attention layers and no-RoPE global layers with attention temperature tuning",
+    "deepseek_v3": "multi-head latent attention (one compressed KV per token, no KV heads to split)",
 }
 
 
@@ -133,18 +144,57 @@ def check_sink_window(sink: Any, window: Any, where: str = "") -> None:
 @dataclass(frozen=True)
 class LayerLayout:
     """One layer's head layout. kv_order[i] = original index of the KV head now in place i; the first
-    `num_retrieval_heads` places are retrieval heads, the rest stream with `sink` + `window` tokens."""
+    `num_retrieval_heads` places are retrieval heads, the rest stream with `sink` + `window` tokens. `local`: the
+    model's own local sliding-window layer (every head streaming, sink 0, its window), which the stock model also
+    keeps at `window` tokens."""
 
     num_retrieval_heads: int
     sink: int
     window: int
     kv_order: tuple[int, ...]
+    local: bool = False
+
+    def full_tokens(self, tokens: int) -> int:
+        """Tokens the stock model keeps per head of this layer after `tokens` tokens."""
+        return min(tokens, self.window) if self.local else tokens
 
     @classmethod
     def from_retrieval(cls, retrieval: list[bool], sink: int, window: int) -> LayerLayout:
         """The layout that puts the retrieval heads (True in `retrieval`, one per KV head) first, order kept."""
         order = [h for h, r in enumerate(retrieval) if r] + [h for h, r in enumerate(retrieval) if not r]
         return cls(sum(retrieval), sink, window, tuple(order))
+
+
+def local_window(config: Any, layer: int) -> int | None:
+    """The sliding window (tokens) of layer `layer` if it is a local layer duohead keeps as it is (`Family.local_layers`:
+    `config.layer_types[layer]` is "sliding_attention" and `config.sliding_window` is set), else None."""
+    config = text_config(config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES or not FAMILIES[model_type].local_layers:
+        return None
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    return window if window and layer < len(types) and types[layer] == "sliding_attention" else None
+
+
+def pattern_layers(config: Any) -> list[int]:
+    """Indices of the layers a head pattern covers: every layer, except a family's local sliding-window layers."""
+    return [i for i in range(text_config(config).num_hidden_layers) if local_window(config, i) is None]
+
+
+def model_layouts(config: Any, retrieval: list[list[bool]], sink: int, window: int) -> list[LayerLayout]:
+    """The `LayerLayout` of every layer: the pattern's rows (`retrieval` [len(pattern_layers)][Hkv], True = retrieval
+    head) on the layers it covers, and on a local layer of window W every KV head streaming with sink 0 and window W
+    (the Λ rule then is the model's own sliding window: j <= i and i - j < W)."""
+    covered = pattern_layers(config)
+    if len(retrieval) != len(covered):
+        raise ValueError(f"the layout has {len(retrieval)} rows; this model has {len(covered)} layers a pattern covers")
+    rows = dict(zip(covered, retrieval))
+    kv_heads = num_kv_heads(config)
+    return [
+        LayerLayout.from_retrieval(rows[i], sink, window) if i in rows else LayerLayout(0, 0, local_window(config, i), tuple(range(kv_heads)), local=True)
+        for i in range(text_config(config).num_hidden_layers)
+    ]
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -367,7 +367,8 @@ class DuoCacheLayer(CacheLayerMixin):
         shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
         hs = self.num_kv_heads - self.num_retrieval_heads
         slots = self.sink + self.streaming.ring_k.shape[2] if self.streaming else 0
-        held = kv_bytes(self.num_retrieval_heads, hs, int(self.seen), slots, *shape)
+        seen = int(self.seen)
+        held = kv_bytes(self.num_retrieval_heads, hs, seen, slots, *shape, full_tokens=self.layout.full_tokens(seen))
         capacity = self.retrieval.keys.shape[2] if self.retrieval else 0
         reserved = held["streaming_bytes"] + kv_bytes(self.num_retrieval_heads, 0, capacity, 0, *shape)["retrieval_bytes"]
         return {**held, "reserved_bytes": reserved}
@@ -520,6 +521,7 @@ class DynamicDuoLayer(DuoCacheLayer):
             return super().memory()
         shape = (self.head_dim, self.dtype.itemsize, self.real_seen.shape[0])
         held = kv_bytes(self.num_kv_heads, 0, self.seen, 0, *shape)
+        held["full_bytes"] = kv_bytes(self.num_kv_heads, 0, self.layout.full_tokens(self.seen), 0, *shape)["full_bytes"]
         reserved = kv_bytes(self.num_kv_heads, 0, self.unsplit.keys.shape[2], 0, *shape)["retrieval_bytes"]
         return {**held, "reserved_bytes": reserved}
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duohead.architecture import LayerLayout, attention_modules, check_architecture, layer_layouts
+from duohead.architecture import LayerLayout, attention_modules, check_architecture, family, layer_layouts, model_layouts
 from duohead.attention import ATTENTION_NAME, register
 from duohead.cache import DuoCache, cache_argument
 from duohead.catalogue import resolve_pattern
@@ -131,15 +131,15 @@ def enable(
     _check_not_quantized(model)
     chosen = deploy(pattern, model.config, sparsity=sparsity, threshold=threshold, sink=sink, window=window)
     sliding = getattr(model.config, "sliding_window", None)
-    if sliding is not None and getattr(model.config, "use_sliding_window", True):
+    local = family(model.config.model_type).local_layers  # its sliding layers keep their window; the others have none
+    if sliding is not None and getattr(model.config, "use_sliding_window", True) and not local:
         logger.warning("duohead: retrieval heads attend to the whole context, ignoring the model's sliding window of %d", sliding)
     check_weights_in_place(model)  # offloaded weights would be restored at each forward, undoing the reorder
     shard = head_shard(model)  # tensor parallel: this rank's KV heads (refuses a plan duohead cannot follow)
     if is_enabled(model):
         disable(model)
 
-    retrieval_rows = chosen.layout.tolist()
-    layouts = rank_layouts([LayerLayout.from_retrieval(row, chosen.sink, chosen.window) for row in retrieval_rows], shard)
+    layouts = rank_layouts(model_layouts(model.config, chosen.layout.tolist(), chosen.sink, chosen.window), shard)
     state = _EnabledState(model.config._attn_implementation, type(model), chosen.pattern, chosen.layout, chosen.sparsity)
     _attach(model, layouts, state)
     logger.info("duohead: %s", chosen.describe())

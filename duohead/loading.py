@@ -172,7 +172,8 @@ def load_model(
     folder = resolve_model_path(path, gguf_file)
     placement = {"tp_plan": "auto"} if tp else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **placement).eval()
+        # transformers' default attention: SDPA, or eager where the family's SDPA path lacks soft caps / sinks
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
     except pickle.UnpicklingError:
         raise ValueError(
             f"{folder}: a weights file holds pickled objects besides tensors, which are not loaded (they could run code); "

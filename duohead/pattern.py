@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, check_sink_window, head_dim, num_kv_heads, text_config
+from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, check_sink_window, head_dim, num_kv_heads, pattern_layers, text_config
 from duohead.files import atomic_write_text, read_regular_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
@@ -294,17 +294,21 @@ class HeadPattern:
         where = f"pattern {self.source}" if self.source else "pattern"
         made_for = self.model.get("hf_id") or self.model.get("name") or self.model.get("architecture") or "another model"
         mine = (self.num_layers, self.num_kv_heads, self.model.get("head_dim"))
-        theirs = (config.num_hidden_layers, num_kv_heads(config), head_dim(config))
+        covered = len(pattern_layers(config))
+        theirs = (covered, num_kv_heads(config), head_dim(config))
         if mine[:2] != theirs[:2] or (mine[2] is not None and mine[2] != theirs[2]):
             dim = lambda d: "" if d is None else f" x head dim {d}"
+            local = config.num_hidden_layers - covered
+            of = f" global layers (its other {local} are local sliding-window layers, which keep their own window)" if local else " layers"
             raise ValueError(
                 f"{where} was made for {made_for} with {mine[0]} layers x {mine[1]} KV heads{dim(mine[2])}; "
-                f"this model ({model_type or '?'}) has {theirs[0]} layers x {theirs[1]} KV heads"
+                f"this model ({model_type or '?'}) has {theirs[0]}{of} x {theirs[1]} KV heads"
                 f"{dim(theirs[2] if mine[2] else None)}"
             )
         check_positions(self.sink, self.window, config, where=f"{where}: ")
         architecture = self.model.get("architecture")
-        if architecture is not None and model_type is not None and architecture != model_type:
+        decoder_types = {model_type, getattr(model_config, "model_type", None)}  # Gemma 3: "gemma3" holds a "gemma3_text"
+        if architecture is not None and model_type is not None and architecture not in decoder_types:
             raise ValueError(
                 f"{where} was made for {made_for}, a {architecture!r} model; this model is {model_type!r}: "
                 "a pattern's gates belong to the model they were calibrated on"

@@ -71,6 +71,8 @@ class Plan:
     sink: int
     window: int
     streaming_heads: int
+    local_layers: int
+    local_window: int | None
     gpu_memory: int | None
     max_position_embeddings: int | None
     ranks: list[RankPlan]
@@ -238,33 +240,36 @@ def plan_deployment(
 
     Raises ValueError where the KV heads do not split evenly over `tp` ranks (as duohead refuses at enable)."""
     from duohead.architecture import (
-        LayerLayout,
         check_architecture,
         check_sink_window,
         check_tensor_parallel,
+        model_layouts,
         num_kv_heads,
+        pattern_layers,
         text_config,
     )
     from duohead.architecture import head_dim as head_dim_of
     from duohead.sharding import HeadShard, rank_layouts
 
-    config = text_config(config)
+    whole, config = config, text_config(config)
     check_architecture(getattr(config, "model_type", None), "duohead plan")
     if tp > 1:
         check_tensor_parallel(config.model_type, "duohead plan")
     check_sink_window(sink, window)
     layers, kv_heads = config.num_hidden_layers, num_kv_heads(config)
     head_dim = head_dim_of(config)
-    if tuple(layout.shape) != (layers, kv_heads):
-        raise ValueError(f"the layout is {tuple(layout.shape)}; this model has {layers} layers x {kv_heads} KV heads")
+    covered = len(pattern_layers(config))
+    if tuple(layout.shape) != (covered, kv_heads):
+        local = f" global layers (and {layers - covered} local sliding-window ones)" if covered < layers else " layers"
+        raise ValueError(f"the layout is {tuple(layout.shape)}; this model has {covered}{local} x {kv_heads} KV heads")
     _check_tp(kv_heads, tp)
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be >= 1; got context {context}, batch {batch}")
     import torch
 
     itemsize = getattr(torch, dtype).itemsize  # dtype: a torch dtype's name ("bfloat16", ...)
-    weights = weight_bytes_per_rank(config, tp, itemsize)
-    layouts = [LayerLayout.from_retrieval(row, sink, window) for row in layout.tolist()]
+    weights = weight_bytes_per_rank(whole, tp, itemsize)  # a multimodal model's other towers too
+    layouts = model_layouts(config, layout.tolist(), sink, window)
     per_rank = kv_heads // tp
     ranks = []
     for rank in range(tp):
@@ -273,9 +278,10 @@ def plan_deployment(
         per_token = {"retrieval_bytes": 0, "full_bytes": 0}
         for lay in rank_layouts(layouts, shard):
             hr, hs = lay.num_retrieval_heads, len(lay.kv_order) - lay.num_retrieval_heads
-            for key, value in kv_bytes(hr, hs, context, sink + window, head_dim, itemsize, batch).items():
+            slots, full_tokens = lay.sink + lay.window, lay.full_tokens(context)
+            for key, value in kv_bytes(hr, hs, context, slots, head_dim, itemsize, batch, full_tokens).items():
                 sizes[key] += value
-            one = kv_bytes(hr, hs, 1, 0, head_dim, itemsize, batch)
+            one = kv_bytes(hr, hs, 1, 0, head_dim, itemsize, batch, 0 if lay.local else None)
             per_token = {key: per_token[key] + one[key] for key in per_token}
         budget = None if gpu_memory is None else gpu_memory - weights[rank]
         ranks.append(RankPlan(
@@ -292,6 +298,7 @@ def plan_deployment(
     return Plan(
         model_type=config.model_type, layers=layers, query_heads=config.num_attention_heads, kv_heads=kv_heads,
         head_dim=head_dim, dtype=dtype, tp=tp, batch=batch, context=context, sink=sink, window=window,
-        streaming_heads=int((~layout).sum()), gpu_memory=gpu_memory,
+        streaming_heads=int((~layout).sum()), local_layers=layers - covered,
+        local_window=getattr(config, "sliding_window", None) if covered < layers else None, gpu_memory=gpu_memory,
         max_position_embeddings=getattr(config, "max_position_embeddings", None), ranks=ranks,
     )  # fmt: skip

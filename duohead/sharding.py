@@ -13,6 +13,7 @@ Shape letters: Hq query heads, Hkv KV heads (both global unless said per rank), 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -158,7 +159,8 @@ def rank_layouts(layouts: list[LayerLayout], shard: HeadShard | None) -> list[La
         retrieval = [False] * len(layout.kv_order)
         for place, head in enumerate(layout.kv_order):
             retrieval[head] = place < layout.num_retrieval_heads
-        sliced.append(LayerLayout.from_retrieval(retrieval[shard.start : shard.stop], layout.sink, layout.window))
+        rank_layout = LayerLayout.from_retrieval(retrieval[shard.start : shard.stop], layout.sink, layout.window)
+        sliced.append(dataclasses.replace(rank_layout, local=layout.local))
     return sliced
 
 
@@ -195,3 +197,7 @@ def permute_heads(attn: torch.nn.Module, kv_order: list[int]) -> None:
                 local.copy_(local.index_select(0, rows.to(local.device)))
     local = local_shard(attn.o_proj.weight)
     local.copy_(local.index_select(1, _head_rows(kv_order, attn.num_key_value_groups, attn.head_dim).to(local.device)))
+    sinks = family(attn.config.model_type).learned_sinks
+    if sinks is not None:  # one logit per query head: the query heads of KV head kv_order[i] move to place i
+        local = local_shard(getattr(attn, sinks))
+        local.copy_(local.index_select(0, _head_rows(kv_order, attn.num_key_value_groups, 1).to(local.device)))

@@ -15,7 +15,7 @@ from tiny_models import FAMILIES, mixed_gates, oracle_model, tiny_model
 import duohead
 from duohead import DuoCache, HeadPattern
 from duohead.architecture import FAMILIES as SUPPORTED
-from duohead.architecture import UNSUPPORTED, check_architecture
+from duohead.architecture import UNSUPPORTED, attention_modules, check_architecture, pattern_layers
 from duohead.cache import cache_argument
 from duohead.calibrate.data import PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
@@ -23,6 +23,11 @@ from duohead.commands.calibrate import main as calibrate_main
 from duohead.commands.plan import main as plan_main
 from duohead.planner import plan_deployment
 from duohead.vllm.settings import deployment_for
+
+def per_head_parameters(kind) -> list[str]:
+    """Names (under self_attn) of the parameters a swap of two KV heads must change."""
+    return [f"{kind.fused_qkv or 'q_proj'}.weight"] + ([f"{kind.learned_sinks}"] if kind.learned_sinks else [])
+
 
 NEW = [arch for arch in FAMILIES if not SUPPORTED[arch].vllm]  # the families the vLLM plugin does not run
 
@@ -40,14 +45,17 @@ def test_enable_changes_only_attention_and_disable_restores_every_parameter(arch
     duohead.enable(model, HeadPattern(gates, sink=4, window=8), sparsity=0.5)
     changed = {name for name, p in model.state_dict().items() if not torch.equal(p, before[name])}
     assert changed and all(".self_attn." in name for name in changed)  # MLP, experts, router, norms untouched
-    projection = SUPPORTED[arch].fused_qkv or "q_proj"
-    assert {f"model.layers.{i}.self_attn.{projection}.weight" for i in range(3)} <= changed
+    kind, names = SUPPORTED[arch], {module: name for name, module in model.named_modules()}
+    modules = attention_modules(model)
+    swapped = {f"{names[modules[i]]}.{name}" for i in pattern_layers(model.config) for name in per_head_parameters(kind)}
+    assert swapped <= changed  # every global layer's per-head parameters (the learned sinks too), local layers none
+    assert len(pattern_layers(model.config)) == 3
     duohead.disable(model)
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
     assert (model.config._attn_implementation, type(model)) == (implementation, cls)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phi3", "smollm3", "granite"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phi3", "smollm3", "granite", "gemma3", "gpt_oss"])
 def test_plan_kv_bytes_equal_a_real_duocache(arch):
     model = tiny_model(arch)
     pattern = HeadPattern(mixed_gates(3, 2, seed=1), sink=4, window=8)
@@ -64,10 +72,15 @@ def test_plan_kv_bytes_equal_a_real_duocache(arch):
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_plan_from_the_family_config(arch, tmp_path, capsys):
-    tiny_model(arch, heads=8, kv_heads=4).config.save_pretrained(tmp_path)
+    config = tiny_model(arch, heads=8, kv_heads=4).config
+    config.save_pretrained(tmp_path)
+    text = config.get_text_config()
     common = ["--model", str(tmp_path), "--sparsity", "0.5", "--context", "4K"]
     assert plan_main(common) == 0
-    assert f"model: {arch}, 3 layers x 4 KV heads" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"model: {text.model_type}, {text.num_hidden_layers} layers x 4 KV heads" in out
+    assert "6 of 12 KV heads stream" in out  # the 3 layers a pattern covers
+    assert ("3 local sliding-window layers keep their own window (of 6 tokens)" in out) == SUPPORTED[arch].local_layers
     if SUPPORTED[arch].tensor_parallel is not None:
         assert plan_main([*common, "--tp", "2"]) == 2
         assert f"cannot run {arch!r} tensor-parallel: transformers' tp_plan gathers" in capsys.readouterr().err
@@ -77,22 +90,17 @@ def test_plan_from_the_family_config(arch, tmp_path, capsys):
 def test_a_pattern_for_another_family_is_refused_naming_both(arch):
     model = tiny_model(arch)
     pattern = HeadPattern(torch.ones(3, 2), model={"name": "tiny-llama", "architecture": "llama"})
-    with pytest.raises(ValueError, match=f"a 'llama' model; this model is {arch!r}"):
+    text_type = model.config.get_text_config().model_type
+    with pytest.raises(ValueError, match=f"a 'llama' model; this model is {text_type!r}"):
         duohead.enable(model, pattern)
-    with pytest.raises(ValueError, match=rf"this model \({arch}\) has 3 layers x 2 KV heads"):
+    with pytest.raises(ValueError, match=rf"this model \({text_type}\) has 3 (global )?layers.* x 2 KV heads"):
         duohead.enable(model, HeadPattern(torch.ones(2, 2)))
 
 
-@pytest.mark.parametrize(
-    "config_class, model_type",
-    [("Gemma2Config", "gemma2"), ("Gemma3TextConfig", "gemma3_text"), ("GptOssConfig", "gpt_oss")],
-)
+@pytest.mark.parametrize("config_class, model_type", [("Llama4TextConfig", "llama4_text"), ("DeepseekV3Config", "deepseek_v3")])
 def test_families_with_new_attention_math_are_refused_with_what_is_missing(config_class, model_type):
-    config = getattr(transformers, config_class)(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16,
-    )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = torch.nn.Module()  # refused on its config, before any weight is read
+    model.config = getattr(transformers, config_class)()
     with pytest.raises(ValueError) as refused:
         duohead.enable(model, HeadPattern(torch.ones(2, 2)))
     message = str(refused.value)
@@ -101,7 +109,7 @@ def test_families_with_new_attention_math_are_refused_with_what_is_missing(confi
 
 
 def test_an_unknown_family_is_refused_with_the_supported_list():
-    with pytest.raises(ValueError, match=r"architecture 'bert'; supported: glm4, granite, llama, mistral, mixtral"):
+    with pytest.raises(ValueError, match=r"architecture 'bert'; supported: gemma2, gemma3, gemma3_text, glm4, gpt_oss, granite, llama, mistral"):
         check_architecture("bert")
 
 
@@ -109,7 +117,8 @@ def test_an_unknown_family_is_refused_with_the_supported_list():
 def test_the_vllm_plugin_refuses_a_family_it_does_not_run(arch):
     config = tiny_model(arch).config
     config.duohead = {"pattern": "auto"}
-    with pytest.raises(ValueError, match=rf"vLLM plugin does not support architecture {arch!r} \(duohead supports it in "):
+    decoder = config.get_text_config().model_type  # Gemma 3: its "gemma3_text" decoder is what is refused
+    with pytest.raises(ValueError, match=rf"vLLM plugin does not support architecture {decoder!r} \(duohead supports it in "):
         deployment_for(config)
 
 
@@ -150,7 +159,7 @@ def test_calibrate_writes_a_pattern_the_family_enables(arch, tokenizer, tmp_path
 
 
 @pytest.mark.parametrize(
-    "architecture, refused", [("qwen2moe", None), ("qwen3moe", None), ("phi3", None), ("gemma2", "soft-capping")]
+    "architecture, refused", [("qwen2moe", None), ("qwen3moe", None), ("phi3", None), ("gemma2", None), ("llama4", "chunked")]
 )
 def test_a_gguf_file_is_checked_by_the_family_transformers_loads_it_as(architecture, refused, tmp_path):
     import gguf

@@ -41,6 +41,7 @@ GATES = {
 EVEN_VOCAB = 98  # transformers 5.17 shards lm_head's output across ranks: the vocabulary must divide by WORLD
 TP_FAMILIES = [arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is None]  # transformers' plan, followed
 CASES = [(arch, "balanced") for arch in TP_FAMILIES] + [("qwen2", "skewed")]
+REPLICATED = ["gpt_oss"]  # transformers' plan shards its experts, not its attention: duohead runs every head on each rank
 GATHERED = [arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is not None]  # refused: q/k/v gathered
 
 
@@ -98,8 +99,13 @@ def test_tensor_parallel_greedy_tokens_equal_single_process(tp_run, arch, patter
     assert not bool(mask.all())  # the batch is padded
     for rank in ranks:
         assert rank["tokens"] == tokens  # chunked prefill of a padded batch, then decode
-        assert rank["q_rows"] == [4 * 16] * 3  # each rank computes 4 of the 8 query heads
+        layers = AutoConfig.from_pretrained(tp_run / arch).get_text_config().num_hidden_layers  # local layers too
+        heads = 8 if arch in REPLICATED else 4  # each rank computes 4 of the 8 query heads, or all where replicated
+        assert rank["q_rows"] == [heads * 16] * layers
         assert rank["restored"]  # disable() put the local shards back exactly
+    if arch in REPLICATED:  # every rank holds every head's KV, as stock transformers does for this plan
+        assert all(rank["memory"] == memory for rank in ranks)
+        return
     for key in memory:  # the ranks' caches hold the heads of the single-process cache between them
         assert sum(rank["memory"][key] for rank in ranks) == memory[key], key
         assert all(rank["memory"][key] < memory[key] for rank in ranks if memory[key]), key

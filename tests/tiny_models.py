@@ -9,6 +9,7 @@ import transformers
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from duohead.architecture import FAMILIES as SUPPORTED
+from duohead.architecture import attention_modules, pattern_layers
 
 IN_VOCABULARY = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # where a family's defaults exceed 97 tokens
 # family -> (transformers config class, the fields that make its special layers appear in a tiny model)
@@ -29,26 +30,47 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", IN_VOCABULARY),
     "granite": ("GraniteConfig", {"attention_multiplier": 0.4, "embedding_multiplier": 2.0, "residual_multiplier": 0.5}),
     "glm4": ("Glm4Config", {"attention_bias": True, **IN_VOCABULARY}),
+    # local sliding-window layers (tiny_model puts one before each global layer); a soft cap low enough to matter
+    "gemma2": ("Gemma2Config", {"attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 24, **IN_VOCABULARY}),
+    "gemma3_text": ("Gemma3TextConfig", {"query_pre_attn_scalar": 24, **IN_VOCABULARY}),
+    "gemma3": ("Gemma3Config", {"query_pre_attn_scalar": 24, **IN_VOCABULARY}),  # its text decoder; tiny vision tower
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True, **IN_VOCABULARY}),
+    "olmo3": ("Olmo3Config", IN_VOCABULARY),
 }  # fmt: skip
+LOCAL_WINDOW = 6  # tokens of the tiny models' local layers
+EAGER = ("gemma2", "gpt_oss")  # stock attention is eager (transformers' SDPA path has no soft cap / sinks)
 ARCHITECTURES = tuple(arch for arch in FAMILIES if SUPPORTED[arch].vllm)  # the families duohead's vLLM plugin runs
 
 
 def tiny_model(
     arch: str = "llama", *, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 97, seed: int = 0, **config
 ):
-    """A seeded random model (fp32, eval, sdpa) small enough to run hundreds of forwards in seconds. `config`
-    overrides the config's other fields (hidden_size 64, head_dim 16, ...). Biases and q/k norm weights are
-    random (not zeros / ones), so a reorder that forgot them would change the output."""
+    """A seeded random model (fp32, eval, sdpa; eager where transformers' SDPA lacks the family's score changes) small
+    enough to run hundreds of forwards in seconds. `config` overrides the config's other fields (hidden_size 64,
+    head_dim 16, ...). Biases, learned sinks and q/k norm weights are random (not zeros / ones), so a reorder that forgot
+    them would change the output. In a family with local sliding-window layers `layers` counts the global ones (those
+    a pattern covers), each preceded by a local layer of `LOCAL_WINDOW` tokens: 2 * layers in all."""
     torch.manual_seed(seed)
     fields = {"hidden_size": 64, "intermediate_size": 96, "head_dim": 16, "max_position_embeddings": 1024}
-    config = getattr(transformers, FAMILIES[arch][0])(
+    if SUPPORTED[arch].local_layers:
+        fields.update(sliding_window=LOCAL_WINDOW, layer_types=["sliding_attention", "full_attention"] * layers)
+        layers *= 2
+    fields = dict(
         vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         **{**fields, **FAMILIES[arch][1], **config},
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    config_class = getattr(transformers, FAMILIES[arch][0])
+    if arch == "gemma3":  # a multimodal config: the decoder's fields go to its text config
+        vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}  # fmt: skip
+        config = config_class(text_config=fields, vision_config=vision, mm_tokens_per_image=4, image_token_index=96)
+    else:
+        config = config_class(**fields)
+    implementation = "eager" if arch in EAGER else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith(("bias", "sinks")):
                 param.normal_(0, 0.5)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.normal_(1, 0.3)
@@ -59,8 +81,10 @@ def tiny_model(
 
 def lambda_oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention over the whole sequence with an explicit per-head mask: retrieval KV heads causal,
-    streaming KV heads Λ (j <= i and (j < sink or i - j < window)). Heads in their original order.
-    Expects no cache and no padding. Independent of duohead's own code paths."""
+    streaming KV heads Λ (j <= i and (j < sink or i - j < window)); a local layer (sliding_window set) every head
+    j <= i and i - j < sliding window, as the stock model. Soft cap (`softcap`) and learned sinks (`s_aux`) as the
+    stock eager attention applies them. Heads in their original order. Expects no cache and no padding. Independent
+    of duohead's own code paths."""
     retrieval, sink, window = module.oracle_layout  # retrieval: list[bool] per KV head
     t = query.shape[2]
     i = torch.arange(t)[:, None]
@@ -69,11 +93,17 @@ def lambda_oracle_attention(module, query, key, value, attention_mask, scaling=N
     streaming = causal & ((j < sink) | (i - j < window))
     group = query.shape[1] // key.shape[1]
     masks = torch.stack([causal if retrieval[h // group] else streaming for h in range(query.shape[1])])
+    if kwargs.get("sliding_window"):
+        masks = (causal & (i - j < kwargs["sliding_window"])).expand(query.shape[1], t, t)
     k = key.repeat_interleave(group, dim=1)
     v = value.repeat_interleave(group, dim=1)
     scores = (query @ k.transpose(-1, -2)) * scaling
+    if kwargs.get("softcap") is not None:
+        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
     scores = scores.masked_fill(~masks[None], float("-inf"))
-    out = torch.softmax(scores.float(), dim=-1).to(query.dtype) @ v
+    if kwargs.get("s_aux") is not None:  # one extra logit per query head, its value dropped
+        scores = torch.cat([scores, kwargs["s_aux"][None, :, None, None].expand(*scores.shape[:3], 1)], dim=-1)
+    out = torch.softmax(scores.float(), dim=-1)[..., :t].to(query.dtype) @ v
     return out.transpose(1, 2), None
 
 
@@ -81,10 +111,15 @@ AttentionInterface.register("lambda_oracle", lambda_oracle_attention)
 
 
 def oracle_model(model, layout: torch.Tensor, sink: int, window: int):
-    """A copy of an unmodified `model` that applies the explicit Λ mask of `layout` ([L, Hkv] bool, True = retrieval)."""
+    """A copy of an unmodified `model` that applies the explicit Λ mask of `layout` ([L, Hkv] bool, True = retrieval;
+    one row per layer a pattern covers: local layers keep their sliding window)."""
     oracle = copy.deepcopy(model)
-    for layer, retrieval in zip(oracle.model.layers, layout.tolist()):
-        layer.self_attn.oracle_layout = (retrieval, sink, window)
+    modules = attention_modules(oracle)
+    for index, retrieval in zip(pattern_layers(oracle.config), layout.tolist(), strict=True):
+        modules[index].oracle_layout = (retrieval, sink, window)
+    for module in modules:
+        if not hasattr(module, "oracle_layout"):  # a local layer: every head sees its sliding window
+            module.oracle_layout = ([False] * module.config.num_key_value_heads, 0, module.sliding_window)
     oracle.set_attn_implementation("lambda_oracle")
     return oracle
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from duohead.architecture import check_architecture, check_sink_window, num_kv_heads
+from duohead.architecture import check_architecture, check_sink_window, local_window, num_kv_heads, pattern_layers
 from duohead.kernels.oracle import lambda_visible
+from duohead.kernels.reference import masked_attention
 
 GATED_ATTENTION = "duohead-calibrate"
 GATING_KWARG = "duohead_gating"
@@ -30,11 +31,13 @@ MIN_BLOCK = 128  # query rows per block of the streaming branch, at least the wi
 
 @dataclass
 class Gating:
-    """gates [L, Hkv] (the learnable alphas; 1 = full attention) and the streaming heads' sink/window."""
+    """gates [L', Hkv] (the learnable alphas; 1 = full attention), one row per layer a pattern covers
+    (`architecture.pattern_layers`: rows[layer index] = its row), and the streaming heads' sink/window."""
 
     gates: torch.Tensor
     sink: int
     window: int
+    rows: dict[int, int]
 
 
 def streaming_attention(
@@ -116,7 +119,10 @@ def gated_attention(
     """Attention function for transformers: per KV head, alpha * causal attention + (1 - alpha) * Λ attention.
 
     query [B, Hq, T, D]; key, value [B, Hkv, T, D] (a whole sequence, no cache); the gates come from the
-    `duohead_gating` keyword (a `Gating`), row `module.layer_idx`. Returns ([B, T, Hq, D], None).
+    `duohead_gating` keyword (a `Gating`), the row of layer `module.layer_idx`. A local sliding-window layer has no
+    gates: it runs its own window (the Λ rule with sink 0), as at inference. Returns ([B, T, Hq, D], None).
+    With a soft cap or learned sinks (`softcap`, `s_aux`) both branches run an explicit softmax over a [T, T] mask
+    (`explicit_branches`), as the stock modules of those families do: memory O(T^2) per layer.
     """
     gating = kwargs.get(GATING_KWARG)
     if not isinstance(gating, Gating):
@@ -127,11 +133,44 @@ def gated_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     group = query.shape[1] // key.shape[1]
-    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=group > 1)
-    stream = streaming_attention(query, key, value, gating.sink, gating.window, scaling)
-    alpha = gating.gates[module.layer_idx].repeat_interleave(group).to(query.dtype)[None, :, None, None]  # [1, Hq, 1, 1]
+    changes = {"softcap": kwargs.get("softcap"), "sinks": kwargs.get("s_aux")}
+    local = local_window(module.config, module.layer_idx)
+    if changes["softcap"] is not None or changes["sinks"] is not None:
+        sink, window = (0, local) if local is not None else (gating.sink, gating.window)
+        full, stream = explicit_branches(query, key, value, sink, window, scaling, **changes)
+        if local is not None:
+            return stream.transpose(1, 2), None
+    elif local is not None:
+        return streaming_attention(query, key, value, 0, local, scaling).transpose(1, 2), None
+    else:
+        full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=group > 1)
+        stream = streaming_attention(query, key, value, gating.sink, gating.window, scaling)
+    row = gating.gates[gating.rows[module.layer_idx]]
+    alpha = row.repeat_interleave(group).to(query.dtype)[None, :, None, None]  # [1, Hq, 1, 1]
     out = alpha * full + (1 - alpha) * stream
     return out.transpose(1, 2), None
+
+
+def explicit_branches(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    scaling: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal, Λ) attention over a whole sequence with a soft cap and/or learned sinks [Hq] (the torch kernel's
+    explicit softmax, differentiable): q [B, Hq, T, D]; k, v [B, Hkv, T, D] -> two [B, Hq, T, D]."""
+    pos = torch.arange(q.shape[2], device=q.device)
+    causal = lambda_visible(pos[:, None], pos[None, :], q.shape[2], 1)[None]  # sink >= T: every earlier key
+    streaming = lambda_visible(pos[:, None], pos[None, :], sink, window)[None]
+    changes = {"softcap": softcap, "sinks": sinks}
+    return (
+        masked_attention(q, k, v, causal, scaling, padded=False, **changes),
+        masked_attention(q, k, v, streaming, scaling, padded=False, **changes),
+    )
 
 
 def gated_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
@@ -179,7 +218,9 @@ class GatedModel:
         self.model = model
         self.sink, self.window = sink, window
         device = next(model.parameters()).device
-        self.gates = torch.nn.Parameter(torch.ones(config.num_hidden_layers, num_kv_heads(config), device=device))
+        covered = pattern_layers(config)
+        self.rows = {layer: row for row, layer in enumerate(covered)}  # layer index -> its row of gates
+        self.gates = torch.nn.Parameter(torch.ones(len(covered), num_kv_heads(config), device=device))
 
     @torch.no_grad()
     def teacher_states(self, input_ids: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
@@ -195,7 +236,7 @@ class GatedModel:
         self.model.train()  # gradient checkpointing runs in training mode only; these models have no dropout
         try:
             with _attention(self.model, GATED_ATTENTION):
-                gating = Gating(self.gates, self.sink, self.window)
+                gating = Gating(self.gates, self.sink, self.window, self.rows)
                 out = self.model.base_model(input_ids=input_ids, use_cache=False, **{GATING_KWARG: gating})
                 loss = F.mse_loss(out.last_hidden_state[0, supervised].float(), target.float())
                 loss.backward()

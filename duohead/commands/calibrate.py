@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW
+from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, family, text_config
 from duohead.calibrate.settings import (
     CHECKPOINT,
     HAYSTACK_LIMIT,
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
+    config = text_config(config)
     max_positions = getattr(config, "max_position_embeddings", None) or 32768
     ctx_max = args.ctx_max if args.ctx_max is not None else min(max_positions, 32768)
     ctx_min = (
@@ -135,6 +136,7 @@ def _context_range(args: argparse.Namespace, config) -> tuple[int, int]:
     if ctx_max > max_positions:
         raise ValueError(f"--ctx-max {ctx_max} is longer than the model allows ({max_positions} positions); lower --ctx-max")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    window = None if family(config.model_type).local_layers else window  # only its local layers slide; they keep it
     if window is not None and ctx_max > window:
         raise ValueError(f"--ctx-max {ctx_max} exceeds the model's own sliding window ({window}); lower --ctx-max")
     if ctx_min > ctx_max:

@@ -38,10 +38,12 @@ def _tokens(n: int | None) -> str:
 def format_plan(plan: Plan) -> str:
     """The plan as a short table: per GPU (the fullest rank when they differ), full attention beside duohead."""
     r = plan.fullest()
-    heads = plan.layers * plan.kv_heads
+    heads = (plan.layers - plan.local_layers) * plan.kv_heads
     lines = [
         f"model: {plan.model_type}, {plan.layers} layers x {plan.kv_heads} KV heads ({plan.query_heads} query heads), "
         f"head dim {plan.head_dim}, {plan.dtype}",
+        *[f"{plan.local_layers} local sliding-window layers keep their own window (of {plan.local_window} tokens) in both columns"]
+        * (plan.local_layers > 0),
         f"duohead: {plan.streaming_heads} of {heads} KV heads stream (sparsity {plan.streaming_heads / heads:.2f}), "
         f"sink {plan.sink}, window {plan.window}",
         f"context {format_tokens(plan.context)} tokens x batch {plan.batch}, tensor parallel over {plan.tp} GPU(s)",
@@ -120,7 +122,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _plan(args: argparse.Namespace) -> int:
     _check_args(args)
-    from duohead.architecture import num_kv_heads, text_config
+    from duohead.architecture import num_kv_heads, pattern_layers, text_config
 
     gpu_memory = args.gpu_memory
     config = _config(args)
@@ -136,7 +138,7 @@ def _plan(args: argparse.Namespace) -> int:
         window = pattern.window if args.window is None else args.window
     else:
         tc = text_config(config)
-        layout = spread_layout(tc.num_hidden_layers, num_kv_heads(tc), args.tp, args.sparsity)
+        layout = spread_layout(len(pattern_layers(tc)), num_kv_heads(tc), args.tp, args.sparsity)
         sink = DEFAULT_SINK if args.sink is None else args.sink
         window = DEFAULT_WINDOW if args.window is None else args.window
     plan = plan_deployment(

@@ -205,16 +205,35 @@ def split_margin(device: torch.device) -> int:
     return backend.margin(device.type)
 
 
+def _score_changes(softcap: float | None, sinks: Tensor | None) -> tuple[str, ...]:
+    """The `Backend.score_changes` a call needs."""
+    return ("softcap",) * (softcap is not None) + ("sinks",) * (sinks is not None)
+
+
+def _serves(backend: Backend, softcap: float | None, sinks: Tensor | None) -> bool:
+    """Whether `backend`'s own kernels apply every score change the call needs (else the torch kernel runs)."""
+    return set(_score_changes(softcap, sinks)) <= set(backend.score_changes)
+
+
 def retrieval_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | None, scaling: float, plans: FlashInferPlans | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_is_real: Tensor | None,
+    scaling: float,
+    plans: FlashInferPlans | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D]. plans: the owner of
-    FlashInfer's plans (a `DuoCache`'s; None: the module's default owner). See `duohead.kernels.reference.retrieval_attention`.
+    FlashInfer's plans (a `DuoCache`'s; None: the module's default owner). softcap / sinks [Hq]: the scores' soft cap
+    and learned sinks (`reference.masked_attention`). See `duohead.kernels.reference.retrieval_attention`.
     """
     backend, forced = resolve(q.device)
-    if backend.retrieval == "flashinfer" and q.is_cuda:
+    if backend.retrieval == "flashinfer" and q.is_cuda and _serves(backend, softcap, sinks):
         from duohead.kernels import flashinfer_retrieval
 
         if flashinfer_retrieval.supports(q, k, v, key_is_real):
@@ -231,7 +250,8 @@ def retrieval_attention(
                     "(duohead.kernels.backend_report() says so; reset_sticky_state() tries again)",
                     STICKY.flashinfer_failure,
                 )
-    return reference.retrieval_attention(q, k, v, key_is_real, scaling)  # SDPA (flash / memory-efficient on CUDA)
+    # SDPA (flash / memory-efficient on CUDA); an explicit softmax with softcap or sinks
+    return reference.retrieval_attention(q, k, v, key_is_real, scaling, softcap=softcap, sinks=sinks)
 
 
 _FP32_ON_CUDA = (
@@ -240,11 +260,11 @@ _FP32_ON_CUDA = (
 )
 
 
-def _streaming_module(device: torch.device, dtype: torch.dtype) -> ModuleType:
+def _streaming_module(device: torch.device, dtype: torch.dtype, softcap: float | None, sinks: Tensor | None) -> ModuleType:
     """Where streaming heads run: `triton_streaming` where the backend's streaming kernel is Triton and takes this
-    dtype, else `reference`. fp32 on CUDA always runs the reference (`_FP32_ON_CUDA`), logged once."""
+    dtype and these score changes, else `reference`. fp32 on CUDA always runs the reference (`_FP32_ON_CUDA`), logged once."""
     backend, _ = resolve(device)
-    if backend.streaming != "triton":
+    if backend.streaming != "triton" or not _serves(backend, softcap, sinks):
         return reference
     if device.type == "cuda" and backend.streaming_dtypes and str(dtype).removeprefix("torch.") not in backend.streaming_dtypes:
         _warn_once(_FP32_ON_CUDA)
@@ -268,28 +288,38 @@ def streaming_attention(
     positions, sink and window (read only); out [B, Hq, Q, D] (any strides, last dim contiguous) or None.
     -> out, or a new [B, Hq, Q, D] tensor. See `duohead.kernels.reference.streaming_attention`.
     """
-    return _streaming_module(q.device, q.dtype).streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
+    return _streaming_module(q.device, q.dtype, None, None).streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
 
 
 def streaming_append(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
     """Store new tokens keys, values [B, Hkv, Q, D] at real positions pos [B, Q] in the streaming cache, in place.
     Triton where the streaming attention uses it (one launch, no host sync), else the torch reference.
     See `duohead.kernels.reference.streaming_append`."""
-    _streaming_module(keys.device, keys.dtype).streaming_append(keys, values, pos, cache)
+    _streaming_module(keys.device, keys.dtype, None, None).streaming_append(keys, values, pos, cache)
 
 
 def streaming_attention_and_append(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    cache: StreamingView,
+    scaling: float,
+    out: Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attend, then store: `streaming_attention` of the new tokens, then `streaming_append` of their keys/values.
 
-    Shapes as in `streaming_attention`. -> out, or a new [B, Hq, Q, D] tensor. With Triton, a decode step (Q = 1)
+    Shapes as in `streaming_attention`; softcap / sinks [Hq] as in `retrieval_attention`. -> out, or a new
+    [B, Hq, Q, D] tensor. With Triton, a decode step (Q = 1)
     is one fused launch (split over keys, plus a combine, when B * Hkv programs leave the GPU idle); the
     reference (and Triton for Q > 1) runs the two calls.
     """
-    module = _streaming_module(q.device, q.dtype)
+    module = _streaming_module(q.device, q.dtype, softcap, sinks)
     if module is reference:
-        out = reference.streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
+        out = reference.streaming_attention(q, k, v, q_pos, cache, scaling, out=out, softcap=softcap, sinks=sinks)
         reference.streaming_append(k, v, q_pos, cache)
         return out
     return module.streaming_attention_and_append(q, k, v, q_pos, cache, scaling, out=out)

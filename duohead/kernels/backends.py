@@ -26,8 +26,10 @@ class Backend:
     split_margin: tokens past S + W for which a dynamic layer keeps every head's KV in one buffer and attends in one
     call, per device type (absent: 0; `duohead.kernels.split_margin`); `DuoCache.from_model(split_margin=)` overrides
     it per cache. lambda_band: query rows per call of the torch kernel's banded Λ prefill
-    (`reference.unpadded_lambda_attention`; a speed knob, 64-128 measured fastest on the CPU). needs: Python modules
-    it imports.
+    (`reference.unpadded_lambda_attention`; a speed knob, 64-128 measured fastest on the CPU). score_changes: what
+    its kernels can apply to the scores besides the scaling, "softcap" (c * tanh(s / c), Gemma 2) and "sinks" (a
+    learned logit per query head, GPT-OSS); a call that needs one it lacks runs the torch kernel. needs: Python
+    modules it imports.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Backend:
     torch_compile: bool = True
     split_margin: dict[str, int] = field(default_factory=dict)
     lambda_band: int = 128
+    score_changes: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
 
     def margin(self, device_type: str) -> int:
@@ -63,6 +66,7 @@ register_backend(
         devices=("cpu", "cuda", "mps", "xpu", "meta"),
         cuda_graphs=True,
         split_margin={"cpu": DEFAULT_CPU_SPLIT_MARGIN},
+        score_changes=("softcap", "sinks"),
     )
 )
 register_backend(

@@ -31,11 +31,20 @@ def real_positions(is_real: torch.Tensor) -> torch.Tensor:
     return (is_real.long().cumsum(dim=1) - 1).masked_fill(~is_real, -1)
 
 
-def retrieval_attention(q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | None, scaling: float) -> Tensor:
+def retrieval_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_is_real: Tensor | None,
+    scaling: float,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
     """Causal attention of the Q newest tokens over all T cached tokens (retrieval heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D] (the last Q slots are the queries' own keys);
-    key_is_real [B, T] bool or None (no padding). -> [B, Hq, Q, D].
+    key_is_real [B, T] bool or None (no padding); softcap / sinks [Hq]: see `masked_attention`. -> [B, Hq, Q, D].
     Query slot i (= T - Q + row) sees key slot j iff j <= i and key j is real. A padding query sees
     every key, so its (unused) output stays finite.
     A masked chunk (Q > 1) runs with KV heads expanded to Hq: CUDA's flash backend takes no mask and its
@@ -45,21 +54,28 @@ def retrieval_attention(q: Tensor, k: Tensor, v: Tensor, key_is_real: Tensor | N
     group = q.shape[1] // k.shape[1]
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
+    if softcap is not None or sinks is not None:
+        visible = retrieval_visible(q_len, key_is_real, kv_len, q.device)
+        return masked_attention(q, k, v, visible, scaling, padded=False, softcap=softcap, sinks=sinks)
     if key_is_real is None and q_len in (1, kv_len):  # one new token sees every key; or plain causal
         return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=scaling, enable_gqa=group > 1)
-    q_slot = torch.arange(kv_len - q_len, kv_len, device=q.device)
-    mask = torch.arange(kv_len, device=q.device)[None, :] <= q_slot[:, None]  # [Q, T]
-    if key_is_real is not None:
-        mask = mask[None] & key_is_real[:, None, :]  # [B, Q, T]
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-        mask = mask[:, None]
+    mask = retrieval_visible(q_len, key_is_real, kv_len, q.device)[:, None]  # [B or 1, 1, Q, T]
     if group > 1 and q_len > 1:  # [B, Hkv, T, D] -> [B, Hq, T, D]: a copy of T keys, not Q * T fp32 scores
         k, v, group = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=group > 1)
 
 
 def streaming_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    cache: StreamingView,
+    scaling: float,
+    out: Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
@@ -67,7 +83,7 @@ def streaming_attention(
     q_pos [B, Q] their real positions (-1 = padding), increasing along Q for real tokens, which are
     contiguous within a row (left or right padding); cache: the streaming cache before this call, with the Λ rule's
     sink and window (sink [B, Hkv, S, D] holds positions < sink, the ring [B, Hkv, R, D] positions >= sink);
-    out [B, Hq, Q, D] to write into, or None. -> out, or a new [B, Hq, Q, D].
+    out [B, Hq, Q, D] to write into, or None; softcap / sinks [Hq]: see `masked_attention`. -> out, or a new [B, Hq, Q, D].
 
     Work and memory are O(Q * (S + W)): query blocks visit the cache, the new tokens that are sinks,
     and the new tokens in their own window, never a Q x Q mask.
@@ -82,13 +98,14 @@ def streaming_attention(
         keys, values = torch.cat([cache.sink_k, cache.ring_k, k], dim=2), torch.cat([cache.sink_v, cache.ring_v, v], dim=2)
         k_pos = torch.cat([cache.sink_pos, cache.ring_pos, q_pos], dim=1)
         visible = lambda_visible(q_pos[:, :, None], k_pos[:, None, :], sink, window)
-        out.copy_(masked_attention(q, keys, values, visible, scaling))
+        out.copy_(masked_attention(q, keys, values, visible, scaling, softcap=softcap, sinks=sinks))
         return out
     padded = True  # whether some query may be padding (then masked_attention guards queries that see no key)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # host reads are free on the CPU
         padded = bool((q_pos < 0).any())
         if not bool((cache.sink_pos >= 0).any() | (cache.ring_pos >= 0).any()):
-            if not padded and bool((q_pos[:, 0] == 0).all()):  # a first unpadded prefill: positions 0 .. Q - 1
+            first = not padded and bool((q_pos[:, 0] == 0).all())  # a first unpadded prefill: positions 0 .. Q - 1
+            if first and softcap is None and sinks is None:
                 return unpadded_lambda_attention(q, k, v, sink, window, scaling, out=out)
             # Nothing cached yet (a first prefill): leave the S + R empty slots out of every block. It takes 30-50%
             # of the work of a 1-2K-token prefill off the streaming heads.
@@ -117,8 +134,19 @@ def streaming_attention(
         values = torch.cat([fixed_v, v[:, :, k0:q1]], dim=2)
         k_pos = torch.cat([fixed_pos, win_pos[:, k0:q1]], dim=1)
         visible = lambda_visible(q_pos[:, q0:q1, None], k_pos[:, None, :], sink, window)
-        out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling, padded)
+        out[:, :, q0:q1] = masked_attention(q[:, :, q0:q1], keys, values, visible, scaling, padded, softcap=softcap, sinks=sinks)
     return out
+
+
+def retrieval_visible(q_len: int, key_is_real: Tensor | None, kv_len: int, device: torch.device) -> Tensor:
+    """Visibility [B or 1, Q, T] bool of the retrieval rule: slot T - Q + row sees slot j <= it that is real; a padding
+    query (one that sees nothing) sees every key, so its unused output stays finite."""
+    slots = torch.arange(kv_len, device=device)
+    visible = (slots[None, :] <= slots[kv_len - q_len :, None])[None]  # [1, Q, T]
+    if key_is_real is not None:
+        visible = visible & key_is_real[:, None, :]
+        visible = visible | ~visible.any(dim=-1, keepdim=True)
+    return visible
 
 
 def slot_masks(
@@ -143,12 +171,22 @@ def _unpadded_slot_masks(
 
 
 def dense_lambda_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_is_real: torch.Tensor | None, sink: int, window: int, scaling: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_is_real: torch.Tensor | None,
+    sink: int,
+    window: int,
+    scaling: float,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-masked attention of the last Q of T slots over all T under a dense [Q, T] mask (streaming heads over a short
-    full cache, e.g. with padding). q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None. -> [B, Hq, Q, D]."""
+    full cache, e.g. with padding). q [B, Hq, Q, D]; k, v [B, Hkv, T, D]; key_is_real [B, T] bool or None;
+    softcap / sinks [Hq]: see `masked_attention`. -> [B, Hq, Q, D]."""
     _, visible = slot_masks(key_is_real, q.shape[2], k.shape[2], sink, window, q.device)
-    return masked_attention(q, k, v, visible, scaling, padded=key_is_real is not None)
+    return masked_attention(q, k, v, visible, scaling, padded=key_is_real is not None, softcap=softcap, sinks=sinks)
 
 
 def unpadded_lambda_attention(
@@ -211,35 +249,74 @@ def mixed_attention(
     sink: int,
     window: int,
     scaling: float,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> torch.Tensor:
     """Retrieval and streaming heads in one call over one full cache (the unsplit layer past S + W slots).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D] every slot so far (the last Q are the queries' own); key_is_real [B, T]
-    bool or None (no padding). Query heads [:split] attend causally, the rest under the Λ rule, as a per-head
-    mask for one SDPA. -> [B, Hq, Q, D]. Equals `retrieval_attention` on the first heads and
+    bool or None (no padding); softcap / sinks [Hq]: see `masked_attention`. Query heads [:split] attend causally,
+    the rest under the Λ rule, as a per-head mask for one SDPA. -> [B, Hq, Q, D]. Equals `retrieval_attention` on the first heads and
     `streaming_attention` on the rest.
     """
     heads = q.shape[1]
     causal, streaming = slot_masks(key_is_real, q.shape[2], k.shape[2], sink, window, q.device)
     visible = torch.cat([causal[:, None].expand(-1, split, -1, -1), streaming[:, None].expand(-1, heads - split, -1, -1)], 1)
-    return masked_attention(q, k, v, visible, scaling, padded=key_is_real is not None)  # unpadded: each query sees itself
+    padded = key_is_real is not None  # unpadded: each query sees itself
+    return masked_attention(q, k, v, visible, scaling, padded, softcap=softcap, sinks=sinks)
 
 
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float, padded: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    padded: bool = True,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> torch.Tensor:
     """Attention under an explicit mask through SDPA (fused on CPU and GPU; traceable, no host sync):
     q [B, Hq, Q, D]; k, v [B, Hkv, K, D]; visible [B, Q, K] (every head) or [B, Hq, Q, K] (per head) bool.
     -> [B, Hq, Q, D]. A query that sees no key outputs zeros; padded=False promises that every query sees a key
-    (no padding query), which skips that guard."""
+    (no padding query), which skips that guard.
+
+    Two changes to the scores the stock modules of some families make (SDPA has neither, so they run an explicit
+    fp32 softmax, as those modules' own eager attention does): softcap c caps every score s = scaling * q.k to
+    c * tanh(s / c) (Gemma 2); sinks [Hq] add one logit per query head to each softmax's denominator, a key that
+    holds no value (GPT-OSS's learned sinks)."""
     if visible.dim() == 3:
         visible = visible[:, None]
+    if softcap is not None or sinks is not None:
+        return _explicit_attention(q, k, v, visible, scaling, softcap, sinks)
     gqa = q.shape[1] > k.shape[1]
     if not padded:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
     seen = visible.any(dim=-1, keepdim=True)  # False only for padding queries
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~seen, scale=scaling, enable_gqa=gqa)
     return attended.masked_fill(~seen, 0.0)
+
+
+def _explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scaling: float, softcap: float | None, sinks: Tensor | None
+) -> Tensor:
+    """`masked_attention` with soft-capped scores and/or sinks, in fp32: visible [B, 1 or Hq, Q, K]. A query that sees
+    no key outputs zeros."""
+    group = q.shape[1] // k.shape[1]
+    keys, values = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scaling  # [B, Hq, Q, K]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink_logits = sinks.float()[None, :, None, None].expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink_logits], dim=-1)
+    weights = torch.nan_to_num(F.softmax(scores, dim=-1), nan=0.0)  # no visible key and no sink: zeros
+    if sinks is not None:
+        weights = weights[..., :-1]
+    return torch.matmul(weights, values).to(q.dtype)
 
 
 def streaming_append(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
