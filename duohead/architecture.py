@@ -63,7 +63,9 @@ FAMILIES = {
         Family("glm4"),  # partial RoPE and q/k/v biases
         Family("gemma2", local_layers=True),  # logit soft-capping; query_pre_attn_scalar is the module's `scaling`
         Family("gemma3_text", local_layers=True),  # per-head q/k RMSNorm; local layers have their own RoPE base
-        Family("gemma3", layers="model.language_model.layers", local_layers=True),  # the text decoder of Gemma 3 (image input not run)
+        Family(
+            "gemma3", layers="model.language_model.layers", local_layers=True
+        ),  # the text decoder of Gemma 3 (image input not run)
         Family("gpt_oss", local_layers=True, learned_sinks="sinks"),  # experts and router untouched, as Mixtral's
         Family("olmo3", wide_qk_norm=True, tensor_parallel=_GATHERED, local_layers=True),  # OLMo 2's attention
     )
@@ -192,7 +194,9 @@ def model_layouts(config: Any, retrieval: list[list[bool]], sink: int, window: i
     rows = dict(zip(covered, retrieval))
     kv_heads = num_kv_heads(config)
     return [
-        LayerLayout.from_retrieval(rows[i], sink, window) if i in rows else LayerLayout(0, 0, local_window(config, i), tuple(range(kv_heads)), local=True)
+        LayerLayout.from_retrieval(rows[i], sink, window)
+        if i in rows
+        else LayerLayout(0, 0, local_window(config, i), tuple(range(kv_heads)), local=True)
         for i in range(text_config(config).num_hidden_layers)
     ]
 

@@ -76,7 +76,8 @@ def duohead_mask(
 class ScoreChanges:
     """What a family's attention module asks of the scores besides `scaling`: softcap c (scores capped to
     c * tanh(s / c), Gemma 2's `softcap`) and sinks [Hq] (one learned logit per query head in each softmax's
-    denominator, GPT-OSS's `s_aux`), both None for most families. `heads(a, b)`: the same for query heads [a, b)."""
+    denominator, GPT-OSS's `s_aux`), both None for most families. `heads(a, b)`: the kernels' keywords for query heads
+    [a, b) (none where nothing changes)."""
 
     softcap: float | None = None
     sinks: torch.Tensor | None = None
@@ -86,6 +87,8 @@ class ScoreChanges:
         return self.softcap is None and self.sinks is None
 
     def heads(self, start: int, stop: int | None = None) -> dict:
+        if self.none:
+            return {}  # the kernels' defaults
         return {"softcap": self.softcap, "sinks": None if self.sinks is None else self.sinks[start:stop]}
 
 
@@ -117,7 +120,9 @@ def _unsplit_attention(step: LayerStep, q: torch.Tensor, scaling: float, changes
     out = torch.empty_like(q)
     if hr > 0:
         retrieval = changes.heads(0, split)
-        out[:, :split] = kernels.retrieval_attention(q[:, :split], keys[:, :hr], values[:, :hr], key_is_real, scaling, step.plans, **retrieval)
+        out[:, :split] = kernels.retrieval_attention(
+            q[:, :split], keys[:, :hr], values[:, :hr], key_is_real, scaling, step.plans, **retrieval
+        )
     streaming_k, streaming_v, streaming = keys[:, hr:], values[:, hr:], changes.heads(split)
     if key_is_real is None and changes.none:
         unpadded_lambda_attention(q[:, split:], streaming_k, streaming_v, sink, window, scaling, out=out[:, split:])

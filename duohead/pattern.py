@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from duohead.architecture import DEFAULT_SINK, DEFAULT_WINDOW, check_sink_window, head_dim, num_kv_heads, pattern_layers, text_config
+from duohead.architecture import (
+    DEFAULT_SINK,
+    DEFAULT_WINDOW,
+    check_sink_window,
+    head_dim,
+    num_kv_heads,
+    pattern_layers,
+    text_config,
+)
 from duohead.files import atomic_write_text, read_regular_text, refuse_overwrite
 
 FORMAT_NAME = "duohead-pattern"
@@ -299,7 +307,11 @@ class HeadPattern:
         if mine[:2] != theirs[:2] or (mine[2] is not None and mine[2] != theirs[2]):
             dim = lambda d: "" if d is None else f" x head dim {d}"
             local = config.num_hidden_layers - covered
-            of = f" global layers (its other {local} are local sliding-window layers, which keep their own window)" if local else " layers"
+            of = (
+                f" global layers (its other {local} are local sliding-window layers, which keep their own window)"
+                if local
+                else " layers"
+            )
             raise ValueError(
                 f"{where} was made for {made_for} with {mine[0]} layers x {mine[1]} KV heads{dim(mine[2])}; "
                 f"this model ({model_type or '?'}) has {theirs[0]}{of} x {theirs[1]} KV heads"

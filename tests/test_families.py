@@ -24,6 +24,7 @@ from duohead.commands.plan import main as plan_main
 from duohead.planner import plan_deployment
 from duohead.vllm.settings import deployment_for
 
+
 def per_head_parameters(kind) -> list[str]:
     """Names (under self_attn) of the parameters a swap of two KV heads must change."""
     return [f"{kind.fused_qkv or 'q_proj'}.weight"] + ([f"{kind.learned_sinks}"] if kind.learned_sinks else [])
@@ -80,7 +81,7 @@ def test_plan_from_the_family_config(arch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"model: {text.model_type}, {text.num_hidden_layers} layers x 4 KV heads" in out
     assert "6 of 12 KV heads stream" in out  # the 3 layers a pattern covers
-    assert ("3 local sliding-window layers keep their own window (of 6 tokens)" in out) == SUPPORTED[arch].local_layers
+    assert ("3 local sliding-window layers keep their own window (of 6 tokens) in both" in out) == SUPPORTED[arch].local_layers
     if SUPPORTED[arch].tensor_parallel is not None:
         assert plan_main([*common, "--tp", "2"]) == 2
         assert f"cannot run {arch!r} tensor-parallel: transformers' tp_plan gathers" in capsys.readouterr().err
@@ -109,7 +110,9 @@ def test_families_with_new_attention_math_are_refused_with_what_is_missing(confi
 
 
 def test_an_unknown_family_is_refused_with_the_supported_list():
-    with pytest.raises(ValueError, match=r"architecture 'bert'; supported: gemma2, gemma3, gemma3_text, glm4, gpt_oss, granite, llama, mistral"):
+    with pytest.raises(
+        ValueError, match=r"architecture 'bert'; supported: gemma2, gemma3, gemma3_text, glm4, gpt_oss, granite, llama, mistral"
+    ):
         check_architecture("bert")
 
 

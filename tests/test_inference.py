@@ -320,7 +320,10 @@ def test_unsupported_architecture_names_the_supported_ones():
     from transformers import AutoModelForCausalLM, GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="gpt2.*glm4, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe"):
+    with pytest.raises(
+        ValueError,
+        match="gpt2.*gemma2, gemma3, gemma3_text, glm4, gpt_oss, granite, llama, mistral, mixtral, olmo2, olmo3, phi3, qwen2",
+    ):
         duohead.enable(model, HeadPattern(torch.ones(2, 2)))
 
 

@@ -42,7 +42,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"model: {plan.model_type}, {plan.layers} layers x {plan.kv_heads} KV heads ({plan.query_heads} query heads), "
         f"head dim {plan.head_dim}, {plan.dtype}",
-        *[f"{plan.local_layers} local sliding-window layers keep their own window (of {plan.local_window} tokens) in both columns"]
+        *[f"{plan.local_layers} local sliding-window layers keep their own window (of {plan.local_window} tokens) in both"]
         * (plan.local_layers > 0),
         f"duohead: {plan.streaming_heads} of {heads} KV heads stream (sparsity {plan.streaming_heads / heads:.2f}), "
         f"sink {plan.sink}, window {plan.window}",

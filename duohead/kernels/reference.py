@@ -257,8 +257,8 @@ def mixed_attention(
 
     q [B, Hq, Q, D]; k, v [B, Hkv, T, D] every slot so far (the last Q are the queries' own); key_is_real [B, T]
     bool or None (no padding); softcap / sinks [Hq]: see `masked_attention`. Query heads [:split] attend causally,
-    the rest under the Λ rule, as a per-head mask for one SDPA. -> [B, Hq, Q, D]. Equals `retrieval_attention` on the first heads and
-    `streaming_attention` on the rest.
+    the rest under the Λ rule, as a per-head mask for one SDPA. -> [B, Hq, Q, D]. Equals `retrieval_attention` on the
+    first heads and `streaming_attention` on the rest.
     """
     heads = q.shape[1]
     causal, streaming = slot_masks(key_is_real, q.shape[2], k.shape[2], sink, window, q.device)
