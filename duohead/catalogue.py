@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from duohead.accounting import kv_bytes
-from duohead.architecture import head_dim, num_kv_heads, text_config
+from duohead.architecture import head_dim, num_kv_heads, pattern_layers, text_config
 from duohead.pattern import HeadPattern, shipped_names
 
 CALIBRATE_HINT = "duohead calibrate --model {model} --target-sparsity 0.5 --out DIR, then pass --pattern DIR"
@@ -88,7 +88,9 @@ def auto_pattern(config: Any, name_or_path: str | os.PathLike | None) -> tuple[s
 def _shape(config: Any) -> str:
     text = text_config(config)
     layers, kv_heads, dim = text.num_hidden_layers, num_kv_heads(text), head_dim(text)
-    return f"{getattr(text, 'model_type', '?')}, {layers} layers x {kv_heads} KV heads x head dim {dim}"
+    covered = len(pattern_layers(text))
+    layers = f"{layers} layers" if covered == layers else f"{covered} global layers (of {layers}; a pattern covers those)"
+    return f"{getattr(text, 'model_type', '?')}, {layers} x {kv_heads} KV heads x head dim {dim}"
 
 
 def resolve_pattern(pattern: HeadPattern | str | os.PathLike, config: Any) -> HeadPattern:
