@@ -203,14 +203,17 @@ def chunk_positions(q_len: int, first: bool, seen: list[int], device) -> torch.T
     return pos
 
 
-def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
+def check_streaming(device, dtype, shapes: Shapes, dry: bool, score_changes: bool = False) -> dict:
     """Triton attend-then-store over a cache built chunk by chunk (left padding, wrapped ring) vs the reference pair
     (attention, then append): chunks run attention + cache write, decode steps the fused kernel (split as the device
-    chooses, then unsplit). max_error over outputs; cache_mismatches must be 0."""
+    chooses, then unsplit). score_changes: with Gemma 2's soft cap (50) and GPT-OSS-like learned sinks. max_error
+    over outputs; cache_mismatches must be 0."""
     from duohead.kernels import triton_decode, triton_streaming
 
     sink, window, chunks = streaming_setup(dry)
     scale = shapes.head_dim**-0.5
+    sinks = randn(shapes.num_q_heads, device=device, dtype=torch.float32)
+    changes = {"softcap": 50.0, "sinks": sinks} if score_changes else {}
     ours, theirs, seen, worst, mismatches, decode_steps = None, None, [0, 0], 0.0, 0, 0
     for i, q_len in enumerate(chunks):
         q = randn(2, shapes.num_q_heads, q_len, shapes.head_dim, device=device, dtype=dtype)
@@ -218,13 +221,13 @@ def check_streaming(device, dtype, shapes: Shapes, dry: bool) -> dict:
         pos = chunk_positions(q_len, i == 0, seen, device)
         if ours is None:
             ours, theirs = StreamingKV(k, sink, window), StreamingKV(k, sink, window)
-        expected = reference.streaming_attention(*fp32(q, k, v, pos), fp32_view(theirs.view()), scale)
+        expected = reference.streaming_attention(*fp32(q, k, v, pos), fp32_view(theirs.view()), scale, **changes)
         reference.streaming_append(k, v, pos, theirs.view())
         got = torch.full_like(q, float("nan"))
         if q_len == 1 and decode_steps % 2:
-            triton_decode.streaming_decode(q, k, v, pos, ours.view(), scale, got, splits=1)
+            triton_decode.streaming_decode(q, k, v, pos, ours.view(), scale, got, splits=1, **changes)
         else:
-            triton_streaming.streaming_attention_and_append(q, k, v, pos, ours.view(), scale, out=got)
+            triton_streaming.streaming_attention_and_append(q, k, v, pos, ours.view(), scale, out=got, **changes)
         decode_steps += q_len == 1
         worst = max(worst, max_error(got, expected))
         mismatches += sum(int((a != b).sum()) for a, b in zip(ours.tensors(), theirs.tensors()))
@@ -280,6 +283,9 @@ def correctness(device: torch.device, shapes: Shapes, duo_backend: str, dry: boo
             for dt in (shapes.dtype, torch.float16)
         ]
         plan.append(("triton streaming append", shapes.dtype, lambda: check_append(device, shapes.dtype, shapes, dry)))
+        plan.append(  # Gemma 2 / GPT-OSS
+            ("triton streaming softcap+sinks", shapes.dtype, lambda: check_streaming(device, shapes.dtype, shapes, dry, True))
+        )
     for name, fn in (
         ("flashinfer retrieval", flashinfer_retrieval.retrieval_attention),
         ("sdpa retrieval", reference.retrieval_attention),

@@ -18,19 +18,19 @@ def test_every_backend_declares_its_kernels_and_capabilities():
     assert REGISTRY["flashinfer"].retrieval_head_dims == (64, 128, 256)
     assert all(REGISTRY[name].streaming == "triton" for name in ("triton", "flashinfer"))
     assert "torch" in kernels.available_backends("cpu") and "flashinfer" not in kernels.available_backends("cpu")
-    assert REGISTRY["torch"].score_changes == ("softcap", "sinks")
-    assert REGISTRY["triton"].score_changes == REGISTRY["flashinfer"].score_changes == ()
+    assert all(REGISTRY[name].streaming_score_changes == ("softcap", "sinks") for name in ("torch", "triton", "flashinfer"))
+    assert REGISTRY["torch"].retrieval_score_changes == REGISTRY["triton"].retrieval_score_changes == ("softcap", "sinks")
+    assert REGISTRY["flashinfer"].retrieval_score_changes == ()  # FlashInfer's retrieval heads: the torch kernel
 
 
 def test_a_call_needing_a_score_change_its_backend_lacks_runs_the_torch_kernel(monkeypatch):
-    """Soft caps and learned sinks go to the torch kernels when the backend in force does not declare them."""
+    """A soft cap or learned sinks go to the torch kernel when the backend's kernel does not declare them."""
     monkeypatch.setattr(kernels, "_triton_runs_on", lambda device: True)  # as under TRITON_INTERPRET=1
     with kernels.use_backend("triton"):
-        assert kernels._streaming_module(torch.device("cpu"), torch.float32, None, None).__name__.endswith("triton_streaming")
-        assert kernels._streaming_module(torch.device("cpu"), torch.float32, 2.0, None) is kernels.reference
-        assert kernels._streaming_module(torch.device("cpu"), torch.float32, None, torch.zeros(2)) is kernels.reference
-        with kernels.backend_options("triton", score_changes=("softcap",)):
+        with kernels.backend_options("triton", streaming_score_changes=("softcap",)):
+            assert kernels._streaming_module(torch.device("cpu"), torch.float32, None, None).__name__.endswith("triton_streaming")
             assert kernels._streaming_module(torch.device("cpu"), torch.float32, 2.0, None).__name__.endswith("triton_streaming")
+            assert kernels._streaming_module(torch.device("cpu"), torch.float32, None, torch.zeros(2)) is kernels.reference
 
 
 def test_a_registered_backend_is_chosen_by_name_and_its_margin_used(monkeypatch):

@@ -153,10 +153,12 @@ def op_args(q_len: int, dtype=torch.float32, device=DEVICE):
 
 
 @pytest.mark.parametrize("op,q_len", [("streaming_attention", 5), ("streaming_decode", 1), ("streaming_append", 5)])
-def test_ops_run_the_kernels_and_pass_opcheck(op, q_len):
+@pytest.mark.parametrize("changed", [False, True])
+def test_ops_run_the_kernels_and_pass_opcheck(op, q_len, changed):
     """Each op equals the reference (outputs and cache writes) and passes torch.library.opcheck (schema, fake
-    tensor, autograd registration, AOT dispatch: what torch.compile relies on)."""
+    tensor, autograd registration, AOT dispatch: what torch.compile relies on), with and without a soft cap and sinks."""
     q, k, v, pos, cache = op_args(q_len)
+    changes = {"softcap": 1.5, "sinks": torch.randn(4, generator=torch.Generator().manual_seed(3))} if changed else {}
     theirs = cloned(cache.view())
     flat = (*cache.tensors(), 2, 8)  # an op's arguments end with the view's fields
     if op == "streaming_append":
@@ -164,8 +166,8 @@ def test_ops_run_the_kernels_and_pass_opcheck(op, q_len):
         reference.streaming_append(k, v, pos, theirs)
         expected = None
     else:
-        args = (q, k, v, pos, torch.full_like(q, float("nan")), 0.25, *flat)
-        expected = reference.streaming_attention(q, k, v, pos, theirs, 0.25)
+        args = (q, k, v, pos, torch.full_like(q, float("nan")), 0.25, changes.get("softcap"), changes.get("sinks"), *flat)
+        expected = reference.streaming_attention(q, k, v, pos, theirs, 0.25, **changes)
         if op == "streaming_decode":
             reference.streaming_append(k, v, pos, theirs)
     getattr(torch.ops.duohead, op)(*args)
@@ -188,16 +190,16 @@ def test_fake_implementations_check_shapes_and_write_nothing():
     q, k, v, pos, *cache = fake(1)
     with mode:
         out = torch.empty_like(q)
-        torch.ops.duohead.streaming_decode(q, k, v, pos, out, 0.25, *cache, 2, 8)
+        torch.ops.duohead.streaming_decode(q, k, v, pos, out, 0.25, None, None, *cache, 2, 8)
         torch.ops.duohead.streaming_append(k, v, pos, *cache, 2, 8)
         assert out.shape == (2, 4, 1, 16)
         with pytest.raises(ValueError, match="ring_pos has shape"):
             torch.ops.duohead.streaming_append(k, v, pos, *cache[:5], torch.empty(2, 3, dtype=torch.long), 2, 8)
         with pytest.raises(ValueError, match="out has shape"):
-            torch.ops.duohead.streaming_attention(q, k, v, pos, out[:, :2], 0.25, *cache, 2, 8)
+            torch.ops.duohead.streaming_attention(q, k, v, pos, out[:, :2], 0.25, None, None, *cache, 2, 8)
     q5, k5, v5, pos5, *cache5 = fake(5)
     with mode, pytest.raises(ValueError, match="one new token per row"):
-        torch.ops.duohead.streaming_decode(q5, k5, v5, pos5, torch.empty_like(q5), 0.25, *cache5, 2, 8)
+        torch.ops.duohead.streaming_decode(q5, k5, v5, pos5, torch.empty_like(q5), 0.25, None, None, *cache5, 2, 8)
 
 
 def test_compiled_attend_then_store_has_no_graph_break_and_equals_eager():

@@ -205,14 +205,9 @@ def split_margin(device: torch.device) -> int:
     return backend.margin(device.type)
 
 
-def _score_changes(softcap: float | None, sinks: Tensor | None) -> tuple[str, ...]:
-    """The `Backend.score_changes` a call needs."""
-    return ("softcap",) * (softcap is not None) + ("sinks",) * (sinks is not None)
-
-
-def _serves(backend: Backend, softcap: float | None, sinks: Tensor | None) -> bool:
-    """Whether `backend`'s own kernels apply every score change the call needs (else the torch kernel runs)."""
-    return set(_score_changes(softcap, sinks)) <= set(backend.score_changes)
+def _serves(declared: tuple[str, ...], softcap: float | None, sinks: Tensor | None) -> bool:
+    """Whether a kernel that `declared` these score changes applies every one the call needs (else the torch kernel runs)."""
+    return (softcap is None or "softcap" in declared) and (sinks is None or "sinks" in declared)
 
 
 def retrieval_attention(
@@ -233,7 +228,7 @@ def retrieval_attention(
     and learned sinks (`reference.masked_attention`). See `duohead.kernels.reference.retrieval_attention`.
     """
     backend, forced = resolve(q.device)
-    if backend.retrieval == "flashinfer" and q.is_cuda and _serves(backend, softcap, sinks):
+    if backend.retrieval == "flashinfer" and q.is_cuda and _serves(backend.retrieval_score_changes, softcap, sinks):
         from duohead.kernels import flashinfer_retrieval
 
         if flashinfer_retrieval.supports(q, k, v, key_is_real):
@@ -264,7 +259,7 @@ def _streaming_module(device: torch.device, dtype: torch.dtype, softcap: float |
     """Where streaming heads run: `triton_streaming` where the backend's streaming kernel is Triton and takes this
     dtype and these score changes, else `reference`. fp32 on CUDA always runs the reference (`_FP32_ON_CUDA`), logged once."""
     backend, _ = resolve(device)
-    if backend.streaming != "triton" or not _serves(backend, softcap, sinks):
+    if backend.streaming != "triton" or not _serves(backend.streaming_score_changes, softcap, sinks):
         return reference
     if device.type == "cuda" and backend.streaming_dtypes and str(dtype).removeprefix("torch.") not in backend.streaming_dtypes:
         _warn_once(_FP32_ON_CUDA)
@@ -318,11 +313,12 @@ def streaming_attention_and_append(
     reference (and Triton for Q > 1) runs the two calls.
     """
     module = _streaming_module(q.device, q.dtype, softcap, sinks)
+    changes = {} if softcap is None and sinks is None else {"softcap": softcap, "sinks": sinks}
     if module is reference:
-        out = reference.streaming_attention(q, k, v, q_pos, cache, scaling, out=out, softcap=softcap, sinks=sinks)
+        out = reference.streaming_attention(q, k, v, q_pos, cache, scaling, out=out, **changes)
         reference.streaming_append(k, v, q_pos, cache)
         return out
-    return module.streaming_attention_and_append(q, k, v, q_pos, cache, scaling, out=out)
+    return module.streaming_attention_and_append(q, k, v, q_pos, cache, scaling, out=out, **changes)
 
 
 __all__ = [

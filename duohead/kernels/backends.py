@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_CPU_SPLIT_MARGIN = 1536  # tokens; benchmarks/RESULTS.md, "Short prompts and compiled decoding"
+SCORE_CHANGES = ("softcap", "sinks")  # every change to the scores a family's attention asks for
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,10 @@ class Backend:
     split_margin: tokens past S + W for which a dynamic layer keeps every head's KV in one buffer and attends in one
     call, per device type (absent: 0; `duohead.kernels.split_margin`); `DuoCache.from_model(split_margin=)` overrides
     it per cache. lambda_band: query rows per call of the torch kernel's banded Λ prefill
-    (`reference.unpadded_lambda_attention`; a speed knob, 64-128 measured fastest on the CPU). score_changes: what
-    its kernels can apply to the scores besides the scaling, "softcap" (c * tanh(s / c), Gemma 2) and "sinks" (a
-    learned logit per query head, GPT-OSS); a call that needs one it lacks runs the torch kernel. needs: Python
-    modules it imports.
+    (`reference.unpadded_lambda_attention`; a speed knob, 64-128 measured fastest on the CPU). retrieval_score_changes /
+    streaming_score_changes: what its retrieval / streaming kernel can apply to the scores besides the scaling,
+    "softcap" (c * tanh(s / c), Gemma 2) and "sinks" (a learned logit per query head, GPT-OSS); a call that needs one
+    the kernel lacks runs the torch kernel. needs: Python modules it imports.
     """
 
     name: str
@@ -42,7 +43,8 @@ class Backend:
     torch_compile: bool = True
     split_margin: dict[str, int] = field(default_factory=dict)
     lambda_band: int = 128
-    score_changes: tuple[str, ...] = ()
+    retrieval_score_changes: tuple[str, ...] = ()
+    streaming_score_changes: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
 
     def margin(self, device_type: str) -> int:
@@ -66,7 +68,8 @@ register_backend(
         devices=("cpu", "cuda", "mps", "xpu", "meta"),
         cuda_graphs=True,
         split_margin={"cpu": DEFAULT_CPU_SPLIT_MARGIN},
-        score_changes=("softcap", "sinks"),
+        retrieval_score_changes=SCORE_CHANGES,
+        streaming_score_changes=SCORE_CHANGES,
     )
 )
 register_backend(
@@ -77,6 +80,8 @@ register_backend(
         devices=("cuda", "cpu"),
         streaming_dtypes=("bfloat16", "float16"),
         cuda_graphs=True,
+        retrieval_score_changes=SCORE_CHANGES,  # SDPA's retrieval heads: the torch kernel's explicit softmax
+        streaming_score_changes=SCORE_CHANGES,
         needs=("triton",),
     )
 )
@@ -89,6 +94,7 @@ register_backend(
         streaming_dtypes=("bfloat16", "float16"),
         retrieval_head_dims=(64, 128, 256),
         cuda_graphs=True,
+        streaming_score_changes=SCORE_CHANGES,  # retrieval heads with a soft cap or sinks: the torch kernel
         needs=("flashinfer", "triton"),
     )
 )

@@ -8,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 
 @triton.jit
@@ -28,6 +29,8 @@ def attend_range(
     sink,
     window,
     qk_scale,
+    softcap2,
+    SOFTCAP: tl.constexpr,
     offs_d,
     d_mask,
     skip,
@@ -36,8 +39,9 @@ def attend_range(
     WIDE: tl.constexpr,
 ):
     """Fold keys in slots [start, end) into the online softmax state (acc [M, BD], m_i/l_i [M], base 2).
-    Slot `skip` (-1: none) is neither loaded nor seen. WIDE: slot offsets in int64 (slot * stride may pass 2^31;
-    int64 costs registers, so only the launches that need it take it)."""
+    Slot `skip` (-1: none) is neither loaded nor seen. SOFTCAP: scores s (base 2) become c2 * tanh(s / c2), c2 =
+    `softcap2` (the soft cap c times log2(e): the natural-log cap c * tanh(s / c) in base 2). WIDE: slot offsets in
+    int64 (slot * stride may pass 2^31; int64 costs registers, so only the launches that need it take it)."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if WIDE:
@@ -50,6 +54,8 @@ def attend_range(
         else:
             s = tl.dot(q, kt)
         s = s * qk_scale
+        if SOFTCAP:  # tanh(y) = 1 - 2 / (e^(2y) + 1): no tanh in every Triton build (the interpreter included)
+            s = softcap2 * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634) / softcap2) + 1.0))
         qp = q_pos[:, None]
         kp = k_pos[None, :]
         visible = (kp >= 0) & (kp <= qp) & ((kp < sink) | (qp - kp < window))
@@ -66,6 +72,18 @@ def attend_range(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
+
+
+def score_change_args(q: Tensor, softcap: float | None, sinks: Tensor | None) -> dict:
+    """The kernels' arguments for a soft cap and learned sinks [Hq] (placeholders where absent)."""
+    if sinks is not None and (sinks.shape != (q.shape[1],) or sinks.device != q.device):
+        raise ValueError(f"sinks must be one logit per query head, [{q.shape[1]}] on {q.device}; got {list(sinks.shape)}")
+    return {
+        "Sinks": q if sinks is None else sinks.contiguous(),
+        "softcap2": 0.0 if softcap is None else float(softcap) * 1.4426950408889634,
+        "SOFTCAP": softcap is not None,
+        "HAS_SINKS": sinks is not None,
+    }
 
 
 def interpreted() -> bool:

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from duohead.kernels.streaming_view import StreamingView
-from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous
+from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous, score_change_args
 
 
 @triton.jit
@@ -73,6 +73,8 @@ def _streaming_decode_kernel(
     window,
     qk_scale,
     keys_per_split,
+    Sinks,
+    softcap2,
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -80,6 +82,8 @@ def _streaming_decode_kernel(
     BLOCK_D: tl.constexpr,
     SPLITS: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
     """Grid (SPLITS, B * Hkv). Program (s, b, h) attends the G query heads of KV head h over keys
     [s * keys_per_split, (s + 1) * keys_per_split) of the sequence sink slots | ring slots | the new token, and split 0
@@ -109,6 +113,11 @@ def _streaming_decode_kernel(
     hi = tl.minimum(lo + keys_per_split, n_keys)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
+    if HAS_SINKS:  # a learned logit per query head (base 2): a key without a value, in split 0's state only
+        carries = row_ok & (rows * 0 + pid_s == 0)  # (a vector compare: the interpreter takes no scalar in a mask)
+        sink_logit = tl.load(Sinks + q_head, mask=carries, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(carries, sink_logit, m_i)
+        l_i = tl.where(carries, 1.0, l_i)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = attend_range(
         acc,
@@ -127,6 +136,8 @@ def _streaming_decode_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         sink_slot,
@@ -153,6 +164,8 @@ def _streaming_decode_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         ring_slot,
@@ -181,6 +194,8 @@ def _streaming_decode_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         -1,
@@ -272,13 +287,24 @@ def decode_splits(rows: int, keys: int, block_n: int, device: torch.device) -> t
 
 
 def streaming_decode(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor, splits: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    cache: StreamingView,
+    scaling: float,
+    out: Tensor,
+    splits: int | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> None:
     """One decode step of the streaming heads: Λ attention of one new token per row over the cache and itself,
     then its key/value stored in the cache, in place; writes out.
 
     q, out [B, Hq, 1, D]; k, v [B, Hkv, 1, D]; q_pos [B, 1] (any strides); cache as in
-    `triton_streaming.streaming_attention`. Semantics of `reference.streaming_attention` then `reference.streaming_append`.
+    `triton_streaming.streaming_attention`; softcap / sinks [Hq] as there. Semantics of `reference.streaming_attention`
+    then `reference.streaming_append`.
     One launch when B * Hkv programs fill the GPU, else the keys are split (`splits`: None = by device) and a
     second small launch combines the splits. No host sync.
     """
@@ -341,6 +367,7 @@ def streaming_decode(
         BLOCK_D=block_d,
         SPLITS=splits,
         IEEE_DOT=q.dtype == torch.float32,
+        **score_change_args(q, softcap, sinks),
         num_warps=4,
         num_stages=1 if q.dtype == torch.float32 else 2,
     )

@@ -38,7 +38,14 @@ import triton.language as tl
 from torch import Tensor
 
 from duohead.kernels.streaming_view import StreamingView
-from duohead.kernels.triton_common import attend_range, interpreted, kernel_strides, last_dim_contiguous, needs_int64
+from duohead.kernels.triton_common import (
+    attend_range,
+    interpreted,
+    kernel_strides,
+    last_dim_contiguous,
+    needs_int64,
+    score_change_args,
+)
 from duohead.kernels.triton_decode import streaming_decode
 
 _FAR = tl.constexpr(1 << 40)  # larger than any slot or position
@@ -94,6 +101,8 @@ def _streaming_attention_kernel(
     sink,
     window,
     qk_scale,
+    Sinks,
+    softcap2,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -101,6 +110,8 @@ def _streaming_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
     WIDE: tl.constexpr = False,
 ):
     pid_q = tl.program_id(0)
@@ -139,6 +150,10 @@ def _streaming_attention_kernel(
 
     m_i = tl.full([GROUP_PAD * BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD * BLOCK_Q], dtype=tl.float32)
+    if HAS_SINKS:  # a learned logit per query head (base 2): a key without a value that every query sees once
+        sink_logit = tl.load(Sinks + q_head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(row_ok, sink_logit, m_i)
+        l_i = tl.where(row_ok, 1.0, l_i)
     acc = tl.zeros([GROUP_PAD * BLOCK_Q, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = attend_range(
         acc,
@@ -157,6 +172,8 @@ def _streaming_attention_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         -1,
@@ -181,6 +198,8 @@ def _streaming_attention_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         -1,
@@ -208,6 +227,8 @@ def _streaming_attention_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         -1,
@@ -232,6 +253,8 @@ def _streaming_attention_kernel(
         sink,
         window,
         qk_scale,
+        softcap2,
+        SOFTCAP,
         offs_d,
         d_mask,
         -1,
@@ -265,19 +288,28 @@ def launch_config(group: int, q_len: int, head_dim: int) -> dict[str, int]:
 
 
 def streaming_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    cache: StreamingView,
+    scaling: float,
+    out: Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Λ-masked attention of Q new tokens over the streaming cache plus themselves (streaming heads).
 
     q [B, Hq, Q, D]; k, v [B, Hkv, Q, D]; q_pos [B, Q]; cache (read only) as in the header; out [B, Hq, Q, D] or
-    None (allocated). -> [B, Hq, Q, D]. Semantics of `duohead.kernels.reference.streaming_attention`; one launch
-    (under torch.compile: the op duohead::streaming_attention).
+    None (allocated); softcap / sinks [Hq]: as in `reference.masked_attention`. -> [B, Hq, Q, D]. Semantics of
+    `duohead.kernels.reference.streaming_attention`; one launch (under torch.compile: the op duohead::streaming_attention).
     """
     out = _checked_out(q, out)
     if torch.compiler.is_compiling():
-        _call_op(torch.ops.duohead.streaming_attention, q, k, v, q_pos, out, scaling, cache=cache)
+        _call_op(torch.ops.duohead.streaming_attention, q, k, v, q_pos, out, scaling, softcap, sinks, cache=cache)
     else:
-        _launch_attention(q, k, v, q_pos, cache, scaling, out)
+        _launch_attention(q, k, v, q_pos, cache, scaling, out, softcap, sinks)
     return out
 
 
@@ -289,7 +321,7 @@ def _checked_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _launch_attention(q, k, v, q_pos, cache: StreamingView, scaling: float, out) -> None:
+def _launch_attention(q, k, v, q_pos, cache: StreamingView, scaling: float, out, softcap=None, sinks=None) -> None:
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_q_heads == 0 or q_len == 0 or batch == 0:
@@ -323,6 +355,7 @@ def _launch_attention(q, k, v, q_pos, cache: StreamingView, scaling: float, out)
         scaling * 1.4426950408889634,
         GROUP=group,
         GROUP_PAD=cfg["GROUP_PAD"],
+        **score_change_args(q, softcap, sinks),
         BLOCK_Q=cfg["BLOCK_Q"],
         BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim,
@@ -455,19 +488,29 @@ def _launch_append(keys, values, pos, cache: StreamingView) -> None:
 
 
 def streaming_attention_and_append(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, scaling: float, out: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    cache: StreamingView,
+    scaling: float,
+    out: Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """`streaming_attention` then `streaming_append` of the same new tokens: q, out [B, Hq, Q, D]; k, v
-    [B, Hkv, Q, D]; q_pos [B, Q]; cache (written) as in the header. -> out (allocated if None).
-    Decode (Q = 1) is one fused launch (`streaming_decode`); longer chunks are the two launches."""
+    [B, Hkv, Q, D]; q_pos [B, Q]; cache (written) as in the header; softcap / sinks [Hq] as in `streaming_attention`.
+    -> out (allocated if None). Decode (Q = 1) is one fused launch (`streaming_decode`); longer chunks are the two
+    launches."""
     out = _checked_out(q, out)
     if q.shape[2] == 1:
         if torch.compiler.is_compiling():
-            _call_op(torch.ops.duohead.streaming_decode, q, k, v, q_pos, out, scaling, cache=cache)
+            _call_op(torch.ops.duohead.streaming_decode, q, k, v, q_pos, out, scaling, softcap, sinks, cache=cache)
         else:
-            streaming_decode(q, k, v, q_pos, cache, scaling, out)
+            streaming_decode(q, k, v, q_pos, cache, scaling, out, softcap=softcap, sinks=sinks)
         return out
-    streaming_attention(q, k, v, q_pos, cache, scaling, out=out)
+    streaming_attention(q, k, v, q_pos, cache, scaling, out=out, softcap=softcap, sinks=sinks)
     streaming_append(k, v, q_pos, cache)
     return out
 
@@ -492,6 +535,8 @@ def _attention_op(
     q_pos: Tensor,
     out: Tensor,
     scaling: float,
+    softcap: float | None,
+    sinks: Tensor | None,
     sink_k: Tensor,
     sink_v: Tensor,
     sink_pos: Tensor,
@@ -501,9 +546,8 @@ def _attention_op(
     sink: int,
     window: int,
 ) -> None:
-    _launch_attention(
-        q, k, v, q_pos, StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window), scaling, out
-    )
+    cache = StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window)
+    _launch_attention(q, k, v, q_pos, cache, scaling, out, softcap, sinks)
 
 
 @torch.library.custom_op("duohead::streaming_append", mutates_args=_CACHE_ARGS)
@@ -531,6 +575,8 @@ def _decode_op(
     q_pos: Tensor,
     out: Tensor,
     scaling: float,
+    softcap: float | None,
+    sinks: Tensor | None,
     sink_k: Tensor,
     sink_v: Tensor,
     sink_pos: Tensor,
@@ -540,9 +586,8 @@ def _decode_op(
     sink: int,
     window: int,
 ) -> None:
-    streaming_decode(
-        q, k, v, q_pos, StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window), scaling, out
-    )
+    cache = StreamingView(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos, sink, window)
+    streaming_decode(q, k, v, q_pos, cache, scaling, out, softcap=softcap, sinks=sinks)
 
 
 def check_shapes(q: Tensor | None, k: Tensor, v: Tensor, q_pos: Tensor, cache: StreamingView, out: Tensor | None) -> None:
@@ -569,7 +614,7 @@ def check_shapes(q: Tensor | None, k: Tensor, v: Tensor, q_pos: Tensor, cache: S
 
 
 @_attention_op.register_fake
-def _(q, k, v, q_pos, out, scaling, *cache) -> None:
+def _(q, k, v, q_pos, out, scaling, softcap, sinks, *cache) -> None:
     check_shapes(q, k, v, q_pos, StreamingView(*cache), out)
 
 
@@ -579,7 +624,7 @@ def _(keys, values, pos, *cache) -> None:
 
 
 @_decode_op.register_fake
-def _(q, k, v, q_pos, out, scaling, *cache) -> None:
+def _(q, k, v, q_pos, out, scaling, softcap, sinks, *cache) -> None:
     check_shapes(q, k, v, q_pos, StreamingView(*cache), out)
     if q.shape[2] != 1:
         raise ValueError(f"duohead::streaming_decode takes one new token per row; got Q = {q.shape[2]}")
