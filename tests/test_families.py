@@ -15,7 +15,7 @@ from tiny_models import FAMILIES, mixed_gates, oracle_model, tiny_model
 import duohead
 from duohead import DuoCache, HeadPattern
 from duohead.architecture import FAMILIES as SUPPORTED
-from duohead.architecture import UNSUPPORTED, attention_modules, check_architecture, pattern_layers
+from duohead.architecture import UNSUPPORTED, attention_modules, check_architecture, layer_layouts, pattern_layers
 from duohead.cache import cache_argument
 from duohead.calibrate.data import PasskeyDataset, PasskeySpec
 from duohead.calibrate.gates import GatedModel
@@ -225,3 +225,20 @@ def test_duoheads_own_chunked_loop_equals_generate(arch):
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=10, do_sample=False)[0, 40:].tolist()
     assert run_prompt(model, ids, 10, chunk=7).tokens == expected
+
+
+@pytest.mark.parametrize("arch", [arch for arch in FAMILIES if SUPPORTED[arch].local_layers])
+def test_local_layers_keep_a_constant_cache_and_a_static_cache_generates_the_same(arch):
+    """A local layer holds its W-token ring whatever the length (stock holds as much), and a static DuoCache
+    (compiled decoding's) generates the dynamic one's tokens."""
+    model = duohead.enable(tiny_model(arch), HeadPattern(mixed_gates(3, 2), sink=4, window=8))
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(0))
+    cache = DuoCache.from_model(model, split_margin=0)
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): cache})
+        dynamic = model.generate(ids, max_new_tokens=12, do_sample=False)
+        static = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+    local = [layer for layer, lay in zip(cache.layers, layer_layouts(model)) if lay.local]
+    assert len(local) == 3 and all(layer.memory()["streaming_bytes"] == 2 * 2 * 2 * 6 * 16 * 4 for layer in local)
+    assert all(layer.memory()["full_bytes"] == layer.memory()["streaming_bytes"] for layer in local)  # stock's window
