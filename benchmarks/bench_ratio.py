@@ -2,9 +2,13 @@
 
     python benchmarks/bench_ratio.py --threads 1                         # 256 ... 8192 tokens, 3 rounds
     python benchmarks/bench_ratio.py --lengths 256,1024 --rounds 2 --out /tmp/ratio.json
+    python benchmarks/bench_ratio.py --family gemma2 --lengths 512,2048 --out /tmp/gemma2.json
 
 SmolLM2-135M-Instruct (fp32, CPU) loaded twice: stock transformers (sdpa, DynamicCache) and duohead with the
-shipped pattern at 50% streaming KV heads. Every round visits every length; at each length both models run
+shipped pattern at 50% streaming KV heads. `--family F` instead builds a random model of family F (gemma2,
+gemma3_text, gpt_oss) at SmolLM2's size (30 layers alternating local windows of `--local-window` tokens and global
+ones, 9 query / 3 KV heads of 64, hidden 576), with transformers' default attention for it (eager for Gemma 2 and
+GPT-OSS, whose SDPA path has no soft cap / sinks), and a 50% layout spread over its global layers. Every round visits every length; at each length both models run
 back to back (the order alternates by round): one-shot prefill of the same random prompt (logits of the last
 token only), then greedy decode steps. Reported per length: the median over rounds of the prefill time and of
 the median decode step, and their ratio full / duohead (> 1: duohead is faster). Running both sides in one
@@ -36,17 +40,51 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _models():
-    """(full attention model, duohead model at SPARSITY with the shipped pattern), and the pattern's name."""
+def _models(family: str | None, local_window: int):
+    """(full attention model, duohead model at SPARSITY), and the pattern's name."""
     import duohead
     from duohead.loading import load_model
     from duohead.pattern import find_pattern
 
+    if family is not None:
+        return (*_random_models(family, local_window), f"a 50% layout spread over the global layers ({family})")
     full, _ = load_model()
     duo, _ = load_model()
     name = "smollm2-135m-instruct"
     duohead.enable(duo, duohead.HeadPattern.load(find_pattern(name)), sparsity=SPARSITY)
     return full, duo, name
+
+
+FAMILY_CONFIGS = {  # transformers config class, and the fields beyond SmolLM2's shape (the families' own defaults)
+    "gemma2": ("Gemma2Config", {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 64}),
+    "gemma3_text": ("Gemma3TextConfig", {"query_pre_attn_scalar": 64}),
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def _random_models(family: str, local_window: int):
+    """Two copies of one seeded random model of `family` at SmolLM2's size; the second enabled at SPARSITY."""
+    import copy
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import duohead
+    from duohead.architecture import num_kv_heads, pattern_layers
+    from duohead.planner import spread_layout
+
+    class_name, fields = FAMILY_CONFIGS[family]
+    config = getattr(transformers, class_name)(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, max_position_embeddings=16384, sliding_window=local_window,
+        layer_types=["sliding_attention", "full_attention"] * 15, **fields,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    full = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    duo = copy.deepcopy(full)
+    layout = spread_layout(len(pattern_layers(config)), num_kv_heads(config), 1, SPARSITY)
+    duohead.enable(duo, duohead.HeadPattern(layout.float(), sink=64, window=256))
+    return full, duo
 
 
 @torch.no_grad()
@@ -75,10 +113,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "bench_ratio.json"))
+    p.add_argument("--family", choices=sorted(FAMILY_CONFIGS), help="a random model of this family instead of SmolLM2")
+    p.add_argument("--local-window", type=int, default=1024, help="--family: the local layers' sliding window (tokens)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(n) for n in args.lengths.split(",")]
-    full, duo, pattern = _models()
+    full, duo, pattern = _models(args.family, args.local_window)
     vocab = full.config.vocab_size
     prompts = {n: torch.randint(100, vocab, (1, n), generator=torch.Generator().manual_seed(args.seed + n)) for n in lengths}
     measure(full, prompts[lengths[0]], 2), measure(duo, prompts[lengths[0]], 2)  # warm-up: first calls allocate

@@ -302,21 +302,27 @@ def masked_attention(
 def _explicit_attention(
     q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scaling: float, softcap: float | None, sinks: Tensor | None
 ) -> Tensor:
-    """`masked_attention` with soft-capped scores and/or sinks, in fp32: visible [B, 1 or Hq, Q, K]. A query that sees
-    no key outputs zeros."""
-    group = q.shape[1] // k.shape[1]
-    keys, values = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scaling  # [B, Hq, Q, K]
+    """`masked_attention` with soft-capped scores and/or sinks, in fp32: visible [B, 1 or Hq, Q, K]. The G query heads
+    of a KV head share its keys as rows of one matmul (no copy of the keys per query head). A query that sees no key
+    outputs zeros."""
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads, keys_len = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    rows = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(rows, k.float().transpose(-1, -2)).view(batch, num_kv_heads, group, q_len, keys_len) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~visible, float("-inf"))
+    heads = (1, 1) if visible.shape[1] == 1 else (num_kv_heads, group)  # one mask for every head, or one per head
+    hidden = ~visible.reshape(visible.shape[0], *heads, q_len, keys_len)
+    scores = scores.masked_fill(hidden, float("-inf"))
     if sinks is not None:
-        sink_logits = sinks.float()[None, :, None, None].expand(*scores.shape[:3], 1)
+        sink_logits = sinks.float().view(1, num_kv_heads, group, 1, 1).expand(*scores.shape[:4], 1)
         scores = torch.cat([scores, sink_logits], dim=-1)
     weights = torch.nan_to_num(F.softmax(scores, dim=-1), nan=0.0)  # no visible key and no sink: zeros
     if sinks is not None:
-        weights = weights[..., :-1]
-    return torch.matmul(weights, values).to(q.dtype)
+        weights = weights[..., :keys_len]
+    out = torch.matmul(weights.view(batch, num_kv_heads, group * q_len, keys_len), v.float())
+    return out.view(batch, num_q_heads, q_len, head_dim).to(q.dtype)
 
 
 def streaming_append(keys: Tensor, values: Tensor, pos: Tensor, cache: StreamingView) -> None:
