@@ -290,7 +290,7 @@ def masked_attention(
     if visible.dim() == 3:
         visible = visible[:, None]
     if softcap is not None or sinks is not None:
-        return _explicit_attention(q, k, v, visible, scaling, softcap, sinks)
+        return _explicit_attention(q, k, v, visible, scaling, padded, softcap, sinks)
     gqa = q.shape[1] > k.shape[1]
     if not padded:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
@@ -300,11 +300,18 @@ def masked_attention(
 
 
 def _explicit_attention(
-    q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scaling: float, softcap: float | None, sinks: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    visible: Tensor,
+    scaling: float,
+    padded: bool,
+    softcap: float | None,
+    sinks: Tensor | None,
 ) -> Tensor:
     """`masked_attention` with soft-capped scores and/or sinks, in fp32: visible [B, 1 or Hq, Q, K]. The G query heads
     of a KV head share its keys as rows of one matmul (no copy of the keys per query head). A query that sees no key
-    outputs zeros."""
+    outputs zeros (padded=False promises there is none)."""
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, keys_len = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
@@ -313,14 +320,16 @@ def _explicit_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     heads = (1, 1) if visible.shape[1] == 1 else (num_kv_heads, group)  # one mask for every head, or one per head
-    hidden = ~visible.reshape(visible.shape[0], *heads, q_len, keys_len)
-    scores = scores.masked_fill(hidden, float("-inf"))
-    if sinks is not None:
-        sink_logits = sinks.float().view(1, num_kv_heads, group, 1, 1).expand(*scores.shape[:4], 1)
-        scores = torch.cat([scores, sink_logits], dim=-1)
-    weights = torch.nan_to_num(F.softmax(scores, dim=-1), nan=0.0)  # no visible key and no sink: zeros
-    if sinks is not None:
-        weights = weights[..., :keys_len]
+    scores = scores.masked_fill(~visible.reshape(visible.shape[0], *heads, q_len, keys_len), float("-inf"))
+    if sinks is None:
+        weights = F.softmax(scores, dim=-1)
+        if padded:
+            weights = torch.nan_to_num(weights, nan=0.0)  # no visible key: a row of NaN -> zeros
+    else:  # one more logit in each denominator: a key without a value (rows stay finite: the sink is one)
+        sink = sinks.float().view(1, num_kv_heads, group, 1, 1)
+        top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
+        weights = torch.exp(scores - top)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
     out = torch.matmul(weights.view(batch, num_kv_heads, group * q_len, keys_len), v.float())
     return out.view(batch, num_q_heads, q_len, head_dim).to(q.dtype)
 
