@@ -316,11 +316,15 @@ def _explicit_attention(
     num_kv_heads, keys_len = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
     rows = q.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(rows, k.float().transpose(-1, -2)).view(batch, num_kv_heads, group, q_len, keys_len) * scaling
+    scores = torch.matmul(rows, k.float().transpose(-1, -2)).view(batch, num_kv_heads, group, q_len, keys_len)
+    # Without autograd the score tensor is rewritten in place: a fresh [Q, K] buffer per step costs more than the math.
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
+    scores = scores * scaling if grad else scores.mul_(scaling)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = torch.tanh(scores / softcap) * softcap if grad else scores.div_(softcap).tanh_().mul_(softcap)
     heads = (1, 1) if visible.shape[1] == 1 else (num_kv_heads, group)  # one mask for every head, or one per head
-    scores = scores.masked_fill(~visible.reshape(visible.shape[0], *heads, q_len, keys_len), float("-inf"))
+    hidden = ~visible.reshape(visible.shape[0], *heads, q_len, keys_len)
+    scores = scores.masked_fill(hidden, float("-inf")) if grad else scores.masked_fill_(hidden, float("-inf"))
     if sinks is None:
         weights = F.softmax(scores, dim=-1)
         if padded:
@@ -328,8 +332,9 @@ def _explicit_attention(
     else:  # one more logit in each denominator: a key without a value (rows stay finite: the sink is one)
         sink = sinks.float().view(1, num_kv_heads, group, 1, 1)
         top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
-        weights = torch.exp(scores - top)
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
+        weights = torch.exp(scores - top) if grad else scores.sub_(top).exp_()
+        denominator = weights.sum(dim=-1, keepdim=True) + torch.exp(sink - top)
+        weights = weights / denominator if grad else weights.div_(denominator)
     out = torch.matmul(weights.view(batch, num_kv_heads, group * q_len, keys_len), v.float())
     return out.view(batch, num_q_heads, q_len, head_dim).to(q.dtype)
 
