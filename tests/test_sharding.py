@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
 from tiny_models import FAMILIES, tiny_model
 from tp_worker import padded_batch, tp_greedy
@@ -39,7 +41,12 @@ GATES = {
     "skewed": [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]],
 }
 EVEN_VOCAB = 98  # transformers 5.17 shards lm_head's output across ranks: the vocabulary must divide by WORLD
-TP_FAMILIES = [arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is None]  # transformers' plan, followed
+# transformers 5.17's plan leaves Gemma 3's multimodal lm_head input a plain tensor against DTensor weights: stock
+# tensor parallelism fails in its own forward there ("mixed torch.Tensor and DTensor"), so that case needs 5.24
+STOCK_TP_BROKEN = {"gemma3"} if Version(transformers.__version__) < Version("5.24") else set()
+TP_FAMILIES = [  # transformers' plan, followed
+    arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is None and arch not in STOCK_TP_BROKEN
+]
 CASES = [(arch, "balanced") for arch in TP_FAMILIES] + [("qwen2", "skewed")]
 REPLICATED = ["gpt_oss"]  # transformers' plan shards its experts, not its attention: duohead runs every head on each rank
 GATHERED = [arch for arch in FAMILIES if SUPPORTED[arch].tensor_parallel is not None]  # refused: q/k/v gathered
