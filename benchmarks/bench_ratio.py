@@ -10,10 +10,10 @@ gemma3_text, gpt_oss) at SmolLM2's size (30 layers alternating local windows of 
 ones, 9 query / 3 KV heads of 64, hidden 576), with transformers' default attention for it (eager for Gemma 2 and
 GPT-OSS, whose SDPA path has no soft cap / sinks), and a 50% layout spread over its global layers.
 
-Every round visits every length; at each length both models run back to back (the order alternates by round): one-shot prefill of the same random prompt (logits of the last
-token only), then greedy decode steps. Reported per length: the median over rounds of the prefill time and of
-the median decode step, and their ratio full / duohead (> 1: duohead is faster). Running both sides in one
-process, interleaved, keeps machine load from favouring either.
+Every round visits every length; at each length both models run back to back (the order alternates by round):
+one-shot prefill of the same random prompt (logits of the last token only), then greedy decode steps. Reported per
+length: the median over rounds of the prefill time and of the median decode step, and their ratio full / duohead
+(> 1: duohead is faster). Running both sides in one process, interleaved, keeps machine load from favouring either.
 """
 
 from __future__ import annotations
