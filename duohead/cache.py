@@ -403,10 +403,11 @@ class DuoCacheLayer(CacheLayerMixin):
         """Whether `crop` can take tokens back: always for retrieval heads; streaming heads need rollback slots."""
         return self.rollback > 0 or not self.has_streaming_heads
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
         """transformers' hook before assisted / prompt-lookup decoding, which rolls back rejected draft tokens:
-        keep at least `RECORDING_ROLLBACK` extra tokens in the streaming heads' ring."""
-        self.set_rollback(max(self.rollback, RECORDING_ROLLBACK))
+        keep at least `RECORDING_ROLLBACK` extra tokens in the streaming heads' ring, or the draft length transformers
+        >= 5.25 passes (`recurrent_states_to_keep`) where it is longer."""
+        self.set_rollback(max(self.rollback, RECORDING_ROLLBACK, recurrent_states_to_keep or 0))
 
     def set_rollback(self, rollback: int) -> None:
         """Let `crop` take back up to `rollback` tokens (grows the streaming ring to W + rollback slots)."""
